@@ -2,7 +2,7 @@
 
 Each rank feeds two tokens and routes top-1 of 8 experts, so experts without tokens are certain.
 DDP must neither fail on them (they stay in the graph) nor leave gradients out of sync.
-Writes `rank{r}.txt`: rank, gradient checksum, number of experts idle on every rank (layer 0).
+Writes `rank{r}.txt`: rank, gradient checksum, fewest experts idle on both ranks in any step (layer 0).
 """
 import os
 import sys
