@@ -1,0 +1,351 @@
+"""Datasets for every training stage, built on the `datasets` library.
+
+A JSONL file is read as Arrow text rows (memory-mapped, never held as Python objects), then parsed and
+tokenised in parallel by `datasets.map`; the result is cached on disk, so a second run with the same
+file, tokenizer and settings starts at once. Token ids are stored as uint16 (the vocabulary has 6400).
+
+    PretrainDataset  {"text"}                    -> input_ids (truncated, or packed into full rows)
+    SFTDataset       {"conversations": [...]}    -> input_ids, loss_mask (assistant turns only)
+    DPODataset       {"chosen", "rejected"}      -> both sides tokenised with their loss masks
+    RLAIFDataset     {"conversations", ...}      -> the prompt text ending in the generation prompt, + extras
+
+`pad_batch` pads a batch to its longest row only. A malformed line raises an error naming the file and
+line number; with on_bad_line="skip" such lines are skipped and counted instead (see `.report`).
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+import datasets
+
+ASSISTANT_START = "<|im_start|>assistant\n"
+TURN_END = "<|im_end|>"
+ROLES = {"system", "user", "assistant", "tool"}
+CACHE_VERSION = "1"  # bump when the tokenisation logic below changes
+
+# The full MiniMind datasets and where their demo stand-ins live in this repository.
+DOWNLOADABLE = ["pretrain_hq.jsonl", "sft_mini_512.jsonl", "sft_512.jsonl", "sft_1024.jsonl", "sft_2048.jsonl",
+                "dpo.jsonl", "r1_mix_1024.jsonl", "rlaif-mini.jsonl", "lora_identity.jsonl", "lora_medical.jsonl"]
+DEMO_STAND_INS = {"pretrain_hq.jsonl": "demo/pretrain.jsonl", "sft_mini_512.jsonl": "demo/sft.jsonl",
+                  "dpo.jsonl": "demo/dpo.jsonl", "r1_mix_1024.jsonl": "demo/r1.jsonl",
+                  "rlaif-mini.jsonl": "demo/rlaif.jsonl", "lora_identity.jsonl": "demo/lora_identity.jsonl"}
+
+
+class DataError(ValueError):
+    """Bad training data: the message names the file and line and what was expected."""
+
+
+def check_file(path: str) -> None:
+    if not os.path.exists(path):
+        name = os.path.basename(path)
+        hint = (f"; download it with: python scripts/download_data.py {name}"
+                if name in DOWNLOADABLE else "; check --data_path")
+        raise FileNotFoundError(f"data file {path} does not exist{hint}")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"data file {path} is empty: expected one JSON object per line")
+
+
+def split_paths(paths) -> list[str]:
+    """A path, a comma-separated string of paths, or a list of paths -> a list."""
+    if isinstance(paths, str):
+        paths = [p for p in paths.split(",") if p]
+    return [os.path.expanduser(p) for p in paths]
+
+
+# ----------------------------------------------------------------------------------------------
+# Row parsing and tokenisation (run inside datasets.map, possibly in several processes)
+# ----------------------------------------------------------------------------------------------
+
+def validate_messages(messages, field="conversations"):
+    """A list of {"role", "content"} dicts; returns an error string or None."""
+    if not isinstance(messages, list) or not messages:
+        return f'"{field}" must be a non-empty list of messages'
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content", ""), str):
+            return (f'{field}[{i}] must be {{"role": one of {sorted(ROLES)}, "content": string}}, '
+                    f"got {json.dumps(m, ensure_ascii=False)[:100]}")
+    return None
+
+
+def assistant_spans(text: str):
+    """Character spans that carry loss: each assistant turn's content, its <|im_end|> and the newline after."""
+    spans, pos = [], 0
+    while (start := text.find(ASSISTANT_START, pos)) != -1:
+        begin = start + len(ASSISTANT_START)
+        end = text.find(TURN_END, begin)
+        end = len(text) if end == -1 else end + len(TURN_END) + (text[end + len(TURN_END):].startswith("\n"))
+        spans.append((begin, end))
+        pos = end
+    return spans
+
+
+def tokenize_with_loss_mask(tokenizer, text: str, max_length: int):
+    """Token ids of `text` and a 0/1 mask marking tokens that start inside an assistant span."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = assistant_spans(text)
+    ids = encoded["input_ids"][:max_length]
+    mask = [int(any(b <= start < e for b, e in spans)) for start, _ in encoded["offset_mapping"][:max_length]]
+    return ids, mask
+
+
+def render(tokenizer, messages, tools=None, add_generation_prompt=False):
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def pretrain_row(row, tokenizer, max_length):
+    if not isinstance(row.get("text"), str):
+        return None, 'expected {"text": string}'
+    ids = [tokenizer.bos_token_id] + tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+    return dict(input_ids=(ids + [tokenizer.eos_token_id])[:max_length]), None
+
+
+def sft_row(row, tokenizer, max_length):
+    messages = row.get("conversations")
+    error = validate_messages(messages)
+    if error:
+        return None, error + ' (expected {"conversations": [{"role": ..., "content": ...}, ...]})'
+    if not any(m["role"] == "assistant" and m.get("content") for m in messages):
+        return None, "the conversation has no non-empty assistant turn to learn from"
+    ids, mask = tokenize_with_loss_mask(tokenizer, render(tokenizer, messages, row.get("tools")), max_length)
+    if not any(mask):
+        return None, f"no assistant token within the first {max_length} tokens (raise --max_seq_len)"
+    return dict(input_ids=ids, loss_mask=mask), None
+
+
+def dpo_messages(row):
+    """Both accepted layouts -> (chosen messages, rejected messages) or an error."""
+    if all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+        prompt = [dict(role="user", content=row["prompt"])]
+        return (prompt + [dict(role="assistant", content=row["chosen"])],
+                prompt + [dict(role="assistant", content=row["rejected"])], None)
+    for side in ("chosen", "rejected"):
+        error = validate_messages(row.get(side), side)
+        if error:
+            return None, None, error + ' (expected {"chosen": [messages], "rejected": [messages]} or ' \
+                                       '{"prompt": str, "chosen": str, "rejected": str})'
+    return row["chosen"], row["rejected"], None
+
+
+def dpo_row(row, tokenizer, max_length):
+    chosen, rejected, error = dpo_messages(row)
+    if error:
+        return None, error
+    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            return None, f"{side} has no non-empty assistant turn"
+    if chosen == rejected:
+        return None, "chosen and rejected are identical: there is no preference to learn"
+    out = {}
+    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+        ids, mask = tokenize_with_loss_mask(tokenizer, render(tokenizer, messages), max_length)
+        if not any(mask):
+            return None, f"{side}: no assistant token within the first {max_length} tokens (raise --max_seq_len)"
+        out[f"{side}_ids"], out[f"{side}_mask"] = ids, mask
+    return out, None
+
+
+def rlaif_row(row, tokenizer, max_length):
+    messages = row.get("conversations")
+    error = validate_messages(messages)
+    if error:
+        return None, error + ' (expected {"conversations": [..., {"role": "assistant", "content": ""}]})'
+    if messages[-1]["role"] == "assistant":  # the placeholder the policy will fill
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] not in ("user", "tool"):
+        return None, "the prompt must end with a user (or tool) turn before the assistant placeholder"
+    extras = {k: v for k, v in row.items() if k != "conversations"}
+    return dict(prompt=render(tokenizer, messages, row.get("tools"), add_generation_prompt=True),
+                extras=json.dumps(extras, ensure_ascii=False)), None
+
+
+ROW_BUILDERS = {"pretrain": pretrain_row, "sft": sft_row, "dpo": dpo_row, "rlaif": rlaif_row}
+FEATURES = {
+    "pretrain": dict(input_ids=datasets.List(datasets.Value("uint16"))),
+    "sft": dict(input_ids=datasets.List(datasets.Value("uint16")), loss_mask=datasets.List(datasets.Value("uint8"))),
+    "dpo": {f"{side}_{k}": datasets.List(datasets.Value(t)) for side in ("chosen", "rejected")
+            for k, t in (("ids", "uint16"), ("mask", "uint8"))},
+    "rlaif": dict(prompt=datasets.Value("string"), extras=datasets.Value("string")),
+}
+
+
+def _parse_batch(batch, indices, kind, tokenizer, max_length, path):
+    """datasets.map body: raw text lines -> tokenised columns + an error column ("" = good row)."""
+    out = {name: [] for name in FEATURES[kind]}
+    out["error"] = []
+    empty = {name: ("" if kind == "rlaif" else []) for name in FEATURES[kind]}
+    for line, index in zip(batch["text"], indices):
+        built, error = None, None
+        if not line.strip():
+            error = "blank"
+        else:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                row, error = None, f"not valid JSON ({err.msg} at column {err.colno})"
+            if row is not None:
+                if isinstance(row, dict):
+                    built, error = ROW_BUILDERS[kind](row, tokenizer, max_length)
+                else:
+                    error = f"expected a JSON object, got {type(row).__name__}"
+        for name in FEATURES[kind]:
+            out[name].append(built[name] if built else empty[name])
+        out["error"].append("" if built else (error if error == "blank" else f"{path} line {index + 1}: {error}"))
+    return out
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    return _fingerprint(backend.to_str() if backend is not None else repr(tokenizer), tokenizer.chat_template)
+
+
+def load_jsonl(paths, kind: str, tokenizer, max_length: int, on_bad_line: str = "error",
+               num_proc: int | None = None, cache_dir: str | None = None):
+    """Parse + tokenise JSONL files into one Arrow dataset. Returns (dataset, report dict)."""
+    if on_bad_line not in ("error", "skip"):
+        raise ValueError('on_bad_line must be "error" or "skip"')
+    parts, report = [], dict(files=[], rows=0, skipped=0, blank_lines=0, first_errors=[])
+    for path in split_paths(paths):
+        check_file(path)
+        size = os.path.getsize(path)
+        procs = num_proc or (1 if size < 64 * 2**20 else min(8, os.cpu_count() or 1))
+        lines = datasets.load_dataset("text", data_files=path, split="train", cache_dir=cache_dir)
+        features = datasets.Features({**FEATURES[kind], "error": datasets.Value("string")})
+        parsed = lines.map(
+            _parse_batch, batched=True, with_indices=True, remove_columns=["text"], features=features,
+            fn_kwargs=dict(kind=kind, tokenizer=tokenizer, max_length=max_length, path=path),
+            num_proc=procs if len(lines) > 1000 else None, desc=f"tokenising {os.path.basename(path)}",
+            new_fingerprint=_fingerprint(CACHE_VERSION, kind, lines._fingerprint, tokenizer_fingerprint(tokenizer),
+                                         max_length, path))
+        errors = parsed.filter(lambda e: [x != "" for x in e], batched=True, input_columns=["error"],
+                               new_fingerprint=_fingerprint(parsed._fingerprint, "errors"))
+        blank = sum(1 for e in errors["error"] if e == "blank") if len(errors) else 0
+        bad = [e for e in errors["error"] if e != "blank"] if len(errors) else []
+        if bad and on_bad_line == "error":
+            more = f" (and {len(bad) - 1} more bad lines)" if len(bad) > 1 else ""
+            raise DataError(f"{bad[0]}{more}. Fix the data, or skip and count bad lines with --skip_bad_lines.")
+        good = parsed.filter(lambda e: [x == "" for x in e], batched=True, input_columns=["error"],
+                             new_fingerprint=_fingerprint(parsed._fingerprint, "good")).remove_columns("error")
+        report["files"].append(path)
+        report["rows"] += len(good)
+        report["skipped"] += len(bad)
+        report["blank_lines"] += blank
+        report["first_errors"] += bad[:5]
+        parts.append(good)
+    data = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(data) == 0:
+        raise DataError(f"no usable rows in {', '.join(report['files'])} "
+                        f"({report['skipped']} bad lines, {report['blank_lines']} blank lines)")
+    return data, report
+
+
+def pack_rows(data, max_length: int):
+    """Concatenate documents (each already <bos> ... <eos>) and cut the stream into rows of max_length.
+
+    Every token is kept: the tail of each map batch becomes one shorter row.
+    """
+    def pack(batch):
+        stream = [t for ids in batch["input_ids"] for t in ids]
+        return {"input_ids": [stream[i:i + max_length] for i in range(0, len(stream), max_length)]}
+    return data.map(pack, batched=True, batch_size=2000, remove_columns=data.column_names,
+                    new_fingerprint=_fingerprint(data._fingerprint, "pack", max_length))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch Datasets
+# ----------------------------------------------------------------------------------------------
+
+class _ArrowDataset(Dataset):
+    kind = ""
+
+    def __init__(self, data_path, tokenizer, max_length=512, on_bad_line="error", num_proc=None, cache_dir=None):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        data, self.report = load_jsonl(data_path, self.kind, tokenizer, max_length, on_bad_line, num_proc, cache_dir)
+        self.data = data.with_format("numpy")  # rows come back as arrays, not Python lists
+
+    def __len__(self):
+        return len(self.data)
+
+
+def _long(array):
+    return torch.from_numpy(np.asarray(array, dtype=np.int64))
+
+
+class PretrainDataset(_ArrowDataset):
+    """Next-token prediction on raw text. packing=True fills every row to max_length with whole
+    documents separated by <|im_start|> ... <|im_end|>, so no compute goes to padding."""
+    kind = "pretrain"
+
+    def __init__(self, data_path, tokenizer, max_length=512, packing=False, **kwargs):
+        super().__init__(data_path, tokenizer, max_length, **kwargs)
+        if packing:
+            self.data = pack_rows(self.data, max_length).with_format("numpy")
+
+    def __getitem__(self, index):
+        ids = _long(self.data[int(index)]["input_ids"])
+        return dict(input_ids=ids, labels=ids.clone())
+
+
+class SFTDataset(_ArrowDataset):
+    """Chat data: the loss covers each assistant turn's content, its <|im_end|> and the newline after."""
+    kind = "sft"
+
+    def __getitem__(self, index):
+        row = self.data[int(index)]
+        ids = _long(row["input_ids"])
+        return dict(input_ids=ids, labels=ids.masked_fill(_long(row["loss_mask"]) == 0, -100))
+
+
+class DPODataset(_ArrowDataset):
+    """Preference pairs; each side carries labels masked to its assistant turns."""
+    kind = "dpo"
+
+    def __getitem__(self, index):
+        row = self.data[int(index)]
+        out = {}
+        for side in ("chosen", "rejected"):
+            ids = _long(row[f"{side}_ids"])
+            out[f"{side}_input_ids"] = ids
+            out[f"{side}_labels"] = ids.masked_fill(_long(row[f"{side}_mask"]) == 0, -100)
+        return out
+
+
+class RLAIFDataset(_ArrowDataset):
+    """RL prompts rendered with the generation prompt; extra fields (task, answers, ...) are kept."""
+    kind = "rlaif"
+
+    def __getitem__(self, index):
+        row = self.data[int(index)]
+        return dict(prompt=str(row["prompt"]), **json.loads(str(row["extras"])))
+
+
+def pad_batch(rows, pad_id: int = 0):
+    """Collate: pad every tensor field to the longest row of this batch (labels with -100), and add an
+    attention_mask per input_ids field. Non-tensor fields are gathered into lists."""
+    batch = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if not isinstance(values[0], torch.Tensor):
+            batch[key] = values
+            continue
+        width = max(v.shape[0] for v in values)
+        fill = -100 if key.endswith("labels") else pad_id
+        padded = torch.full((len(values), width), fill, dtype=values[0].dtype)
+        for i, v in enumerate(values):
+            padded[i, :v.shape[0]] = v
+        batch[key] = padded
+        if key.endswith("input_ids"):
+            mask = torch.zeros((len(values), width), dtype=torch.long)
+            for i, v in enumerate(values):
+                mask[i, :v.shape[0]] = 1
+            batch[key.replace("input_ids", "attention_mask")] = mask
+    return batch
