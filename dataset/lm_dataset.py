@@ -21,15 +21,14 @@ import torch
 from torch.utils.data import Dataset
 
 import datasets
+from scripts.download_data import FILES as DOWNLOADABLE  # the full MiniMind data files, by name
 
 ASSISTANT_START = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
 ROLES = {"system", "user", "assistant", "tool"}
 CACHE_VERSION = "1"  # bump when the tokenisation logic below changes
 
-# The full MiniMind datasets and where their demo stand-ins live in this repository.
-DOWNLOADABLE = ["pretrain_hq.jsonl", "sft_mini_512.jsonl", "sft_512.jsonl", "sft_1024.jsonl", "sft_2048.jsonl",
-                "dpo.jsonl", "r1_mix_1024.jsonl", "rlaif-mini.jsonl", "lora_identity.jsonl", "lora_medical.jsonl"]
+# Where the bundled demo stand-ins of the full MiniMind datasets live (relative to dataset/).
 DEMO_STAND_INS = {"pretrain_hq.jsonl": "demo/pretrain.jsonl", "sft_mini_512.jsonl": "demo/sft.jsonl",
                   "dpo.jsonl": "demo/dpo.jsonl", "r1_mix_1024.jsonl": "demo/r1.jsonl",
                   "rlaif-mini.jsonl": "demo/rlaif.jsonl", "lora_identity.jsonl": "demo/lora_identity.jsonl"}
