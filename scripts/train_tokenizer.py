@@ -116,6 +116,22 @@ def tokenizer_config() -> dict:
     }
 
 
+def chars_per_token(tokenizer: Tokenizer, texts) -> float:
+    texts = list(texts)
+    return sum(len(t) for t in texts) / max(1, sum(len(tokenizer.encode(t).ids) for t in texts))
+
+
+def held_out_report(tokenizer: Tokenizer, path=os.path.join(REPO_ROOT, "dataset/demo/pretrain_eval.jsonl")):
+    """Characters per token on held-out demo text, Chinese and English documents separately."""
+    if not os.path.exists(path):
+        return ""
+    texts = list(iter_texts([path]))
+    chinese = [t for t in texts if sum("\u4e00" <= c <= "\u9fff" for c in t) > len(t) / 3]
+    english = [t for t in texts if t.isascii()]
+    return (f"held-out characters per token: Chinese {chars_per_token(tokenizer, chinese):.2f} "
+            f"({len(chinese)} docs), English {chars_per_token(tokenizer, english):.2f} ({len(english)} docs)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", nargs="+", default=None,
@@ -135,6 +151,7 @@ def main():
         f.write("\n")
     print(f"trained on {', '.join(os.path.relpath(p) for p in paths)}: vocab {tokenizer.get_vocab_size()}, "
           f"written to {args.out_dir}")
+    print(held_out_report(tokenizer))
 
 
 if __name__ == "__main__":
