@@ -27,6 +27,7 @@ ASSISTANT_START = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
 ROLES = {"system", "user", "assistant", "tool"}
 CACHE_VERSION = "1"  # bump when the tokenisation logic below changes
+CUT_OFF = "cut off"  # a well-formed row whose answer lies beyond max_length: left out and counted
 
 # Where the bundled demo stand-ins of the full MiniMind datasets live (relative to dataset/).
 DEMO_STAND_INS = {"pretrain_hq.jsonl": "demo/pretrain.jsonl", "sft_mini_512.jsonl": "demo/sft.jsonl",
@@ -112,7 +113,7 @@ def sft_row(row, tokenizer, max_length):
         return None, "the conversation has no non-empty assistant turn to learn from"
     ids, mask = tokenize_with_loss_mask(tokenizer, render(tokenizer, messages, row.get("tools")), max_length)
     if not any(mask):
-        return None, f"no assistant token within the first {max_length} tokens (raise --max_seq_len)"
+        return None, CUT_OFF
     return dict(input_ids=ids, loss_mask=mask), None
 
 
@@ -143,7 +144,7 @@ def dpo_row(row, tokenizer, max_length):
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
         ids, mask = tokenize_with_loss_mask(tokenizer, render(tokenizer, messages), max_length)
         if not any(mask):
-            return None, f"{side}: no assistant token within the first {max_length} tokens (raise --max_seq_len)"
+            return None, CUT_OFF
         out[f"{side}_ids"], out[f"{side}_mask"] = ids, mask
     return out, None
 
@@ -193,7 +194,7 @@ def _parse_batch(batch, indices, kind, tokenizer, max_length, path):
                     error = f"expected a JSON object, got {type(row).__name__}"
         for name in FEATURES[kind]:
             out[name].append(built[name] if built else empty[name])
-        out["error"].append("" if built else (error if error == "blank" else f"{path} line {index + 1}: {error}"))
+        out["error"].append("" if built else (error if error in ("blank", CUT_OFF) else f"{path} line {index + 1}: {error}"))
     return out
 
 
@@ -211,7 +212,7 @@ def load_jsonl(paths, kind: str, tokenizer, max_length: int, on_bad_line: str = 
     """Parse + tokenise JSONL files into one Arrow dataset. Returns (dataset, report dict)."""
     if on_bad_line not in ("error", "skip"):
         raise ValueError('on_bad_line must be "error" or "skip"')
-    parts, report = [], dict(files=[], rows=0, skipped=0, blank_lines=0, first_errors=[])
+    parts, report = [], dict(files=[], rows=0, skipped=0, blank_lines=0, cut_off=0, first_errors=[])
     for path in split_paths(paths):
         check_file(path)
         size = os.path.getsize(path)
@@ -226,8 +227,9 @@ def load_jsonl(paths, kind: str, tokenizer, max_length: int, on_bad_line: str = 
                                          max_length, path))
         errors = parsed.filter(lambda e: [x != "" for x in e], batched=True, input_columns=["error"],
                                new_fingerprint=_fingerprint(parsed._fingerprint, "errors"))
-        blank = sum(1 for e in errors["error"] if e == "blank") if len(errors) else 0
-        bad = [e for e in errors["error"] if e != "blank"] if len(errors) else []
+        kinds = list(errors["error"]) if len(errors) else []
+        blank, cut_off = kinds.count("blank"), kinds.count(CUT_OFF)
+        bad = [e for e in kinds if e not in ("blank", CUT_OFF)]
         if bad and on_bad_line == "error":
             more = f" (and {len(bad) - 1} more bad lines)" if len(bad) > 1 else ""
             raise DataError(f"{bad[0]}{more}. Fix the data, or skip and count bad lines with --skip_bad_lines.")
@@ -237,6 +239,7 @@ def load_jsonl(paths, kind: str, tokenizer, max_length: int, on_bad_line: str = 
         report["rows"] += len(good)
         report["skipped"] += len(bad)
         report["blank_lines"] += blank
+        report["cut_off"] += cut_off
         report["first_errors"] += bad[:5]
         parts.append(good)
     data = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -269,6 +272,11 @@ class _ArrowDataset(Dataset):
         self.tokenizer = tokenizer
         self.max_length = max_length
         data, self.report = load_jsonl(data_path, self.kind, tokenizer, max_length, on_bad_line, num_proc, cache_dir)
+        r = self.report
+        if r["skipped"] or r["cut_off"]:
+            print(f"{', '.join(r['files'])}: {r['rows']} rows used; {r['skipped']} bad lines skipped"
+                  f"{' (first: ' + r['first_errors'][0] + ')' if r['first_errors'] else ''}; {r['cut_off']} rows left "
+                  f"out because no answer token fits in max_length={max_length} (raise --max_seq_len to keep them)")
         self.data = data.with_format("numpy")  # rows come back as arrays, not Python lists
 
     def __len__(self):

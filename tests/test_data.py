@@ -247,3 +247,12 @@ def test_demo_files_load_for_every_stage(tok, cache):
                       (SFTDataset, "r1_eval"), (RLAIFDataset, "rlaif_eval"), (SFTDataset, "lora_identity")):
         data = cls(os.path.join(demo, f"{name}.jsonl"), tok, max_length=512, cache_dir=cache)
         assert len(data) > 0 and data.report["skipped"] == 0, name
+
+
+def test_rows_whose_answer_lies_beyond_max_length_are_counted_not_errors(tok, tmp_path, cache, capsys):
+    long_question = {"conversations": [{"role": "user", "content": "问" * 300}, {"role": "assistant", "content": "答"}]}
+    short = {"conversations": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}
+    data = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [short, long_question, short]), tok, max_length=32,
+                      cache_dir=cache)
+    assert len(data) == 2 and data.report["cut_off"] == 1 and data.report["skipped"] == 0
+    assert "1 rows left out because no answer token fits in max_length=32" in capsys.readouterr().out

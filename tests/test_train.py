@@ -1,0 +1,307 @@
+"""Training stages end to end (as subprocesses, tiny model, demo data) and the shared plumbing."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, tiny_model
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
+import trainer_utils  # noqa: E402
+from trainer_utils import ResumableBatchSampler, Run, lr_at  # noqa: E402
+
+TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--batch_size", "4", "--max_seq_len", "64",
+        "--num_workers", "0", "--log_interval", "1", "--save_interval", "1"]
+
+
+def run_script(script, *args, cwd=REPO_ROOT, tmp, torchrun=0, check=True, env=None):
+    """Run trainer/{script} (from cwd) with the tiny settings, outputs under tmp."""
+    path = os.path.join(REPO_ROOT, "trainer", script)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] \
+        if torchrun else [sys.executable]
+    command = launcher + [os.path.relpath(path, cwd), *TINY, "--save_dir", str(tmp / "out"),
+                          "--checkpoint_dir", str(tmp / "ckpt"), *args]
+    full_env = dict(os.environ, MINIMIND_NO_PROGRESS="1", HF_DATASETS_CACHE=str(tmp.parent / "hf_cache"))
+    if torchrun:
+        full_env["OMP_NUM_THREADS"] = "1"  # two processes on two cores
+    full_env.update(env or {})
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=full_env)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics(tmp, name):
+    with open(tmp / "out" / name, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """pretrain -> full SFT -> LoRA once, for the tests that need trained weights."""
+    tmp = tmp_path_factory.mktemp("chain")
+    pre = run_script("train_pretrain.py", "--max_steps", "3", cwd=os.path.join(REPO_ROOT, "trainer"), tmp=tmp)
+    sft = run_script("train_full_sft.py", "--max_steps", "3", "--dtype", "float16", tmp=tmp)
+    lora = run_script("train_lora.py", "--max_steps", "3", "--dtype", "float32",
+                      cwd=os.path.join(REPO_ROOT, "trainer"), tmp=tmp)
+    return SimpleNamespace(tmp=tmp, pre=pre, sft=sft, lora=lora)
+
+
+# --------------------------------------------------------------------------------------------
+# The three stages
+# --------------------------------------------------------------------------------------------
+
+def test_stages_write_the_documented_files(chain):
+    out, ckpt = chain.tmp / "out", chain.tmp / "ckpt"
+    for name in ("pretrain_64.pth", "full_sft_64.pth", "lora/lora_identity_64.pth"):
+        assert (out / name).exists(), name
+    for name in ("pretrain_64_resume.pth", "full_sft_64_resume.pth", "lora_identity_64_resume.pth"):
+        assert (ckpt / name).exists(), name
+    weights = torch.load(out / "full_sft_64.pth", weights_only=True)
+    assert len(weights) == 1 + 2 * 9 + 2 and all(v.dtype == torch.float16 for v in weights.values())
+    lora = torch.load(out / "lora" / "lora_identity_64.pth", weights_only=True)
+    assert lora and all(".lora." in k for k in lora)
+    resume = torch.load(ckpt / "pretrain_64_resume.pth", weights_only=True)
+    assert resume["step"] == 3 and resume["world_size"] == 1 and resume["consumed"] == 3 * 4 * 8
+    assert all(v.dtype == torch.float32 for v in resume["model"].values())
+    assert {"optimizer", "scaler", "rng", "epoch"} <= set(resume)
+
+
+def test_missing_default_data_falls_back_to_the_demo_with_a_message(chain):
+    assert "python scripts/download_data.py pretrain_hq.jsonl" in chain.pre.stdout
+    assert "dataset/demo/pretrain.jsonl" in chain.pre.stdout
+    assert "python scripts/download_data.py sft_mini_512.jsonl" in chain.sft.stdout
+    assert "loaded" in chain.sft.stdout and "pretrain_64.pth" in chain.sft.stdout
+    assert "LoRA: 4,096 trainable parameters" in chain.lora.stdout  # 2 layers x (q, o) x (8*64 + 64*8)
+
+
+def test_sft_and_lora_learn(chain):
+    sft = metrics(chain.tmp, "full_sft_64_metrics.jsonl")
+    assert [m["step"] for m in sft] == [1, 2, 3]
+    assert all(math.isfinite(m["loss"]) and m["tokens_per_s"] > 0 for m in sft)
+    lora = metrics(chain.tmp, "lora_identity_64_metrics.jsonl")
+    assert lora[-1]["loss"] < lora[0]["loss"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_pretrain_dtypes_from_the_root(tmp_path, dtype):
+    run_script("train_pretrain.py", "--max_steps", "2", "--dtype", dtype, "--packing", "1", tmp=tmp_path)
+    m = metrics(tmp_path, "pretrain_64_metrics.jsonl")
+    assert len(m) == 2 and all(math.isfinite(x["loss"]) for x in m)
+    assert m[0]["tokens_per_s"] > 0
+
+
+def test_moe_pretrain(tmp_path):
+    run_script("train_pretrain.py", "--max_steps", "2", "--use_moe", "1", "--dtype", "float32", tmp=tmp_path)
+    assert (tmp_path / "out" / "pretrain_64_moe.pth").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Resume and distributed
+# --------------------------------------------------------------------------------------------
+
+def losses(tmp, name="pretrain_64_metrics.jsonl"):
+    return [(m["step"], m["loss"], m["lr"]) for m in metrics(tmp, name)]
+
+
+def test_resume_follows_the_same_losses_bit_for_bit(tmp_path):
+    common = ["--dtype", "float32", "--accumulation_steps", "2", "--epochs", "2", "--data_path",
+              os.path.join(REPO_ROOT, "dataset", "demo", "lora_identity.jsonl")]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    # 80 rows / (4 x 2) = 10 steps per epoch: stop in the middle of epoch 1, resume into epoch 2
+    run_script("train_full_sft.py", *common, "--from_weight", "none", "--max_steps", "14", tmp=straight)
+    run_script("train_full_sft.py", *common, "--from_weight", "none", "--max_steps", "7", tmp=interrupted)
+    run_script("train_full_sft.py", *common, "--from_weight", "none", "--max_steps", "14", "--from_resume", "1",
+               tmp=interrupted)
+    a = losses(straight, "full_sft_64_metrics.jsonl")
+    b = losses(interrupted, "full_sft_64_metrics.jsonl")
+    assert [s for s, _, _ in a] == list(range(1, 15)) and a == b  # same data order, LR schedule, losses
+
+
+def test_two_processes_batch_b_equal_one_process_batch_2b(tmp_path):
+    common = ["--dtype", "float32", "--max_steps", "3", "--accumulation_steps", "2"]
+    run_script("train_pretrain.py", *common, "--batch_size", "4", tmp=tmp_path / "one")
+    run_script("train_pretrain.py", *common, "--batch_size", "2", tmp=tmp_path / "two", torchrun=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for (s1, l1, lr1), (s2, l2, lr2) in zip(one, two):
+        assert s1 == s2 and lr1 == lr2 and abs(l1 - l2) < 1e-4
+
+
+def test_resume_a_two_process_run_with_one_process(tmp_path):
+    common = ["--dtype", "float32", "--accumulation_steps", "1"]
+    run_script("train_pretrain.py", *common, "--batch_size", "2", "--max_steps", "2", tmp=tmp_path, torchrun=2)
+    state = torch.load(tmp_path / "ckpt" / "pretrain_64_resume.pth", weights_only=True)
+    assert state["world_size"] == 2 and state["consumed"] == 2 * 2 * 2
+    result = run_script("train_pretrain.py", *common, "--batch_size", "2", "--max_steps", "4", "--from_resume", "1",
+                        tmp=tmp_path)
+    assert "resuming a 2-process run on 1" in result.stdout
+    state = torch.load(tmp_path / "ckpt" / "pretrain_64_resume.pth", weights_only=True)
+    assert state["world_size"] == 1 and state["step"] == 4 and state["consumed"] == 8 + 2 * 2
+
+
+def test_sample_stream_continues_across_world_sizes():
+    """Resume a 2-process epoch with 1 process: every sample exactly once."""
+    n, batch = 103, 4
+    seen = []
+    two = [ResumableBatchSampler(n, batch, rank, 2, seed=7, epoch=3) for rank in range(2)]
+    streams = [iter(s) for s in two]
+    for _ in range(5):  # five rounds on two processes
+        for s in streams:
+            seen += next(s)
+    one = ResumableBatchSampler(n, batch, 0, 1, seed=7, epoch=3, consumed=len(seen))
+    for indices in one:
+        seen += indices
+    assert len(seen) == len(set(seen)) == n - n % batch  # the last partial batch waits for the next epoch
+    assert set(seen) <= set(range(n))
+    order = ResumableBatchSampler(n, batch, 0, 1, seed=7, epoch=3)
+    assert [i for b in order for i in b] == seen  # the same order as one process from the start
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient accumulation and the schedule
+# --------------------------------------------------------------------------------------------
+
+def fake_run(**overrides):
+    args = dict(device="cpu", dtype="float32", seed=0, hidden_size=64, num_hidden_layers=2, use_moe=0,
+                save_dir="/tmp/minimind_test_unused", checkpoint_dir="/tmp/minimind_test_unused", save_weight="x",
+                batch_size=2, accumulation_steps=3, epochs=2, num_workers=0, max_steps=0, log_interval=1,
+                grad_clip=1.0, learning_rate=1e-3, warmup_steps=0, use_wandb=False)
+    args.update(overrides)
+    return Run(SimpleNamespace(**args))
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        ids = torch.tensor([1, 10 + i % 50, 20 + i % 30, 2])
+        return dict(input_ids=ids, labels=ids.clone())
+
+
+def test_accumulation_windows_count_exactly():
+    run = fake_run(batch_size=2, accumulation_steps=3, epochs=2)
+    os.environ["MINIMIND_NO_PROGRESS"] = "1"
+    windows = [(step, run.epoch, len(window)) for step, window in run.steps(Rows(22))]
+    # 22 rows / batch 2 = 11 micro-batches an epoch -> windows of 3, 3, 3, 2 (the rest of the epoch)
+    assert windows == [(1, 0, 3), (2, 0, 3), (3, 0, 3), (4, 0, 2), (5, 1, 3), (6, 1, 3), (7, 1, 3), (8, 1, 2)]
+    assert run.total_steps == 8
+
+
+def test_accumulated_step_equals_one_large_batch():
+    model_a, model_b = tiny_model(seed=0).train(), tiny_model(seed=0).train()
+    rows = [Rows(40)[i] for i in range(6)]
+    rows[1]["labels"][:2] = -100  # uneven numbers of loss tokens per micro-batch
+    small = [trainer_utils.pad_batch(rows[i:i + 2]) for i in range(0, 6, 2)]
+    large = [trainer_utils.pad_batch(rows)]
+    grads = []
+    for model, window in ((model_a, small), (model_b, large)):
+        run = fake_run()
+
+        def loss_fn(batch, model=model):
+            out = model(batch["input_ids"], labels=batch["labels"])
+            return out.loss, out.aux_loss
+
+        loss = run.accumulate(model, window, loss_fn)
+        grads.append(([p.grad.clone() for p in model.parameters()], loss))
+    (ga, la), (gb, lb) = grads
+    assert abs(la - lb) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ga, gb))
+    optimizer = torch.optim.AdamW(model_a.parameters())
+    run = fake_run()
+    run.step, run.total_steps = 1, 10
+    run.optimizer_step(optimizer)
+    assert all(p.grad is None for p in model_a.parameters())  # nothing leaks into the next step
+
+
+def test_learning_rate_schedule():
+    assert lr_at(0, 100, 1.0) == pytest.approx(1.0)
+    assert lr_at(50, 100, 1.0) == pytest.approx(0.55)
+    assert lr_at(100, 100, 1.0) == pytest.approx(0.1)
+    assert [lr_at(s, 100, 1.0, warmup_steps=4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+# --------------------------------------------------------------------------------------------
+# Safety
+# --------------------------------------------------------------------------------------------
+
+def test_a_kill_during_saving_leaves_the_previous_file_loadable(tmp_path):
+    """Kill a process that rewrites a 36 MB checkpoint in a loop, at varying moments mid-save."""
+    path = tmp_path / "weights.pth"
+    script = (f"import sys; sys.path.insert(0, {REPO_ROOT!r})\n"
+              "import torch\nfrom model.model_lora import atomic_torch_save\n"
+              "big = {'w': torch.randn(3000, 3000)}\n"
+              "for i in range(10**6):\n"
+              f"    big['i'] = torch.tensor(i); atomic_torch_save(big, {str(path)!r})\n"
+              "    if i == 0: print('first save done', flush=True)\n")
+    for delay in (0.0, 0.05, 0.13, 0.21, 0.34):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().startswith("first save done")
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = torch.load(path, weights_only=True)  # never a truncated file
+        assert state["w"].shape == (3000, 3000)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = fake_run(checkpoint_dir=str(tmp_path))
+    run.step = 5
+    with pytest.raises(SystemExit) as err:
+        run.log(loss=float("nan"), lr=1e-3)
+    assert "loss is nan at step 5" in str(err.value) and run.resume_path in str(err.value)
+    result = run_script("train_pretrain.py", "--dtype", "float32", "--learning_rate", "1e12", "--max_steps", "30",
+                        tmp=tmp_path, check=False)
+    assert result.returncode != 0 and "stopping without saving" in result.stderr + result.stdout
+    stopped_at = int(next(w for w in (result.stderr + result.stdout).split("at step ")[1:]).split(":")[0])
+    state = torch.load(tmp_path / "ckpt" / "pretrain_64_resume.pth", weights_only=True)
+    assert state["step"] == stopped_at - 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_missing_or_mismatched_from_weight(tmp_path, chain):
+    result = run_script("train_full_sft.py", "--max_steps", "1", "--from_weight", "nothing_here", tmp=tmp_path,
+                        check=False)
+    assert result.returncode != 0
+    message = result.stderr + result.stdout
+    assert f"{tmp_path / 'out' / 'nothing_here_64.pth'} does not exist" in message and "holds: no .pth files" in message
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "pretrain_128.pth").write_bytes((chain.tmp / "out" / "pretrain_64.pth").read_bytes())
+    result = run_script("train_full_sft.py", "--max_steps", "1", "--hidden_size", "128", tmp=tmp_path, check=False)
+    message = result.stderr + result.stdout
+    assert result.returncode != 0
+    assert "shape mismatch for model.embed_tokens.weight: checkpoint [6400, 64] vs model [6400, 128]" in message
+
+
+# --------------------------------------------------------------------------------------------
+# Observability
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tracker, env_name", [("wandb", "WANDB_MODE"), ("swanlab", "SWANLAB_MODE")])
+def test_trackers_log_offline(tmp_path, tracker, env_name):
+    env = {env_name: "offline", "WANDB_DIR": str(tmp_path), "SWANLAB_LOG_DIR": str(tmp_path / "swanlog")}
+    run_script("train_pretrain.py", "--max_steps", "2", "--use_wandb", "--tracker", tracker, "--dtype", "float32",
+               tmp=tmp_path, env=env)
+    if tracker == "wandb":
+        runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    else:
+        runs = list((tmp_path / "swanlog").glob("run-*/run-*.swanlab"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_progress_bar_shows_loss_lr_and_speed(tmp_path):
+    result = run_script("train_pretrain.py", "--max_steps", "2", "--dtype", "float32", tmp=tmp_path,
+                        env={"MINIMIND_NO_PROGRESS": "0"})
+    assert "loss=" in result.stderr and "lr=" in result.stderr and "tokens_per_s=" in result.stderr
+    assert "2/" in result.stderr  # steps done / total, from which tqdm derives the ETA

@@ -1,0 +1,44 @@
+"""Stage 2, supervised fine-tuning: learn to answer in the chat format.
+
+    cd trainer && python train_full_sft.py            # from out/pretrain_512.pth on dataset/sft_mini_512.jsonl
+    torchrun --nproc_per_node 2 trainer/train_full_sft.py
+
+Conversations are rendered with the ChatML template; the loss is the next-token cross-entropy over the
+assistant turns only (their content, <|im_end|> and the newline after it): the model learns to answer,
+not to imitate the user. All parameters train. Writes out/full_sft_{hidden}[_moe].pth.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_utils import Run, common_parser, data_file, load_tokenizer, parse_args  # noqa: E402
+from dataset.lm_dataset import SFTDataset  # noqa: E402
+
+parser = common_parser("MiniMind full SFT", save_weight="full_sft", epochs=2, batch_size=16, learning_rate=5e-7,
+                       accumulation_steps=1, log_interval=100, save_interval=100, max_seq_len=340,
+                       data_path="../dataset/sft_mini_512.jsonl", from_weight="pretrain")
+args = parse_args(parser)
+
+run = Run(args)
+tokenizer = load_tokenizer()
+data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+model = run.load_model()
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+run.restore(model, optimizer)
+model = run.wrap(model)
+
+
+def loss_fn(batch):
+    # labels are -100 outside the assistant turns, so only answers carry loss
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss, out.aux_loss
+
+
+for step, window in run.steps(data):
+    loss = run.accumulate(model, window, loss_fn)
+    lr = run.optimizer_step(optimizer)
+    run.log(loss=loss, lr=lr)
+    run.maybe_save(model, optimizer)
+run.finish()

@@ -1,0 +1,52 @@
+"""LoRA fine-tuning: teach a trained model something new (an identity, a domain) with a few adapters.
+
+    cd trainer && python train_lora.py                           # lora_identity on top of out/full_sft_512.pth
+    python trainer/train_lora.py --lora_name lora_medical --data_path ../dataset/lora_medical.jsonl
+
+The base weights stay frozen; only the low-rank adapters (model/model_lora.py, W x + B A x) train, on
+the same SFT loss as train_full_sft.py. Writes only the adapters: out/lora/{lora_name}_{hidden}.pth.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_utils import Run, common_parser, data_file, load_tokenizer, parse_args, print0  # noqa: E402
+from dataset.lm_dataset import SFTDataset  # noqa: E402
+from model.model_lora import apply_lora  # noqa: E402
+
+parser = common_parser("MiniMind LoRA fine-tuning", save_weight="lora", epochs=50, batch_size=32, learning_rate=1e-4,
+                       accumulation_steps=1, log_interval=10, save_interval=100, max_seq_len=340,
+                       data_path="../dataset/lora_identity.jsonl", from_weight="full_sft")
+parser.add_argument("--lora_name", default="lora_identity", help="adapter name: out/lora/{lora_name}_{hidden}.pth")
+parser.add_argument("--lora_rank", type=int, default=8)
+parser.add_argument("--lora_alpha", type=float, default=None, help="scale B A x by alpha / rank (default: no scaling)")
+parser.add_argument("--lora_targets", default=None, help="comma-separated Linear names, e.g. q_proj,v_proj "
+                                                         "(default: every square Linear, i.e. q_proj and o_proj)")
+args = parse_args(parser)
+
+run = Run(args, weight_name=args.lora_name)
+tokenizer = load_tokenizer()
+data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+model = run.load_model()
+lora_params = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha,
+                         target_modules=args.lora_targets.split(",") if args.lora_targets else None)
+print0(f"LoRA: {lora_params:,} trainable parameters "
+       f"({100 * lora_params / sum(p.numel() for p in model.parameters()):.2f}% of the model)")
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+run.restore(model, optimizer)
+model = run.wrap(model)
+
+
+def loss_fn(batch):
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss, out.aux_loss
+
+
+for step, window in run.steps(data):
+    loss = run.accumulate(model, window, loss_fn)
+    lr = run.optimizer_step(optimizer)
+    run.log(loss=loss, lr=lr)
+    run.maybe_save(model, optimizer)
+run.finish()

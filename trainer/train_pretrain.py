@@ -1,0 +1,46 @@
+"""Stage 1, pretraining: learn to continue text by predicting each next token.
+
+    cd trainer && python train_pretrain.py            # MiniMind2-Small on dataset/pretrain_hq.jsonl
+    python trainer/train_pretrain.py --hidden_size 128 --num_hidden_layers 4 --packing 1
+    torchrun --nproc_per_node 2 trainer/train_pretrain.py
+
+loss = mean over real tokens of -log p(x_t | x_<t)  (+ the MoE load-balancing loss when --use_moe 1)
+Writes out/pretrain_{hidden}[_moe].pth and checkpoints/pretrain_{hidden}[_moe]_resume.pth.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_utils import Run, common_parser, data_file, load_tokenizer, parse_args  # noqa: E402
+from dataset.lm_dataset import PretrainDataset  # noqa: E402
+
+parser = common_parser("MiniMind pretraining", save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4,
+                       accumulation_steps=8, log_interval=100, save_interval=100, max_seq_len=340,
+                       data_path="../dataset/pretrain_hq.jsonl", from_weight="none")
+parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
+                    help="1 = pack whole documents into full rows (no padding at all)")
+args = parse_args(parser)
+
+run = Run(args)
+tokenizer = load_tokenizer()
+data = PretrainDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
+                       on_bad_line="skip" if args.skip_bad_lines else "error")
+model = run.load_model()
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+run.restore(model, optimizer)
+model = run.wrap(model)
+
+
+def loss_fn(batch):
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss, out.aux_loss
+
+
+for step, window in run.steps(data):
+    loss = run.accumulate(model, window, loss_fn)
+    lr = run.optimizer_step(optimizer)
+    run.log(loss=loss, lr=lr)
+    run.maybe_save(model, optimizer)
+run.finish()
