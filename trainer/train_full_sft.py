@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, load_tokenizer, parse_args  # noqa: E402
+from trainer_utils import Run, common_parser, data_file, load_tokenizer, next_token_loss, parse_args  # noqa: E402
 from dataset.lm_dataset import SFTDataset  # noqa: E402
 
 parser = common_parser("MiniMind full SFT", save_weight="full_sft", epochs=2, batch_size=16, learning_rate=5e-7,
@@ -26,14 +26,12 @@ tokenizer = load_tokenizer()
 data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
 model = run.load_model()
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-run.restore(model, optimizer)
-model = run.wrap(model)
+model = run.prepare(model, optimizer)
 
 
 def loss_fn(batch):
-    # labels are -100 outside the assistant turns, so only answers carry loss
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return out.loss, out.aux_loss
+    # labels are -100 outside the assistant turns, so only the answers carry loss
+    return next_token_loss(model, batch)
 
 
 for step, window in run.steps(data):

@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, load_tokenizer, parse_args, print0  # noqa: E402
+from trainer_utils import Run, common_parser, data_file, load_tokenizer, next_token_loss, parse_args, print0  # noqa: E402
 from dataset.lm_dataset import SFTDataset  # noqa: E402
 from model.model_lora import apply_lora  # noqa: E402
 
@@ -35,13 +35,12 @@ lora_params = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha,
 print0(f"LoRA: {lora_params:,} trainable parameters "
        f"({100 * lora_params / sum(p.numel() for p in model.parameters()):.2f}% of the model)")
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
-run.restore(model, optimizer)
-model = run.wrap(model)
+model = run.prepare(model, optimizer)
 
 
 def loss_fn(batch):
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return out.loss, out.aux_loss
+    # the SFT loss; only the adapters receive gradients
+    return next_token_loss(model, batch)
 
 
 for step, window in run.steps(data):

@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, load_tokenizer, parse_args  # noqa: E402
+from trainer_utils import Run, common_parser, data_file, load_tokenizer, next_token_loss, parse_args  # noqa: E402
 from dataset.lm_dataset import PretrainDataset  # noqa: E402
 
 parser = common_parser("MiniMind pretraining", save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4,
@@ -29,13 +29,12 @@ data = PretrainDataset(data_file(args), tokenizer, args.max_seq_len, packing=boo
                        on_bad_line="skip" if args.skip_bad_lines else "error")
 model = run.load_model()
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-run.restore(model, optimizer)
-model = run.wrap(model)
+model = run.prepare(model, optimizer)
 
 
 def loss_fn(batch):
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return out.loss, out.aux_loss
+    # every real token carries loss (labels = input_ids, padding = -100)
+    return next_token_loss(model, batch)
 
 
 for step, window in run.steps(data):

@@ -241,6 +241,11 @@ class Run:
                f"{self.world_size} process(es)")
         return model.to(self.device)
 
+    def prepare(self, model, optimizer, extra_models=None):
+        """Resume state if asked (--from_resume 1), then wrap for torch.compile / DDP."""
+        self.restore(model, optimizer, extra_models)
+        return self.wrap(model)
+
     def wrap(self, model):
         """torch.compile and/or DDP around a model whose trainable parameters are set."""
         if self.args.use_compile:
@@ -354,12 +359,12 @@ class Run:
         if not is_main():
             return
         self.progress.update(1)
-        if self.step % self.args.log_interval and self.step != getattr(self, "total_steps", 0):
+        if self.step % self.args.log_interval and not self.is_last_step():
             return
         now = time.perf_counter()
         tokens_per_s = self._tokens_since_log / max(now - self._last_time, 1e-9)
         self._last_time, self._tokens_since_log = now, 0
-        record = dict(step=self.step, epoch=self.epoch, **{k: round(float(v), 6) for k, v in metrics.items()},
+        record = dict(step=self.step, epoch=self.epoch, **{k: float(f"{v:.6g}") for k, v in metrics.items()},
                       tokens_per_s=round(tokens_per_s, 1), time=round(time.time(), 1))
         self.progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()
                                    if k in ("loss", "lr", "tokens_per_s") or k in metrics})
@@ -412,9 +417,12 @@ class Run:
         if self.ddp:
             dist.barrier()
 
+    def is_last_step(self):
+        """The run's final step: the end of the last epoch, or --max_steps."""
+        return self.step == getattr(self, "total_steps", 0) or bool(self.args.max_steps and self.step >= self.args.max_steps)
+
     def maybe_save(self, model, optimizer, extra_models=None):
-        last = self.step == self.total_steps or (self.args.max_steps and self.step >= self.args.max_steps)
-        if self.step % self.args.save_interval == 0 or last:
+        if self.step % self.args.save_interval == 0 or self.is_last_step():
             self.save(model, optimizer, extra_models)
 
     def restore(self, model, optimizer, extra_models=None):
@@ -475,6 +483,12 @@ def load_tokenizer(path=os.path.join(REPO_ROOT, "model")):
         raise SystemExit(f"no tokenizer at {path}: expected tokenizer.json and tokenizer_config.json "
                          "(python scripts/train_tokenizer.py writes them)")
     return AutoTokenizer.from_pretrained(path)
+
+
+def next_token_loss(model, batch):
+    """Mean next-token cross-entropy over the tokens whose label is not -100, and the MoE balance loss."""
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss, out.aux_loss
 
 
 def count_label_tokens(labels):

@@ -1,0 +1,102 @@
+"""Pretraining throughput in real (non-pad) tokens/s: padded vs packed rows, eager vs torch.compile.
+
+    python scripts/bench_train.py                                   # 512x8, batch 8 x 340, this machine
+    python scripts/bench_train.py --device cuda --dtype bfloat16     # on a GPU it also prints MFU
+
+Rows come from the bundled demo pretraining data: "padded" batches hold one document per row, padded
+to the longest row of the batch (documents longer than 340 tokens are cut); "packed" rows are filled
+with whole documents. Only real tokens count. Each setting runs warm-up steps, then the median step.
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from dataset.lm_dataset import PretrainDataset, pad_batch  # noqa: E402
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+def peak_tflops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def bench(dataset, args, device, dtype, compile_model):
+    torch.manual_seed(0)
+    config = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
+    model = MiniMindForCausalLM(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step_model = torch.compile(model) if compile_model else model
+    batches = [pad_batch([dataset[i] for i in range(b * args.batch_size, (b + 1) * args.batch_size)])
+               for b in range(args.warmup + args.steps)]
+    times, real, padded = [], 0, 0
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = step_model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+            real += int(batch["attention_mask"].sum())
+            padded += batch["input_ids"].numel()
+    seconds = sum(times)
+    params = sum(p.numel() for p in model.parameters())
+    flops = 6 * params * real + 12 * config.num_hidden_layers * config.hidden_size * args.max_seq_len * real
+    peak = peak_tflops(device)
+    return dict(tokens_per_s=real / seconds, pad_share=1 - real / padded, step_s=seconds / len(times),
+                mfu=flops / seconds / (peak * 1e12) if peak else None)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--hidden_size", type=int, default=512)
+    parser.add_argument("--num_hidden_layers", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_seq_len", type=int, default=340)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--skip_compile", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    from transformers import AutoTokenizer
+    import datasets
+    datasets.disable_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
+    path = os.path.join(REPO_ROOT, "dataset", "demo", "pretrain.jsonl")
+    data = {"padded": PretrainDataset(path, tokenizer, args.max_seq_len),
+            "packed": PretrainDataset(path, tokenizer, args.max_seq_len, packing=True)}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"## {where}; torch {torch.__version__}; {args.hidden_size}x{args.num_hidden_layers}, batch "
+          f"{args.batch_size} x {args.max_seq_len}, {str(dtype).removeprefix('torch.')}\n")
+    print("| rows | mode | pad share | s/step | real tokens/s | MFU |")
+    print("|---|---|---|---|---|---|")
+    for rows in ("padded", "packed"):
+        for compile_model in ((False,) if args.skip_compile else (False, True)):
+            r = bench(data[rows], args, device, dtype, compile_model)
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+            print(f"| {rows} | {'compile' if compile_model else 'eager'} | {r['pad_share']:.1%} | {r['step_s']:.3f} | "
+                  f"{r['tokens_per_s']:,.0f} | {mfu} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

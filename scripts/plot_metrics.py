@@ -1,0 +1,62 @@
+"""Plot loss curves from the metrics files the trainers write (out/*_metrics.jsonl) into one PNG.
+
+    python scripts/plot_metrics.py out/pretrain_512_metrics.jsonl out/full_sft_512_metrics.jsonl -o out/loss.png
+    python scripts/plot_metrics.py out/*_metrics.jsonl
+
+Each file becomes one curve of loss against optimizer step. When a run was resumed, a step logged twice
+keeps its latest value.
+"""
+import argparse
+import json
+import os
+
+
+def load_series(path, key="loss"):
+    """{step: value} of one metrics JSONL (later lines win, so a resumed run overwrites replayed steps)."""
+    series = {}
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"{path} line {line_number}: not valid JSON ({err.msg})") from None
+            if key in record and "step" in record:
+                series[record["step"]] = record[key]
+    if not series:
+        raise SystemExit(f"{path} has no '{key}' values to plot")
+    return dict(sorted(series.items()))
+
+
+def plot(paths, output, key="loss", title="MiniMind training"):
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 3.4), squeeze=False)
+    for ax, path in zip(axes[0], paths):
+        series = load_series(path, key)
+        ax.plot(list(series), list(series.values()), linewidth=1.5)
+        ax.set_title(os.path.basename(path).replace("_metrics.jsonl", ""))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return output
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="metrics JSONL files")
+    parser.add_argument("-o", "--output", default="out/loss_curves.png")
+    parser.add_argument("--key", default="loss", help="which metric to plot")
+    args = parser.parse_args()
+    print(plot(args.paths, args.output, args.key))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""eval_llm.py (native weights, LoRA, transformers folder; prompts from args, file, stdin),
+scripts/plot_metrics.py and the demo pipeline's smoke run."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import REPO_ROOT
+from model.model_lora import apply_lora, save_lora
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from scripts import plot_metrics
+
+TINY = ["--hidden_size", "64", "--num_hidden_layers", "2"]
+
+
+def tiny_model(seed):
+    """The model that `--hidden_size 64 --num_hidden_layers 2` describes (other settings default)."""
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)).eval()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny 'full_sft' weight, a LoRA adapter for it, and a transformers folder of the same model."""
+    root = tmp_path_factory.mktemp("eval")
+    model = tiny_model(seed=5)
+    (root / "out" / "lora").mkdir(parents=True)
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, root / "out" / "full_sft_64.pth")
+    adapted = tiny_model(seed=5)
+    apply_lora(adapted, rank=4)
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if ".lora.B" in n:
+                p.normal_(0, 0.5)
+    save_lora(adapted, str(root / "out" / "lora" / "lora_identity_64.pth"))
+    folder = root / "hf"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model")).save_pretrained(folder)
+    return root
+
+
+def chat(weights, *args, stdin=None):
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "eval_llm.py"), "--save_dir",
+                             str(weights / "out"), *TINY, "--temperature", "0", "--max_new_tokens", "12",
+                             "--device", "cpu", *args], capture_output=True, text=True, input=stdin, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def answers(output):
+    """The text after each robot prompt, without the speed line."""
+    out = []
+    for block in output.split("🤖: ")[1:]:
+        out.append(block.split("\n[")[0].split("\n👶")[0].strip())
+    return out
+
+
+def greedy(model, prompt, tokens=12):
+    tok = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0, eos_token_id=2)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_prompts_from_arguments_stream_the_greedy_answer(weights):
+    output = chat(weights, "--prompts", "你好", "Who are you?")
+    model = tiny_model(seed=5)
+    model.load_state_dict({k: v.float() for k, v in torch.load(weights / "out" / "full_sft_64.pth").items()})
+    assert answers(output) == [greedy(model, "你好"), greedy(model, "Who are you?")]  # fp16-rounded weights
+    assert output.count("tokens/s]") == 2
+
+
+def test_prompts_from_a_file_and_from_stdin(weights, tmp_path):
+    prompt_file = tmp_path / "q.txt"
+    prompt_file.write_text("第一个问题\n\n第二个问题\n", encoding="utf-8")
+    from_file = chat(weights, "--prompt_file", str(prompt_file))
+    from_stdin = chat(weights, stdin="第一个问题\n第二个问题\n")
+    assert from_file.count("👶:") == 2 and answers(from_file) == answers(from_stdin)
+
+
+def test_lora_and_transformers_folder(weights):
+    plain = answers(chat(weights, "--prompts", "你是谁？"))
+    with_lora = answers(chat(weights, "--prompts", "你是谁？", "--lora_weight", "lora_identity"))
+    assert with_lora != plain  # the adapter changes the answer
+    from_folder = answers(chat(weights, "--prompts", "你是谁？", "--load_from", str(weights / "hf")))
+    model = tiny_model(seed=5)
+    assert from_folder == [greedy(model, "你是谁？")]
+
+
+def test_history_is_kept(weights):
+    output = chat(weights, "--prompts", "一", "二", "--historys", "2", "--show_speed", "0")
+    assert output.count("👶:") == 2 and "tokens/s" not in output
+
+
+def test_missing_weight_is_a_clear_error(weights):
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "eval_llm.py"), "--save_dir", str(weights / "out"),
+                             "--weight", "nope", *TINY, "--prompts", "x"], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "nope_64.pth does not exist" in result.stderr and "full_sft_64.pth" in result.stderr
+
+
+def test_plot_metrics(tmp_path):
+    path = tmp_path / "pretrain_64_metrics.jsonl"
+    rows = [{"step": s, "loss": 9 - s, "lr": 0.1} for s in (1, 2, 3)] + [{"step": 2, "loss": 1.5}]  # resumed at 2
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert plot_metrics.load_series(str(path)) == {1: 8, 2: 1.5, 3: 6}
+    png = plot_metrics.plot([str(path), str(path)], str(tmp_path / "curves.png"))
+    import matplotlib.image
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 200 and image.shape[1] > 2 * image.shape[0]  # two panels side by side
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1, "loss": 2}\n{oops\n')
+    with pytest.raises(SystemExit, match="bad.jsonl line 2"):
+        plot_metrics.load_series(str(bad))
+
+
+def test_demo_pipeline_smoke_run(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "run_demo.py"), "--quick",
+                             "--out_dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, MINIMIND_NO_PROGRESS="1", HF_DATASETS_CACHE=str(tmp_path / "cache")))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = (tmp_path / "demo_report.md").read_text(encoding="utf-8")
+    for row in ("| pretrain |", "| full SFT |", "| LoRA identity |"):
+        assert row in report
+    assert "loss on pretrain_eval.jsonl (232 documents)" in report
+    assert (tmp_path / "demo_loss_curves.png").stat().st_size > 10_000
+    for name in ("pretrain_64.pth", "full_sft_64.pth", "lora/lora_identity_64.pth"):
+        assert (tmp_path / "demo" / name).exists()
+    shutil.rmtree(tmp_path / "demo")
