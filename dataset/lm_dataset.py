@@ -7,7 +7,8 @@ file, tokenizer and settings starts at once. Token ids are stored as uint16 (the
     PretrainDataset  {"text"}                    -> input_ids (truncated, or packed into full rows)
     SFTDataset       {"conversations": [...]}    -> input_ids, loss_mask (assistant turns only)
     DPODataset       {"chosen", "rejected"}      -> both sides tokenised with their loss masks
-    RLAIFDataset     {"conversations", ...}      -> the prompt text ending in the generation prompt, + extras
+    RLAIFDataset     {"conversations", ...}      -> the prompt text ending in the generation prompt, its messages,
+                                                   and every extra field (task, answers, ...)
 
 `pad_batch` pads a batch to its longest row only. A malformed line raises an error naming the file and
 line number; with on_bad_line="skip" such lines are skipped and counted instead (see `.report`).
@@ -26,7 +27,7 @@ from scripts.download_data import FILES as DOWNLOADABLE  # the full MiniMind dat
 ASSISTANT_START = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
 ROLES = {"system", "user", "assistant", "tool"}
-CACHE_VERSION = "1"  # bump when the tokenisation logic below changes
+CACHE_VERSION = "2"  # bump when the tokenisation logic below changes
 CUT_OFF = "cut off"  # a well-formed row whose answer lies beyond max_length: left out and counted
 
 # Where the bundled demo stand-ins of the full MiniMind datasets live (relative to dataset/).
@@ -159,6 +160,7 @@ def rlaif_row(row, tokenizer, max_length):
     if not messages or messages[-1]["role"] not in ("user", "tool"):
         return None, "the prompt must end with a user (or tool) turn before the assistant placeholder"
     extras = {k: v for k, v in row.items() if k != "conversations"}
+    extras["conversation"] = messages  # the prompt as messages, for reward models
     return dict(prompt=render(tokenizer, messages, row.get("tools"), add_generation_prompt=True),
                 extras=json.dumps(extras, ensure_ascii=False)), None
 
@@ -318,7 +320,7 @@ class DPODataset(_ArrowDataset):
 
     def __getitem__(self, index):
         row = self.data[int(index)]
-        out = {}
+        out = {"index": torch.tensor(int(index))}  # lets a trainer look up precomputed reference log-probs
         for side in ("chosen", "rejected"):
             ids = _long(row[f"{side}_ids"])
             out[f"{side}_input_ids"] = ids
@@ -337,12 +339,15 @@ class RLAIFDataset(_ArrowDataset):
 
 def pad_batch(rows, pad_id: int = 0):
     """Collate: pad every tensor field to the longest row of this batch (labels with -100), and add an
-    attention_mask per input_ids field. Non-tensor fields are gathered into lists."""
+    attention_mask per input_ids field. Non-tensor fields are gathered into lists (None where missing)."""
     batch = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
+    for key in dict.fromkeys(k for r in rows for k in r):  # every field of any row, in order
+        values = [r.get(key) for r in rows]
         if not isinstance(values[0], torch.Tensor):
-            batch[key] = values
+            batch[key] = values  # e.g. prompts or answers; None where a row lacks the field
+            continue
+        if values[0].dim() == 0:  # per-row scalars, e.g. a sample index
+            batch[key] = torch.stack(values)
             continue
         width = max(v.shape[0] for v in values)
         fill = -100 if key.endswith("labels") else pad_id

@@ -119,7 +119,8 @@ def test_dpo_accepts_both_layouts(tok, tmp_path, cache):
     path = write_jsonl(tmp_path / "dpo.jsonl", [messages, strings])
     data = DPODataset(path, tok, max_length=128, cache_dir=cache)
     a, b = data[0], data[1]
-    for key in a:
+    assert (int(a["index"]), int(b["index"])) == (0, 1)
+    for key in a.keys() - {"index"}:
         assert torch.equal(a[key], b[key]), key
     assert tok.decode(a["chosen_input_ids"][a["chosen_labels"] != -100]) == "2<|im_end|>\n"
     assert tok.decode(a["rejected_input_ids"][a["rejected_labels"] != -100]) == "3<|im_end|>\n"
@@ -132,6 +133,7 @@ def test_rlaif_prompt_ends_with_generation_prompt_and_keeps_extras(tok, tmp_path
     item = data[0]
     assert item["prompt"].endswith("<|im_start|>user\n3 × 4 = ?<|im_end|>\n<|im_start|>assistant\n")
     assert item["task"] == "arithmetic" and item["answers"] == ["12"]
+    assert item["conversation"] == row["conversations"][:1]  # the prompt as messages, placeholder removed
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,3 +258,12 @@ def test_rows_whose_answer_lies_beyond_max_length_are_counted_not_errors(tok, tm
                       cache_dir=cache)
     assert len(data) == 2 and data.report["cut_off"] == 1 and data.report["skipped"] == 0
     assert "1 rows left out because no answer token fits in max_length=32" in capsys.readouterr().out
+
+
+def test_rl_rows_with_different_extra_fields_batch_together(tok, tmp_path, cache):
+    rows = [{"conversations": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": ""}],
+             "answers": ["2"]},
+            {"conversations": [{"role": "user", "content": "随便聊聊"}, {"role": "assistant", "content": ""}]}]
+    data = RLAIFDataset(write_jsonl(tmp_path / "rl.jsonl", rows), tok, max_length=64, cache_dir=cache)
+    batch = pad_batch([data[0], data[1]])
+    assert batch["answers"] == [["2"], None] and len(batch["prompt"]) == 2

@@ -34,9 +34,5 @@ def loss_fn(batch):
     return next_token_loss(model, batch)
 
 
-for step, window in run.steps(data):
-    loss = run.accumulate(model, window, loss_fn)
-    lr = run.optimizer_step(optimizer)
-    run.log(loss=loss, lr=lr)
-    run.maybe_save(model, optimizer)
+run.train(model, optimizer, data, loss_fn)  # per step: loss_fn on each micro-batch, AdamW step, log, save
 run.finish()

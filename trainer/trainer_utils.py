@@ -199,9 +199,8 @@ class Run:
             weight_path(args.save_dir, self.weight_name, self.config)).replace(".pth", "_resume.pth"))
         self.metrics_path = weight_path(args.save_dir, self.weight_name, self.config).replace(".pth", "_metrics.jsonl")
         self.step, self.epoch, self.consumed = 0, 0, 0
-        self.tracker, self.progress, self.step_tokens = None, None, 0
+        self.tracker, self.progress, self.step_tokens, self.step_metrics = None, None, 0, {}
         self._last_time, self._tokens_since_log = time.perf_counter(), 0
-        self.extra_state = {}  # algorithm state a stage wants checkpointed (e.g. a value tracker)
 
     def _choose_dtype(self, name):
         dtype = getattr(torch, name)
@@ -241,9 +240,9 @@ class Run:
                f"{self.world_size} process(es)")
         return model.to(self.device)
 
-    def prepare(self, model, optimizer, extra_models=None):
+    def prepare(self, model, optimizer, extras=None):
         """Resume state if asked (--from_resume 1), then wrap for torch.compile / DDP."""
-        self.restore(model, optimizer, extra_models)
+        self.restore(model, optimizer, extras)
         return self.wrap(model)
 
     def wrap(self, model):
@@ -278,8 +277,11 @@ class Run:
             self.consumed = start_consumed if epoch == start_epoch else 0
             sampler = ResumableBatchSampler(len(dataset), args.batch_size, self.rank, self.world_size, args.seed,
                                             epoch, self.consumed)
+            # The loader's own generator: creating its iterator must not draw from the global RNG, whose
+            # state a resumed run restores for sampling (RL) and dropout.
             loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_batch, num_workers=args.num_workers,
-                                pin_memory=self.device.type == "cuda", persistent_workers=False)
+                                pin_memory=self.device.type == "cuda", persistent_workers=False,
+                                generator=torch.Generator().manual_seed(args.seed + epoch))
             window = []
             for i, batch in enumerate(loader):
                 window.append({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
@@ -302,42 +304,54 @@ class Run:
     def accumulate(self, model, window, loss_fn, count=None):
         """Forward and backward every micro-batch of one optimizer step; return the step's mean loss.
 
-        loss_fn(batch) -> (mean loss over the batch's items, extra loss such as MoE balance, or 0).
+        loss_fn(batch) -> (mean loss over the batch's items, extra loss such as MoE balance, or 0[, metrics]).
         Items (loss-carrying label tokens, or what `count(batch)` counts) weigh the same across
         micro-batches and processes: batch b's mean loss enters as (n_b / N) * loss_b, N being the
         step's items on all processes, so accumulation and DDP give exactly the large-batch loss.
+        Optional metrics (a dict of batch means) are averaged the same way into self.step_metrics.
         """
         count = count or (lambda batch: count_label_tokens(batch["labels"]))
         counts = [count(batch) for batch in window]
         total = max(float(self.all_sum(sum(counts))[0]), 1.0)
         step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        step_metrics = {}
         for i, (batch, n) in enumerate(zip(window, counts)):
             # Inside the window, DDP's gradient all-reduce waits for the last micro-batch.
             with model.no_sync() if self.ddp and i < len(window) - 1 else nullcontext():
                 with self.autocast():
-                    loss, extra = loss_fn(batch)
+                    loss, extra, *metrics = loss_fn(batch)
                 share = n / total
                 # DDP averages gradients over processes; our terms are shares of the global sum.
                 self.scaler.scale((loss * share + extra / len(window) / self.world_size) * self.world_size).backward()
             step_loss += loss.detach().double() * share
+            for name, value in (metrics[0] if metrics else {}).items():
+                step_metrics[name] = step_metrics.get(name, 0.0) + torch.as_tensor(value).detach().double() * share
         real_tokens = sum(int(v.sum()) for b in window for k, v in b.items() if k.endswith("attention_mask"))
-        step_loss, tokens = self.all_sum(step_loss, real_tokens)
-        self.step_tokens = int(tokens)
-        return float(step_loss)
+        names = sorted(step_metrics)
+        sums = self.all_sum(step_loss, real_tokens, *[step_metrics[name] for name in names])
+        self.step_tokens = int(sums[1])
+        self.step_metrics = {name: float(value) for name, value in zip(names, sums[2:])}
+        return float(sums[0])
 
     # -- update ------------------------------------------------------------------------------
-    def optimizer_step(self, optimizer, learning_rate=None):
-        """Set the scheduled lr, unscale, clip, step, zero the gradients. Returns the lr used."""
-        lr = lr_at(self.step - 1, self.total_steps, learning_rate or self.args.learning_rate, self.args.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        self.scaler.unscale_(optimizer)
-        if self.args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.args.grad_clip)
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return lr
+    def optimizer_step(self, optimizer, learning_rate=None, more=()):
+        """Set the scheduled lr, unscale, clip, step, zero the gradients; returns the lr used.
+        more: further (optimizer, base lr) pairs stepped alongside (e.g. PPO's critic) on the same schedule."""
+        lrs = []
+        for opt, base_lr in [(optimizer, learning_rate or self.args.learning_rate), *more]:
+            lr = lr_at(self.step - 1, self.total_steps, base_lr, self.args.warmup_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            self.scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                  self.args.grad_clip if self.args.grad_clip > 0 else float("inf"))
+            if opt is optimizer:
+                self.step_metrics["grad_norm"] = float(norm)  # before clipping
+            self.scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
+            lrs.append(lr)
+        self.scaler.update()  # once per step, after every optimizer
+        return lrs[0]
 
     # -- logging -----------------------------------------------------------------------------
     def _progress_bar(self):
@@ -350,7 +364,9 @@ class Run:
 
     def log(self, **metrics):
         """Called once per optimizer step on every rank, after accumulate(). Every log_interval steps rank 0
-        writes the metrics (and real tokens/s) to the JSONL, the tracker and the progress bar."""
+        writes the metrics, those loss_fn returned and the real tokens/s to the JSONL, the tracker and the
+        progress bar."""
+        metrics = {**self.step_metrics, **metrics}
         self._tokens_since_log += self.step_tokens
         if not math.isfinite(metrics.get("loss", 0.0)):
             raise SystemExit(f"loss is {metrics['loss']} at step {self.step}: stopping without saving. The last good "
@@ -386,9 +402,9 @@ class Run:
         return self.tracker
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save(self, model, optimizer, extra_models=None):
+    def save(self, model, optimizer, extras=None):
         """Weights for inference (half precision; LoRA-only for LoRA runs) and the fp32 resume file.
-        extra_models: {name: module} (e.g. a critic) saved into the resume file too."""
+        extras: {name: module or optimizer} (e.g. a critic and its optimizer) saved into the resume file too."""
         raw = unwrap(model)
         rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -407,8 +423,8 @@ class Run:
                 atomic_torch_save({k: v.detach().half().cpu() for k, v in raw.state_dict().items()}, path)
             state = dict(model=trainable_state(raw), optimizer=optimizer.state_dict(), scaler=self.scaler.state_dict(),
                          step=self.step, epoch=self.epoch, consumed=self.consumed, world_size=self.world_size,
-                         rng=all_rng, extra=self.extra_state,
-                         extra_models={k: unwrap(m).state_dict() for k, m in (extra_models or {}).items()},
+                         rng=all_rng,
+                         extras={k: unwrap(m).state_dict() for k, m in (extras or {}).items()},
                          args={k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool))})
             atomic_torch_save(state, self.resume_path)
             if self.progress is not None:
@@ -417,15 +433,24 @@ class Run:
         if self.ddp:
             dist.barrier()
 
+    def train(self, model, optimizer, dataset, loss_fn, count=None):
+        """The loop every supervised stage shares: for each optimizer step, forward and backward its
+        micro-batches (loss_fn), step at the scheduled lr, log, save at intervals and at the end."""
+        for step, window in self.steps(dataset):
+            loss = self.accumulate(model, window, loss_fn, count)
+            lr = self.optimizer_step(optimizer)
+            self.log(loss=loss, lr=lr)
+            self.maybe_save(model, optimizer)
+
     def is_last_step(self):
         """The run's final step: the end of the last epoch, or --max_steps."""
         return self.step == getattr(self, "total_steps", 0) or bool(self.args.max_steps and self.step >= self.args.max_steps)
 
-    def maybe_save(self, model, optimizer, extra_models=None):
+    def maybe_save(self, model, optimizer, extras=None):
         if self.step % self.args.save_interval == 0 or self.is_last_step():
-            self.save(model, optimizer, extra_models)
+            self.save(model, optimizer, extras)
 
-    def restore(self, model, optimizer, extra_models=None):
+    def restore(self, model, optimizer, extras=None):
         """With --from_resume 1: load the resume file into model/optimizer/scaler and the data position."""
         if not self.args.from_resume:
             return
@@ -440,10 +465,9 @@ class Run:
                              f"unexpected {unexpected[:5]} (different --hidden_size / --use_moe / LoRA settings?)")
         optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        for name, module in (extra_models or {}).items():
-            unwrap(module).load_state_dict(state["extra_models"][name])
+        for name, item in (extras or {}).items():
+            unwrap(item).load_state_dict(state["extras"][name])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
-        self.extra_state.update(state.get("extra", {}))
         if state["world_size"] == self.world_size:
             rng = state["rng"][self.rank]
             torch.set_rng_state(rng["torch"])
@@ -489,6 +513,18 @@ def next_token_loss(model, batch):
     """Mean next-token cross-entropy over the tokens whose label is not -100, and the MoE balance loss."""
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     return out.loss, out.aux_loss
+
+
+def token_logprobs(logits, labels):
+    """log p(labels[:, t+1] | ...t) for every position t, and the mask of positions that count.
+
+    Returns ([B, T-1] log-probs, with 0 where labels are -100; [B, T-1] float mask). The log-softmax
+    runs in fp32 so long answers do not lose precision.
+    """
+    targets = labels[:, 1:]
+    mask = (targets != -100).float()
+    logps = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps * mask, mask
 
 
 def count_label_tokens(labels):
