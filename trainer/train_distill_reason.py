@@ -1,0 +1,97 @@
+"""Reasoning distillation: learn to think before answering from <think>...</think><answer>...</answer> traces
+(written by a stronger reasoning model, as in DeepSeek-R1's distillation).
+
+    cd trainer && python train_distill_reason.py      # from out/dpo_512.pth on dataset/r1_mix_1024.jsonl
+
+The loss is the SFT loss with one change: the positions of the tags <think> </think> <answer> </answer>
+inside the answer weigh --tag_weight (10) times more, so a small model learns the layout first:
+    loss = sum_t w_t * CE_t / sum_t w_t  over answer tokens t,  w_t = 10 on tag tokens, 1 elsewhere
+Positions outside the answers never get weight. With this project's tokenizer each tag is one token;
+with a tokenizer that splits tags into sub-words, every sub-word of the tag is weighted.
+Rows whose answers contain no tag are counted and reported at the end. Writes out/reason_{hidden}[_moe].pth.
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_utils import Run, common_parser, data_file, load_tokenizer, parse_args, print0  # noqa: E402
+from dataset.lm_dataset import SFTDataset  # noqa: E402
+
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+
+def tag_token_sequences(tokenizer):
+    """How each tag is written in token ids: alone and after a newline (as in the trace layout)."""
+    sequences = set()
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    for tag in TAGS:
+        sequences.add(tuple(tokenizer(tag, add_special_tokens=False)["input_ids"]))
+        after_newline = tokenizer("\n" + tag, add_special_tokens=False)["input_ids"]
+        if after_newline[:len(newline)] == newline:
+            sequences.add(tuple(after_newline[len(newline):]))
+    return sorted(sequences)
+
+
+def tag_loss_weights(input_ids, labels, tag_sequences, tag_weight):
+    """[B, T] weights of the label positions: tag_weight on tag tokens, 1 on other answer tokens, 0 outside."""
+    in_answer = labels != -100
+    is_tag = torch.zeros_like(in_answer)
+    length = input_ids.shape[1]
+    for sequence in tag_sequences:
+        n = len(sequence)
+        if n > length:
+            continue
+        pattern = torch.tensor(sequence, device=input_ids.device)
+        windows = input_ids.unfold(1, n, 1)                      # [B, T-n+1, n]
+        starts = (windows == pattern).all(-1)                    # a tag starts here
+        for offset in range(n):
+            is_tag[:, offset:offset + starts.shape[1]] |= starts
+    return in_answer.float() * torch.where(is_tag, tag_weight, 1.0)
+
+
+def weighted_next_token_loss(logits, labels, weights):
+    """sum w_t * CE_t / sum w_t over the shifted positions (w = 0 outside the answers)."""
+    targets, w = labels[:, 1:], weights[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1).clamp(min=0),
+                         reduction="none").view_as(w)
+    return (ce * w).sum() / w.sum().clamp(min=1e-9)
+
+
+def main():
+    parser = common_parser("MiniMind reasoning distillation", save_weight="reason", epochs=1, batch_size=8,
+                           learning_rate=1e-6, accumulation_steps=1, log_interval=100, save_interval=100,
+                           max_seq_len=720, data_path="../dataset/r1_mix_1024.jsonl", from_weight="dpo")
+    parser.add_argument("--tag_weight", type=float, default=10.0, help="loss weight of the tag tokens")
+    args = parse_args(parser)
+
+    run = Run(args)
+    tokenizer = load_tokenizer()
+    data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+    tag_sequences = tag_token_sequences(tokenizer)
+    model = run.load_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    model = run.prepare(model, optimizer)
+    rows_without_tags = 0
+
+    def loss_fn(batch):
+        nonlocal rows_without_tags
+        weights = tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)
+        rows_without_tags += int((weights.max(dim=1).values <= 1).sum())
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        return weighted_next_token_loss(out.logits, batch["labels"], weights), out.aux_loss
+
+    def weight_sum(batch):  # each weighted position counts as much as its weight
+        return float(tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)[:, 1:].sum())
+
+    # per step: loss_fn on each micro-batch (positions count by their weight), AdamW step, log, save
+    run.train(model, optimizer, data, loss_fn, count=weight_sum)
+    total = int(run.all_sum(rows_without_tags)[0])  # over all processes
+    print0(f"{total} rows seen in training had no <think>/<answer> tag in their answers")
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""White-box knowledge distillation: a small student learns from a larger teacher's full output distribution
+(Hinton et al., 2015, "Distilling the Knowledge in a Neural Network").
+
+    cd trainer && python train_distillation.py        # student 512x8 <- teacher 768x16, both from full_sft
+
+On the answer tokens of SFT data, with softmax temperature T:
+    loss = alpha * CE(student, data) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
+The T^2 keeps the gradient scale of the soft term independent of T. The teacher is frozen and runs
+under the same autocast. Writes out/full_dist_{student_hidden}[_moe].pth.
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_utils import Run, common_parser, data_file, load_tokenizer, parse_args, weight_path  # noqa: E402
+from dataset.lm_dataset import SFTDataset  # noqa: E402
+from model.model_minimind import MiniMindConfig  # noqa: E402
+
+
+def distillation_loss(student_logits, teacher_logits, labels, alpha, temperature):
+    """(total, CE, KL) over positions with a label; KL(teacher || student) at temperature T, per token."""
+    mask = labels[:, 1:] != -100
+    student = student_logits[:, :-1][mask].float()
+    teacher = teacher_logits[:, :-1][mask].float()
+    ce = F.cross_entropy(student, labels[:, 1:][mask])
+    kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                  log_target=True, reduction="batchmean")
+    return alpha * ce + (1 - alpha) * temperature ** 2 * kl, ce, kl
+
+
+def main():
+    parser = common_parser("MiniMind knowledge distillation", save_weight="full_dist", epochs=6, batch_size=32,
+                           learning_rate=5e-6, accumulation_steps=1, log_interval=100, save_interval=100,
+                           max_seq_len=340, data_path="../dataset/sft_mini_512.jsonl", from_weight="full_sft")
+    parser.add_argument("--student_hidden_size", type=int, default=512)
+    parser.add_argument("--student_num_layers", type=int, default=8)
+    parser.add_argument("--teacher_hidden_size", type=int, default=768)
+    parser.add_argument("--teacher_num_layers", type=int, default=16)
+    parser.add_argument("--teacher_weight", default="full_sft", help="out/{teacher_weight}_{teacher_hidden}.pth")
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE")
+    parser.add_argument("--temperature", type=float, default=1.5)
+    args = parse_args(parser)
+    args.hidden_size, args.num_hidden_layers = args.student_hidden_size, args.student_num_layers  # the model we train
+
+    run = Run(args)
+    tokenizer = load_tokenizer()
+    data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+    model = run.load_model()
+    teacher_config = MiniMindConfig(hidden_size=args.teacher_hidden_size, num_hidden_layers=args.teacher_num_layers,
+                                    use_moe=bool(args.use_moe))
+    teacher_path = weight_path(args.save_dir, args.teacher_weight, teacher_config)
+    if os.path.exists(teacher_path):  # peek at the teacher's vocabulary without reading the whole file
+        vocab = torch.load(teacher_path, map_location="cpu", weights_only=True, mmap=True)["model.embed_tokens.weight"].shape[0]
+        if vocab != model.config.vocab_size:
+            raise SystemExit(f"{teacher_path} has a vocabulary of {vocab} tokens, the student {model.config.vocab_size}: "
+                             "distillation compares distributions token by token, so both must use the same tokenizer")
+    teacher = run.load_model(from_weight=args.teacher_weight, config=teacher_config).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    model = run.prepare(model, optimizer)
+
+    def loss_fn(batch):
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        with torch.no_grad():
+            teacher_logits = teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, ce, kl = distillation_loss(out.logits, teacher_logits, batch["labels"], args.alpha, args.temperature)
+        return loss, out.aux_loss, dict(ce=ce, kl=kl)
+
+    run.train(model, optimizer, data, loss_fn)  # per step: loss_fn on each micro-batch, AdamW step, log, save
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()

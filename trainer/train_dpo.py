@@ -1,0 +1,119 @@
+"""DPO: learn from preference pairs without a reward model (Rafailov et al., 2023, "Direct Preference
+Optimization: Your Language Model is Secretly a Reward Model").
+
+    cd trainer && python train_dpo.py                 # from out/full_sft_512.pth on dataset/dpo.jsonl
+    python trainer/train_dpo.py --logp sum --precompute_ref 1
+
+For a prompt x with a chosen answer y_w and a rejected answer y_l, a frozen copy of the starting model
+is the reference and
+    reward(y)  = beta * (log pi(y|x) - log pi_ref(y|x))
+    loss       = -log sigmoid(reward(y_w) - reward(y_l))
+log pi(y|x) is taken over the answer tokens only: their mean (MiniMind's length-normalised default,
+--logp mean) or their sum (the paper, --logp sum). --precompute_ref 1 computes the reference log-probs
+once before training and frees the reference model. Writes out/dpo_{hidden}[_moe].pth.
+"""
+import copy
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_utils import (Run, common_parser, data_file, load_tokenizer, parse_args, print0,  # noqa: E402
+                           token_logprobs)
+from dataset.lm_dataset import DPODataset, pad_batch  # noqa: E402
+
+
+def sequence_logps(logits, labels, reduction="mean"):
+    """log pi(y|x) of each row's answer tokens: their sum, or their mean (length-normalised)."""
+    logps, mask = token_logprobs(logits, labels)
+    total = logps.sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if reduction == "mean" else total
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """Per-pair DPO loss and the implicit rewards of both answers."""
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    return -F.logsigmoid(chosen_reward - rejected_reward), chosen_reward, rejected_reward
+
+
+def stack_pairs(batch, pad_id):
+    """Chosen rows then rejected rows, padded to one width, for a single forward pass."""
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def pad(t, value):
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+    ids = torch.cat([pad(batch["chosen_input_ids"], pad_id), pad(batch["rejected_input_ids"], pad_id)])
+    mask = torch.cat([pad(batch["chosen_attention_mask"], 0), pad(batch["rejected_attention_mask"], 0)])
+    labels = torch.cat([pad(batch["chosen_labels"], -100), pad(batch["rejected_labels"], -100)])
+    return ids, mask, labels
+
+
+@torch.no_grad()
+def precompute_reference(run, reference, data, reduction, pad_id, batch_size):
+    """Reference log-probs of every pair, [N, 2] (chosen, rejected); each process computes a share."""
+    table = torch.zeros(len(data), 2, dtype=torch.float64, device=run.device)
+    indices = list(range(run.rank, len(data), run.world_size))
+    for start in range(0, len(indices), batch_size):
+        batch = pad_batch([data[i] for i in indices[start:start + batch_size]], pad_id)
+        ids, mask, labels = (t.to(run.device) for t in stack_pairs(batch, pad_id))
+        with run.autocast():
+            logps = sequence_logps(reference(ids, attention_mask=mask).logits, labels, reduction)
+        n = len(batch["index"])
+        table[batch["index"].to(run.device)] = torch.stack([logps[:n], logps[n:]], dim=1).double()
+    if run.ddp:
+        torch.distributed.all_reduce(table)  # every row was filled by exactly one process
+    return table
+
+
+def main():
+    parser = common_parser("MiniMind DPO", save_weight="dpo", epochs=1, batch_size=4, learning_rate=4e-8,
+                           accumulation_steps=1, log_interval=100, save_interval=100, max_seq_len=1024,
+                           data_path="../dataset/dpo.jsonl", from_weight="full_sft")
+    parser.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
+    parser.add_argument("--logp", default="mean", choices=["mean", "sum"],
+                        help="answer log-prob: per-token mean (MiniMind) or sum (the paper)")
+    parser.add_argument("--precompute_ref", type=int, default=0, choices=[0, 1],
+                        help="1 = reference log-probs once before training, then free the reference model")
+    args = parse_args(parser)
+
+    run = Run(args)
+    tokenizer = load_tokenizer()
+    pad_id = tokenizer.pad_token_id
+    data = DPODataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+    model = run.load_model()
+    reference = copy.deepcopy(model).eval().requires_grad_(False)  # the starting policy, frozen
+    reference_table = None
+    if args.precompute_ref:
+        reference_table = precompute_reference(run, reference, data, args.logp, pad_id, args.batch_size * 2)
+        reference = None
+        print0(f"reference log-probs of {len(data)} pairs precomputed; reference model freed")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    model = run.prepare(model, optimizer)
+
+    def loss_fn(batch):
+        ids, mask, labels = stack_pairs(batch, pad_id)
+        n = len(batch["index"])
+        logps = sequence_logps(model(ids, attention_mask=mask).logits, labels, args.logp)
+        if reference_table is not None:
+            ref = reference_table[batch["index"]].float()
+            ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+        else:
+            with torch.no_grad():
+                ref_logps = sequence_logps(reference(ids, attention_mask=mask).logits, labels, args.logp)
+            ref_chosen, ref_rejected = ref_logps[:n], ref_logps[n:]
+        losses, chosen_reward, rejected_reward = dpo_loss(logps[:n], logps[n:], ref_chosen, ref_rejected, args.beta)
+        metrics = dict(reward_chosen=chosen_reward.mean(), reward_rejected=rejected_reward.mean(),
+                       margin=(chosen_reward - rejected_reward).mean(),
+                       accuracy=(chosen_reward > rejected_reward).float().mean())
+        return losses.mean(), 0.0, metrics
+
+    # per step: loss_fn on each micro-batch (every pair weighs the same), AdamW step, log, save
+    run.train(model, optimizer, data, loss_fn, count=lambda batch: len(batch["index"]))
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()
