@@ -1,0 +1,97 @@
+"""GRPO step cost: seconds and peak memory of one step at MiniMind2-Small size, 8 answers of 256 tokens.
+
+    python scripts/bench_rl.py                                   # this machine (CPU: float32 by default)
+    python scripts/bench_rl.py --device cuda --dtype bfloat16
+
+One step = sampling 8 answers to one prompt with the KV cache (forced to exactly --new_tokens tokens),
+rule rewards, reference log-probs, policy log-probs, the GRPO loss, backward and an AdamW step, i.e. what
+trainer/train_grpo.py does per prompt. The phases are timed separately; peak memory is the process's
+resident set on CPU (ru_maxrss) and torch.cuda.max_memory_allocated on a GPU.
+"""
+import argparse
+import copy
+import os
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from rewards import rule_rewards  # noqa: E402
+from rollout import completion_logprobs, masked_mean, sample  # noqa: E402
+from train_grpo import clipped_objective, group_advantages, k3_kl  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--hidden_size", type=int, default=512)
+    parser.add_argument("--num_hidden_layers", type=int, default=8)
+    parser.add_argument("--num_generations", type=int, default=8)
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers))
+    model = model.to(device).train()
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "计算：37 + 48 = ？"}], tokenize=False,
+                                           add_generation_prompt=True)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return result, time.perf_counter() - start
+
+    phases = []
+    for _ in range(args.steps):
+        with autocast:
+            rollout, t_sample = timed(lambda: sample(model, tokenizer, [prompt], 66, args.new_tokens,
+                                                     samples_per_prompt=args.num_generations,
+                                                     min_new_tokens=args.new_tokens))
+            rewards = rule_rewards(rollout.texts, [{"answers": ["85"]}] * len(rollout.texts), True).to(device)
+            advantages = group_advantages(rewards, args.num_generations)
+            with torch.no_grad():
+                ref_logps, t_ref = timed(lambda: completion_logprobs(reference, rollout))
+            logps, t_policy = timed(lambda: completion_logprobs(model, rollout))
+            mask = rollout.completion_mask
+            loss = masked_mean(clipped_objective(logps, logps.detach(), advantages, 0.2) + 0.02 * k3_kl(logps, ref_logps),
+                               mask)
+        _, t_update = timed(lambda: (loss.backward(), optimizer.step(), optimizer.zero_grad(set_to_none=True)))
+        phases.append((t_sample, t_ref, t_policy, t_update))
+    t_sample, t_ref, t_policy, t_update = phases[-1]  # the last step (after warm-up)
+    total = t_sample + t_ref + t_policy + t_update
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"## {where}; torch {torch.__version__}; {args.hidden_size}x{args.num_hidden_layers}, "
+          f"{args.num_generations} x {rollout.completion_mask.sum(1).max().item()} new tokens, "
+          f"{str(dtype).removeprefix('torch.')}\n")
+    print("| sample (KV cache) | reference log-probs | policy log-probs | backward + AdamW | s/step | peak memory |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {t_sample:.2f} s | {t_ref:.2f} s | {t_policy:.2f} s | {t_update:.2f} s | {total:.2f} | {peak} |")
+
+
+if __name__ == "__main__":
+    main()

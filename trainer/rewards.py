@@ -1,0 +1,109 @@
+"""Rewards for the RL stages: rule rewards that need no model, and an optional reward model.
+
+Rule rewards (range 0 .. 2.5):
+- reasoning format: +0.5 for the exact layout <think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>, plus 0.25 for
+  each of the four tags present exactly once (MiniMind's rule);
+- verifiable answers (demo prompts carry "answers"): +1 when the text inside <answer> (or the whole answer
+  when there is no such block) equals one of them after trimming spaces and trailing punctuation.
+A reward model (--reward_model_path) adds its score, clipped to [-3, 3]: any local Hugging Face
+sequence-classification model, or one with a get_score(tokenizer, messages) method such as
+InternLM2-1.8B-Reward. It is moved to the GPU only while scoring.
+"""
+import re
+
+import torch
+
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+EXACT_LAYOUT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.S)
+ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.S)
+RULE_REWARD_RANGE = (0.0, 2.5)
+MODEL_REWARD_CLIP = 3.0
+
+
+def format_reward(text: str) -> float:
+    score = 0.5 if EXACT_LAYOUT.match(text.strip()) else 0.0
+    return score + sum(0.25 for tag in TAGS if text.count(tag) == 1)
+
+
+def normalise(answer: str) -> str:
+    return re.sub(r"[\s。.!！,，]+$", "", answer.strip())
+
+
+def extract_answer(text: str) -> str:
+    block = ANSWER_BLOCK.search(text)
+    return normalise(block.group(1) if block else text)
+
+
+def answer_reward(text: str, answers) -> float:
+    """1 when the (extracted) answer is one of the accepted answers, else 0; 0 when there are none."""
+    return float(bool(answers) and extract_answer(text) in {normalise(a) for a in answers})
+
+
+def rule_rewards(texts, extras, reasoning: bool):
+    """Rule reward per answer; extras[i] holds the prompt's extra fields (e.g. "answers")."""
+    return torch.tensor([(format_reward(t) if reasoning else 0.0) + answer_reward(t, e.get("answers") or [])
+                         for t, e in zip(texts, extras)])
+
+
+class RewardModel:
+    """A local Hugging Face reward model, scored in batches and clipped to +-3."""
+
+    def __init__(self, path, device, batch_size=8):
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)
+        except (ValueError, KeyError):  # e.g. InternLM2-Reward registers only AutoModel, with get_score
+            self.model = AutoModel.from_pretrained(path, trust_remote_code=True)
+        if not hasattr(self.model, "get_score") and getattr(self.model.config, "num_labels", 1) != 1:
+            raise SystemExit(f"{path}: a reward model needs one output (num_labels=1) or a get_score method")
+        if self.tokenizer.pad_token is None:  # batched scoring pads; the score is read at each row's last token
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.eval().requires_grad_(False)
+        self.device, self.batch_size = torch.device(device), batch_size
+
+    @torch.no_grad()
+    def score(self, conversations):
+        """conversations: lists of messages ending with the assistant's answer -> [N] clipped scores."""
+        self.model.to(self.device)
+        scores = []
+        try:
+            if hasattr(self.model, "get_score"):
+                scores = [float(self.model.get_score(self.tokenizer, c)) for c in conversations]
+            else:
+                for start in range(0, len(conversations), self.batch_size):
+                    texts = [self._render(c) for c in conversations[start:start + self.batch_size]]
+                    inputs = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+                    scores += self.model(**inputs).logits[:, 0].float().tolist()
+        finally:
+            if self.device.type != "cpu":  # give the memory back to the policy between scorings
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+        return torch.tensor(scores).clamp(-MODEL_REWARD_CLIP, MODEL_REWARD_CLIP)
+
+    def _render(self, messages):
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def load_reward_model(args, run):
+    """The --reward_model_path model, or None (with a message) for rule rewards alone."""
+    from trainer_utils import print0
+    if not args.reward_model_path or args.reward_model_path.lower() == "none":
+        print0("No --reward_model_path: rewards come from the rules alone (answer format and verifiable answers).")
+        return None
+    return RewardModel(args.reward_model_path, run.device)
+
+
+def rewards_for(texts, batch, samples_per_prompt, reward_model, reasoning):
+    """Rule rewards (+ the reward model's clipped score) of every answer; answers of one prompt are adjacent."""
+    answers = batch.get("answers") or [None] * len(batch["prompt"])
+    extras = [dict(answers=a) for a in answers for _ in range(samples_per_prompt)]
+    rewards = rule_rewards(texts, extras, reasoning)
+    if reward_model is not None:
+        questions = [c for c in batch["conversation"] for _ in range(samples_per_prompt)]
+        rewards = rewards + reward_model.score([q + [dict(role="assistant", content=t)] for q, t in zip(questions, texts)])
+    return rewards

@@ -1,0 +1,106 @@
+"""Rollouts for the RL stages (PPO, GRPO, SPO): sample answers to prompts and score their tokens.
+
+- prompts are tokenised, cut from the left to --max_seq_len (so the generation prompt at the end always
+  survives) and left-padded, so every row's answer starts at the same column;
+- sampling uses the KV cache (transformers generate);
+- the completion mask covers the answer up to and including its first <|im_end|>;
+- every log-prob pass (policy, old policy, reference, critic) gets the attention mask and positions
+  counted from it, so padding never changes a score.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor        # [N, P + C] prompt (left-padded) + completion
+    attention_mask: torch.Tensor   # [N, P + C] 1 on real prompt tokens and on the answer up to its end
+    completion_mask: torch.Tensor  # [N, C]     1 on answer tokens up to and including the first eos
+    prompt_length: int             # P: the answer starts at this column
+    texts: list                    # the decoded answers (special tokens removed)
+    temperature: float = 1.0       # log-probs are taken from the distribution the answers were sampled from
+
+
+def encode_prompts(tokenizer, prompts, max_length, device):
+    """Left-truncated, left-padded prompt ids and attention mask."""
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_length:] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_mask(completion, eos_id):
+    """1 on each answer's tokens up to and including its first eos, 0 after it."""
+    is_eos = completion == eos_id
+    seen_before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()  # eos tokens strictly before this position
+    return (seen_before == 0).long()
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts, max_prompt_length, max_new_tokens, temperature=1.0, samples_per_prompt=1,
+           min_new_tokens=0):
+    """Generate `samples_per_prompt` answers for every prompt (answers of one prompt are adjacent)."""
+    device = next(model.parameters()).device
+    ids, mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
+    was_training = model.training
+    model.eval()
+    output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, do_sample=True,
+                            temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=samples_per_prompt,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    prompt_length = ids.shape[1]
+    completion = output[:, prompt_length:]
+    c_mask = completion_mask(completion, tokenizer.eos_token_id)
+    attention = torch.cat([mask.repeat_interleave(samples_per_prompt, dim=0), c_mask], dim=1)
+    texts = tokenizer.batch_decode(completion * c_mask + tokenizer.pad_token_id * (1 - c_mask), skip_special_tokens=True)
+    return Rollout(output, attention, c_mask, prompt_length, texts, temperature)
+
+
+def positions(attention_mask):
+    """Position ids counted over real tokens only, so a left-padded row scores like an unpadded one."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def completion_logprobs(model, rollout: Rollout):
+    """[N, C] log-probs of the sampled answer tokens under `model` (0 where the completion mask is 0)."""
+    logits = model(rollout.input_ids, attention_mask=rollout.attention_mask,
+                   position_ids=positions(rollout.attention_mask)).logits
+    logits = logits[:, rollout.prompt_length - 1:-1].float() / rollout.temperature  # those predicting the answer
+    answer = rollout.input_ids[:, rollout.prompt_length:]
+    logps = torch.gather(logits.log_softmax(-1), 2, answer.unsqueeze(-1)).squeeze(-1)
+    return logps * rollout.completion_mask
+
+
+def masked_mean(values, mask, dim=None):
+    """Mean of values where mask is 1 (over everything, or along dim)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def add_rl_arguments(parser, max_gen_len):
+    """Options the RL stages share."""
+    parser.add_argument("--max_gen_len", type=int, default=max_gen_len, help="longest sampled answer")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    parser.add_argument("--reasoning", type=int, default=1, choices=[0, 1],
+                        help="1 = start from the reasoning model and reward the <think>/<answer> format")
+    parser.add_argument("--reward_model_path", default=None, help="a local Hugging Face reward model folder")
+
+
+def start_rl_run(args):
+    """The set-up the RL stages share: (run, tokenizer, prompts, reward model or None)."""
+    from dataset.lm_dataset import RLAIFDataset
+    from rewards import load_reward_model
+    from trainer_utils import Run, data_file, load_tokenizer
+    args.from_weight = args.from_weight or ("reason" if args.reasoning else "full_sft")
+    run = Run(args)
+    tokenizer = load_tokenizer()
+    data = RLAIFDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+    return run, tokenizer, data, load_reward_model(args, run)

@@ -1,0 +1,86 @@
+"""GRPO: reinforcement learning without a critic, each answer judged against its siblings
+(Shao et al., 2024, "DeepSeekMath", Group Relative Policy Optimization).
+
+    cd trainer && python train_grpo.py                # from out/reason_512.pth (--reasoning 1) on rlaif-mini.jsonl
+    python trainer/train_grpo.py --reasoning 0 --reward_model_path /path/to/reward_model
+
+For every prompt the policy samples G = --num_generations answers; with rewards r_1..r_G
+    advantage  A_i = (r_i - mean(r)) / (std(r) + 1e-4)              (the same for every token of answer i)
+    ratio      rho_t = pi(a_t) / pi_old(a_t)                        (pi_old = the policy that sampled)
+    loss_t     = -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) + beta * KL_t
+    KL_t       = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (the k3 estimator of KL(pi || pi_ref))
+averaged over all answer tokens. Rewards: rule rewards (format, verifiable answers) and an optional reward
+model (trainer/rewards.py). Writes out/grpo_{hidden}[_moe].pth.
+"""
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_utils import common_parser, parse_args, unwrap  # noqa: E402
+from rewards import rewards_for  # noqa: E402
+from rollout import add_rl_arguments, completion_logprobs, masked_mean, sample, start_rl_run  # noqa: E402
+
+
+def group_advantages(rewards, group_size):
+    """Each reward relative to the other answers to the same prompt (adjacent groups of group_size)."""
+    groups = rewards.view(-1, group_size)
+    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).view(-1)
+
+
+def k3_kl(logps, ref_logps):
+    """Per-token estimate of KL(pi || pi_ref): exp(d) - d - 1 with d = ref - logp (always >= 0)."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def clipped_objective(logps, old_logps, advantages, epsilon):
+    """Per-token PPO-clip loss -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp)."""
+    ratio = torch.exp(logps - old_logps)
+    if advantages.dim() == ratio.dim() - 1:  # one advantage per answer, broadcast over its tokens
+        advantages = advantages.unsqueeze(-1)
+    return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
+
+
+def main():
+    parser = common_parser("MiniMind GRPO", save_weight="grpo", epochs=1, batch_size=2, learning_rate=8e-8,
+                           accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
+                           data_path="../dataset/rlaif-mini.jsonl", from_weight=None)
+    add_rl_arguments(parser, max_gen_len=1536)
+    parser.add_argument("--num_generations", type=int, default=8, help="answers sampled per prompt (G)")
+    parser.add_argument("--beta", type=float, default=0.02, help="weight of the KL penalty to the reference")
+    parser.add_argument("--epsilon", type=float, default=0.2, help="clip range of the importance ratio")
+    args = parse_args(parser)
+
+    run, tokenizer, data, reward_model = start_rl_run(args)
+    model = run.load_model()
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    model = run.prepare(model, optimizer)
+    G = args.num_generations
+
+    def loss_fn(batch):
+        rollout = sample(unwrap(model), tokenizer, batch["prompt"], args.max_seq_len, args.max_gen_len,
+                         args.temperature, samples_per_prompt=G)
+        batch["rollout_attention_mask"] = rollout.attention_mask  # counted as this step's real tokens
+        rewards = rewards_for(rollout.texts, batch, G, reward_model, args.reasoning).to(run.device)
+        advantages = group_advantages(rewards, G)
+        with torch.no_grad():
+            ref_logps = completion_logprobs(reference, rollout)
+        logps = completion_logprobs(model, rollout)
+        # One update per rollout: pi_old is the sampling policy, numerically logps.detach(); the ratio is 1
+        # here but its gradient (and the clip, with more updates per rollout) is the PPO-clip one.
+        per_token = clipped_objective(logps, logps.detach(), advantages, args.epsilon) + args.beta * k3_kl(logps, ref_logps)
+        mask = rollout.completion_mask
+        metrics = dict(reward=rewards.mean(), kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask),
+                       answer_length=mask.sum(1).float().mean())
+        return masked_mean(per_token, mask), 0.0, metrics
+
+    run.train(model, optimizer, data, loss_fn, count=lambda batch: len(batch["prompt"]))  # prompts weigh alike
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()

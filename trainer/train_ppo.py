@@ -1,0 +1,150 @@
+"""PPO: reinforcement learning with a learned critic (Schulman et al., 2017, "Proximal Policy Optimization";
+as used for RLHF by Ouyang et al., 2022).
+
+    cd trainer && python train_ppo.py                 # from out/reason_512.pth (--reasoning 1) on rlaif-mini.jsonl
+    python trainer/train_ppo.py --gae 0               # MiniMind's sequence-level variant
+
+Models: the actor (trained), an old actor (a copy refreshed every --update_old_actor_freq steps, the
+pi_old of the ratio), a frozen reference, and a critic (a MiniMind decoder with a value head, trained).
+Per-token PPO (default, --gae 1), for each answer token t:
+    reward     r_t = -kl_coef * (logp_old_t - ref_t), plus the answer's reward R on its last token
+    GAE        delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1};  returns G_t = A_t + V_t
+    actor      -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t),  rho_t = pi(a_t) / pi_old(a_t), A whitened
+    critic     0.5 * max((V_t - G_t)^2, (V_old_t + clip(V_t - V_old_t, -eps, eps) - G_t)^2)
+    loss       actor + vf_coef * critic
+Sequence-level (--gae 0, MiniMind): one advantage per answer, A = R - V(last token), on the answer's summed
+log-prob ratio, with a squared-error critic and kl_coef * KL(pi || ref) added to the loss.
+Writes out/ppo_actor_{hidden}[_moe].pth; the critic is part of the resume file.
+"""
+import copy
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_utils import common_parser, parse_args, unwrap  # noqa: E402
+from rewards import rewards_for  # noqa: E402
+from rollout import add_rl_arguments, completion_logprobs, masked_mean, positions, sample, start_rl_run  # noqa: E402
+from train_grpo import clipped_objective  # noqa: E402
+
+
+class Critic(nn.Module):
+    """A MiniMind decoder with a value head: one value per position."""
+
+    def __init__(self, language_model):
+        super().__init__()
+        self.model = language_model.model
+        self.value_head = nn.Linear(language_model.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
+        return self.value_head(hidden).squeeze(-1).float()
+
+
+def completion_values(critic, rollout):
+    """[N, C] value of the state from which each answer token is produced."""
+    values = critic(rollout.input_ids, rollout.attention_mask, positions(rollout.attention_mask))
+    return values[:, rollout.prompt_length - 1:-1] * rollout.completion_mask
+
+
+def gae(token_rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al., 2016) backwards along each answer.
+    The value after an answer's last token is 0. Returns (advantages, returns), both 0 outside the mask."""
+    advantages = torch.zeros_like(token_rewards)
+    length = token_rewards.shape[1]
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < length else 0.0
+        next_advantage = advantages[:, t + 1] if t + 1 < length else 0.0
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values, mask):
+    mean = masked_mean(values, mask)
+    std = masked_mean((values - mean) ** 2, mask).sqrt()
+    return (values - mean) / (std + 1e-8) * mask
+
+
+def token_rewards(rewards, old_logps, ref_logps, mask, kl_coef):
+    """-kl_coef * (logp_old - ref) on every answer token, plus the answer's reward on its last token."""
+    per_token = -kl_coef * (old_logps - ref_logps) * mask
+    last = (mask.sum(1) - 1).clamp(min=0).long()
+    per_token[torch.arange(len(rewards)), last] += rewards
+    return per_token
+
+
+def main():
+    parser = common_parser("MiniMind PPO", save_weight="ppo_actor", epochs=1, batch_size=2, learning_rate=8e-8,
+                           accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
+                           data_path="../dataset/rlaif-mini.jsonl", from_weight=None)
+    add_rl_arguments(parser, max_gen_len=1536)
+    parser.add_argument("--critic_learning_rate", type=float, default=8e-8)
+    parser.add_argument("--clip_epsilon", type=float, default=0.1)
+    parser.add_argument("--vf_coef", type=float, default=0.5, help="weight of the critic loss")
+    parser.add_argument("--kl_coef", type=float, default=0.02, help="KL penalty to the reference")
+    parser.add_argument("--update_old_actor_freq", type=int, default=4, help="steps between pi_old refreshes")
+    parser.add_argument("--gae", type=int, default=1, choices=[0, 1], help="1 = per-token GAE, 0 = sequence-level")
+    parser.add_argument("--gamma", type=float, default=1.0)
+    parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    args = parse_args(parser)
+
+    run, tokenizer, data, reward_model = start_rl_run(args)
+    actor = run.load_model()
+    old_actor = copy.deepcopy(actor).eval().requires_grad_(False)
+    reference = copy.deepcopy(actor).eval().requires_grad_(False)
+    critic = Critic(copy.deepcopy(actor)).to(run.device)
+    optimizer = torch.optim.AdamW(actor.parameters(), lr=args.learning_rate)
+    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate)
+    extras = dict(critic=critic, critic_optimizer=critic_optimizer, old_actor=old_actor)
+    actor = run.prepare(actor, optimizer, extras)
+    critic = run.wrap(critic)
+
+    def loss_fn(batch):
+        rollout = sample(unwrap(actor), tokenizer, batch["prompt"], args.max_seq_len, args.max_gen_len, args.temperature)
+        batch["rollout_attention_mask"] = rollout.attention_mask  # counted as this step's real tokens
+        rewards = rewards_for(rollout.texts, batch, 1, reward_model, args.reasoning).to(run.device)
+        mask = rollout.completion_mask.float()
+        with torch.no_grad():
+            old_logps = completion_logprobs(old_actor, rollout)
+            ref_logps = completion_logprobs(reference, rollout)
+            old_values = completion_values(critic, rollout)
+        logps = completion_logprobs(actor, rollout)
+        values = completion_values(critic, rollout)
+        kl = masked_mean(logps.detach() - ref_logps, mask)
+        if args.gae:
+            advantages, returns = gae(token_rewards(rewards, old_logps, ref_logps, mask, args.kl_coef), old_values,
+                                      mask, args.gamma, args.lam)
+            actor_loss = masked_mean(clipped_objective(logps, old_logps, whiten(advantages, mask), args.clip_epsilon), mask)
+            clipped_values = old_values + (values - old_values).clamp(-args.clip_epsilon, args.clip_epsilon)
+            critic_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped_values - returns) ** 2), mask)
+            loss = actor_loss + args.vf_coef * critic_loss
+        else:  # MiniMind's sequence-level PPO
+            last = (mask.sum(1) - 1).clamp(min=0).long()
+            final_values = values[torch.arange(len(rewards)), last]
+            advantages = rewards - final_values.detach()
+            ratio_logits = (logps - old_logps).sum(1)
+            actor_loss = clipped_objective(ratio_logits, torch.zeros_like(ratio_logits), advantages,
+                                           args.clip_epsilon).mean()
+            critic_loss = ((final_values - rewards) ** 2).mean()
+            loss = actor_loss + args.vf_coef * critic_loss + args.kl_coef * masked_mean(logps - ref_logps, mask)
+        metrics = dict(reward=rewards.mean(), kl=kl, actor_loss=actor_loss.detach(), critic_loss=critic_loss.detach(),
+                       answer_length=mask.sum(1).mean())
+        return loss, 0.0, metrics
+
+    for step, window in run.steps(data):
+        loss = run.accumulate(actor, window, loss_fn, count=lambda batch: len(batch["prompt"]))
+        lr = run.optimizer_step(optimizer, more=[(critic_optimizer, args.critic_learning_rate)])
+        if step % args.update_old_actor_freq == 0:  # pi_old catches up with the actor
+            old_actor.load_state_dict(unwrap(actor).state_dict())
+        run.log(loss=loss, lr=lr)
+        run.maybe_save(actor, optimizer, extras)
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""SPO: single-stream policy optimisation, one answer per prompt and an adaptive baseline instead of a group
+or a critic (in the spirit of "Single-stream Policy Optimization", 2025).
+
+    cd trainer && python train_spo.py                 # from out/reason_512.pth (--reasoning 1) on rlaif-mini.jsonl
+
+A Beta(alpha, beta) tracker estimates the expected (rescaled) reward; its mean is the baseline:
+    r_hat  = clip((r - r_min) / (r_max - r_min), 0, 1)         rewards rescaled into the tracker's [0, 1]
+    A      = r_hat - alpha / (alpha + beta)
+    loss   = -A * mean_t log pi(a_t) + beta_kl * mean_t KL_t    (REINFORCE with the baseline, k3 KL to the reference)
+After each step the tracker forgets at a rate set by how far the policy moved, D = |change of the mean
+answer log-prob between steps|:
+    rho = clip(2^(-D / 0.06), 0.5, 0.96);   alpha <- rho alpha + r_hat_mean,  beta <- rho beta + (1 - r_hat_mean)
+The tracker is part of the resume file. Writes out/spo_{hidden}[_moe].pth.
+"""
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_utils import common_parser, parse_args, unwrap  # noqa: E402
+from rewards import MODEL_REWARD_CLIP, RULE_REWARD_RANGE, rewards_for  # noqa: E402
+from rollout import add_rl_arguments, completion_logprobs, masked_mean, sample, start_rl_run  # noqa: E402
+from train_grpo import k3_kl  # noqa: E402
+
+
+class BetaTracker:
+    """Adaptive Beta-distribution estimate of the expected reward in [0, 1] (state: alpha, beta, last logp)."""
+
+    def __init__(self, alpha=1.0, beta=1.0, half_life=0.06, rho_min=0.5, rho_max=0.96):
+        self.alpha, self.beta, self.last_logp = alpha, beta, None
+        self.half_life, self.rho_min, self.rho_max = half_life, rho_min, rho_max
+
+    def baseline(self):
+        return self.alpha / (self.alpha + self.beta)
+
+    def update(self, mean_reward, mean_logp):
+        """Forget by rho = clip(2^(-|change of mean logp| / half_life)), then add this step's evidence."""
+        drift = 0.0 if self.last_logp is None else abs(mean_logp - self.last_logp)
+        rho = min(max(2 ** (-drift / self.half_life), self.rho_min), self.rho_max)
+        self.alpha = rho * self.alpha + mean_reward
+        self.beta = rho * self.beta + (1 - mean_reward)
+        self.last_logp = mean_logp
+        return rho
+
+    def state_dict(self):
+        return dict(alpha=self.alpha, beta=self.beta, last_logp=self.last_logp)
+
+    def load_state_dict(self, state):
+        self.alpha, self.beta, self.last_logp = state["alpha"], state["beta"], state["last_logp"]
+
+
+def rescale(rewards, low, high):
+    return ((rewards - low) / (high - low)).clamp(0, 1)
+
+
+def main():
+    parser = common_parser("MiniMind SPO", save_weight="spo", epochs=1, batch_size=2, learning_rate=1e-7,
+                           accumulation_steps=4, log_interval=1, save_interval=10, max_seq_len=66,
+                           data_path="../dataset/rlaif-mini.jsonl", from_weight=None)
+    add_rl_arguments(parser, max_gen_len=1536)
+    parser.add_argument("--beta", type=float, default=0.02, help="weight of the KL penalty to the reference")
+    args = parse_args(parser)
+
+    run, tokenizer, data, reward_model = start_rl_run(args)
+    low, high = RULE_REWARD_RANGE
+    if reward_model is not None:
+        low, high = low - MODEL_REWARD_CLIP, high + MODEL_REWARD_CLIP
+    model = run.load_model()
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    tracker = BetaTracker()
+    model = run.prepare(model, optimizer, extras=dict(tracker=tracker))
+    step_rewards, step_logps = [], []
+
+    def loss_fn(batch):
+        rollout = sample(unwrap(model), tokenizer, batch["prompt"], args.max_seq_len, args.max_gen_len, args.temperature)
+        batch["rollout_attention_mask"] = rollout.attention_mask  # counted as this step's real tokens
+        rewards = rescale(rewards_for(rollout.texts, batch, 1, reward_model, args.reasoning), low, high).to(run.device)
+        advantages = rewards - tracker.baseline()
+        with torch.no_grad():
+            ref_logps = completion_logprobs(reference, rollout)
+        logps = completion_logprobs(model, rollout)
+        mask = rollout.completion_mask
+        answer_logp = masked_mean(logps, mask, dim=1)  # mean log-prob of each answer
+        kl = masked_mean(k3_kl(logps, ref_logps), mask, dim=1)
+        step_rewards.append(rewards.mean())
+        step_logps.append(answer_logp.detach().mean())
+        metrics = dict(reward=rewards.mean(), baseline=torch.tensor(tracker.baseline()), kl=kl.detach().mean())
+        return (-advantages * answer_logp + args.beta * kl).mean(), 0.0, metrics
+
+    for step, window in run.steps(data):
+        loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))
+        lr = run.optimizer_step(optimizer)
+        mean_reward, mean_logp = (float(x) / run.world_size for x in run.all_sum(
+            torch.stack(step_rewards).mean(), torch.stack(step_logps).mean()))
+        rho = tracker.update(mean_reward, mean_logp)  # the same on every process
+        step_rewards.clear()
+        step_logps.clear()
+        run.log(loss=loss, lr=lr, rho=rho)
+        run.maybe_save(model, optimizer, extras=dict(tracker=tracker))
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()
