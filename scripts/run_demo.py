@@ -1,6 +1,7 @@
-"""The whole pipeline on the bundled demo data, on a CPU: pretrain -> full SFT -> LoRA identity -> evaluation.
+"""The whole pipeline on the bundled demo data, on a CPU: pretrain -> full SFT -> LoRA identity -> DPO ->
+reasoning distillation -> knowledge distillation -> GRPO, each evaluated on held-out data.
 
-    python scripts/run_demo.py            # about 10 minutes on 2 CPU cores; writes out/demo_report.md
+    python scripts/run_demo.py            # about 17 minutes on 2 CPU cores; writes out/demo_report.md
     python scripts/run_demo.py --quick    # a 1-minute smoke run with a tiny model (numbers mean nothing)
 
 Each stage runs the real trainer command line (printed as it goes). Every number in the report is
@@ -9,6 +10,13 @@ measured on held-out data that no stage trained on:
   full SFT   loss on the answers of sft_eval.jsonl, and the exact-match rate on its verifiable questions
              (author of a poem, next line, reading of an idiom, arithmetic), greedy decoding, before and after
   LoRA       held-out "who are you?" phrasings answered with "MiniMind", before and after the adapter
+  DPO        on dpo_eval.jsonl: how often the model gives the chosen answer a higher (per-token mean)
+             log-probability than the rejected one, and the mean margin, for the SFT model and after DPO
+  reasoning  share of held-out r1_eval.jsonl prompts answered in the exact <think>..</think><answer>..</answer>
+             layout, before (the DPO model) and after reasoning distillation
+  KD         held-out SFT answer loss of a small student (96x2) before and after distillation, and the teacher's
+  GRPO       on the verifiable prompts of rlaif_eval.jsonl (greedy answers): mean rule reward and exact-answer rate,
+             before (the reasoning model) and after GRPO
 Weights go to out/demo/, the report to out/demo_report.md, loss curves to out/demo_loss_curves.png.
 """
 import argparse
@@ -23,10 +31,14 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-from dataset.lm_dataset import PretrainDataset, SFTDataset, pad_batch  # noqa: E402
+from dataset.lm_dataset import DPODataset, PretrainDataset, SFTDataset, pad_batch  # noqa: E402
 from model.model_lora import apply_lora, load_lora  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
 from scripts.plot_metrics import plot  # noqa: E402
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
+from rewards import answer_reward, rule_rewards  # noqa: E402
+from train_dpo import sequence_logps, stack_pairs  # noqa: E402
 
 DEMO = os.path.join(REPO_ROOT, "dataset", "demo")
 
@@ -80,6 +92,36 @@ def answer(model, tokenizer, questions, max_new_tokens=32, batch_size=32):
     return [a.strip() for a in answers]
 
 
+@torch.no_grad()
+def preference(model, dataset, batch_size=16):
+    """(accuracy, mean margin) of log pi(chosen) - log pi(rejected), per-token means over the answers."""
+    margins = []
+    for start in range(0, len(dataset), batch_size):
+        batch = pad_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        ids, mask, labels = stack_pairs(batch, 0)
+        logps = sequence_logps(model(ids, attention_mask=mask).logits, labels, "mean")
+        n = len(batch["index"])
+        margins.append(logps[:n] - logps[n:])
+    margins = torch.cat(margins)
+    return (margins > 0).float().mean().item(), margins.mean().item()
+
+
+REASONING_LAYOUT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.S)
+
+
+def format_compliance(model, tokenizer, questions):
+    answers = answer(model, tokenizer, questions, max_new_tokens=96)
+    return sum(bool(REASONING_LAYOUT.fullmatch(a.strip())) for a in answers) / len(questions), answers
+
+
+def rl_scores(model, tokenizer, rows):
+    """(mean rule reward, exact-answer rate) of greedy answers to RL prompts with verifiable answers."""
+    texts = answer(model, tokenizer, [r["conversations"][0]["content"] for r in rows], max_new_tokens=96)
+    extras = [dict(answers=r["answers"]) for r in rows]
+    reward = rule_rewards(texts, extras, reasoning=True).mean().item()
+    return reward, sum(answer_reward(t, e["answers"]) for t, e in zip(texts, extras)) / len(rows)
+
+
 def normalise(text):
     return re.sub(r"[\s。.!！,，]+$", "", text.strip())
 
@@ -117,16 +159,20 @@ def main():
     parser.add_argument("--pretrain_epochs", type=int, default=3)
     parser.add_argument("--sft_epochs", type=int, default=2)
     parser.add_argument("--lora_epochs", type=int, default=20)
+    parser.add_argument("--student_hidden_size", type=int, default=96)
+    parser.add_argument("--student_num_layers", type=int, default=2)
+    parser.add_argument("--grpo_steps", type=int, default=60)
     parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "out"))
     parser.add_argument("--quick", action="store_true", help="tiny model, a few steps per stage: a smoke test")
     args = parser.parse_args()
     if args.quick:
-        args.hidden_size, args.num_hidden_layers = 64, 2
+        args.hidden_size, args.num_hidden_layers, args.student_hidden_size, args.student_num_layers = 64, 2, 32, 1
     start_all = time.perf_counter()
     save_dir = os.path.join(args.out_dir, "demo")
     shown = lambda p: os.path.relpath(p, REPO_ROOT) if p.startswith(REPO_ROOT) else p  # noqa: E731
-    for old in ("pretrain", "full_sft", "lora_identity"):  # metrics of an earlier demo would mix in
-        path = os.path.join(save_dir, f"{old}_{args.hidden_size}_metrics.jsonl")
+    for old in ("pretrain", "full_sft", "lora_identity", "dpo", "reason", "full_dist", "grpo"):  # an earlier demo's
+        size = args.student_hidden_size if old == "full_dist" else args.hidden_size
+        path = os.path.join(save_dir, f"{old}_{size}_metrics.jsonl")
         if os.path.exists(path):
             os.remove(path)
     settings = ["--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
@@ -172,8 +218,49 @@ def main():
     after_identity = answer(lora_model, tokenizer, identity_questions, max_new_tokens=48)
     named = lambda answers: sum("MiniMind" in a for a in answers)  # noqa: E731
 
+    # Stage 4: DPO, from the SFT model
+    dpo_eval = DPODataset(os.path.join(DEMO, "dpo_eval.jsonl"), tokenizer, max_length=256)
+    accuracy_before, margin_before = preference(sft_model, dpo_eval)
+    seconds_dpo, cmd_dpo = train("train_dpo.py", settings + quick, data_path=shown(os.path.join(DEMO, "dpo.jsonl")),
+                                 epochs=1, batch_size=8, max_seq_len=256, learning_rate=1e-4, beta=0.1,
+                                 precompute_ref=1, from_weight="full_sft")
+    dpo_model = load(config, path("dpo"))
+    accuracy_after, margin_after = preference(dpo_model, dpo_eval)
+
+    # Stage 5: reasoning distillation, from the DPO model
+    r1_questions = [r["conversations"][0]["content"] for r in read_jsonl(os.path.join(DEMO, "r1_eval.jsonl"))]
+    layout_before, _ = format_compliance(dpo_model, tokenizer, r1_questions)
+    seconds_reason, cmd_reason = train("train_distill_reason.py", settings + quick, data_path=shown(os.path.join(DEMO, "r1.jsonl")),
+                                       epochs=1, batch_size=16, max_seq_len=256, learning_rate=1e-3, from_weight="dpo")
+    layout_after, reason_samples = format_compliance(load(config, path("reason")), tokenizer, r1_questions)
+
+    # Stage 6: knowledge distillation, a smaller student from the SFT model as teacher
+    student_config = MiniMindConfig(hidden_size=args.student_hidden_size, num_hidden_layers=args.student_num_layers)
+    torch.manual_seed(0)
+    student_before = held_out_loss(MiniMindForCausalLM(student_config).eval(), sft_eval)
+    kd_settings = [x for x in settings if x not in ("--hidden_size", str(args.hidden_size), "--num_hidden_layers",
+                                                      str(args.num_hidden_layers))]
+    seconds_kd, cmd_kd = train("train_distillation.py", kd_settings + quick, data_path=shown(os.path.join(DEMO, "sft.jsonl")),
+                               student_hidden_size=args.student_hidden_size, student_num_layers=args.student_num_layers,
+                               teacher_hidden_size=args.hidden_size, teacher_num_layers=args.num_hidden_layers,
+                               from_weight="none", teacher_weight="full_sft", epochs=1, batch_size=16, max_seq_len=256,
+                               learning_rate=2e-3)
+    student_after = held_out_loss(load(student_config, os.path.join(save_dir, f"full_dist_{args.student_hidden_size}.pth")),
+                                  sft_eval)
+
+    # Stage 7: GRPO on the verifiable RL prompts, from the reasoning model
+    rl_eval = [r for r in read_jsonl(os.path.join(DEMO, "rlaif_eval.jsonl")) if r["answers"]]
+    reasoning_model = load(config, path("reason"))
+    rl_before = rl_scores(reasoning_model, tokenizer, rl_eval)
+    seconds_grpo, cmd_grpo = train("train_grpo.py", settings + (quick or ["--max_steps", str(args.grpo_steps)]),
+                                   data_path=shown(os.path.join(DEMO, "rlaif.jsonl")), from_weight="reason",
+                                   reasoning=1, num_generations=4, batch_size=4, max_seq_len=128, max_gen_len=64,
+                                   learning_rate=2e-5, beta=0.02)
+    rl_after = rl_scores(load(config, path("grpo")), tokenizer, rl_eval)
+
     curves = plot([os.path.join(save_dir, f"{n}_{args.hidden_size}_metrics.jsonl")
-                   for n in ("pretrain", "full_sft", "lora_identity")],
+                   for n in ("pretrain", "full_sft", "lora_identity", "dpo", "reason", "grpo")] +
+                  [os.path.join(save_dir, f"full_dist_{args.student_hidden_size}_metrics.jsonl")],
                   os.path.join(args.out_dir, "demo_loss_curves.png"), title="MiniMind demo: training loss")
     total_minutes = (time.perf_counter() - start_all) / 60
     kinds = "; ".join(f"{k} {kinds_before[k][0]}→{kinds_after[k][0]}/{n}" for k, (_, n) in kinds_after.items())
@@ -191,7 +278,18 @@ def main():
         f"| full SFT | | exact match on {len(verifiable)} verifiable questions of sft_eval.jsonl | "
         f"{em_before:.1%} | {em_after:.1%} |",
         f"| LoRA identity | {seconds_lora / 60:.1f} min | {len(identity)} held-out \"who are you?\" phrasings answered with "
-        f"\"MiniMind\" | {named(before_identity)}/{len(identity)} | {named(after_identity)}/{len(identity)} |", "",
+        f"\"MiniMind\" | {named(before_identity)}/{len(identity)} | {named(after_identity)}/{len(identity)} |",
+        f"| DPO | {seconds_dpo / 60:.1f} min | preference accuracy on dpo_eval.jsonl ({len(dpo_eval)} pairs): log-prob of "
+        f"chosen > rejected | {accuracy_before:.1%} | {accuracy_after:.1%} |",
+        f"| DPO | | mean log-prob margin, chosen - rejected (per token) | {margin_before:.4f} | {margin_after:.4f} |",
+        f"| reasoning | {seconds_reason / 60:.1f} min | {len(r1_questions)} r1_eval.jsonl prompts answered in the "
+        f"<think>…</think><answer>…</answer> layout | {layout_before:.1%} | {layout_after:.1%} |",
+        f"| KD | {seconds_kd / 60:.1f} min | student {args.student_hidden_size}×{args.student_num_layers} loss on the answers "
+        f"of sft_eval.jsonl (teacher {args.hidden_size}×{args.num_hidden_layers}: {sft_loss_after:.3f}) | "
+        f"{student_before:.3f} | {student_after:.3f} |",
+        f"| GRPO | {seconds_grpo / 60:.1f} min | mean rule reward (format + answer, 0-2.5) on {len(rl_eval)} verifiable "
+        f"rlaif_eval.jsonl prompts | {rl_before[0]:.3f} | {rl_after[0]:.3f} |",
+        f"| GRPO | | exact-answer rate on the same prompts | {rl_before[1]:.1%} | {rl_after[1]:.1%} |", "",
         f"Exact matches by kind (before SFT → after SFT / questions): {kinds}.", "",
         f"![loss curves]({os.path.relpath(curves, args.out_dir)})", "",
         "## Sample answers after SFT", "", "| question | expected | answer |", "|---|---|---|",
@@ -200,12 +298,15 @@ def main():
     lines += ["", "## Identity before and after the LoRA adapter", "", "| question | before | after |", "|---|---|---|"]
     lines += [f"| {q} | {b.replace(chr(10), ' ')[:80]} | {a.replace(chr(10), ' ')[:80]} |"
               for q, b, a in zip(identity_questions, before_identity, after_identity)]
-    lines += ["", "## Commands", "", "```", cmd_pretrain, cmd_sft, cmd_lora, "```", ""]
+    lines += ["", "## Reasoning answers after distillation", "", "| question | answer |", "|---|---|"]
+    lines += [f"| {q} | {a.replace(chr(10), ' ')[:100]} |" for q, a in zip(r1_questions[:6], reason_samples[:6])]
+    lines += ["", "## Commands", "", "```", cmd_pretrain, cmd_sft, cmd_lora, cmd_dpo, cmd_reason, cmd_kd, cmd_grpo,
+                                          "```", ""]
     report = os.path.join(args.out_dir, "demo_report.md")
     with open(report, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     print(f"\n{report} written ({total_minutes:.1f} min)\n")
-    print("\n".join(lines[:15]))
+    print("\n".join(lines[:22]))
 
 
 if __name__ == "__main__":
