@@ -486,7 +486,14 @@ class Run:
         if self.tracker is not None:
             self.tracker.finish()
         if self.ddp:
+            # Every file is saved; leave together. The DDP wrapper still holds the gloo group, and
+            # letting interpreter shutdown destroy it can abort the process ("terminate called without
+            # an active exception") after a successful run, so skip that shutdown once all is flushed.
+            dist.barrier()
             dist.destroy_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def unwrap(model):
