@@ -10,6 +10,7 @@ The classes plug into transformers: `generate()` with its Cache objects, `save_p
 `from_pretrained`, AutoConfig / AutoModelForCausalLM and peft all work on them.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, Pre
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 
 
 class MiniMindConfig(PretrainedConfig):
@@ -360,7 +362,10 @@ class MOEFeedForward(nn.Module):
         return out
 
 
-class MiniMindBlock(nn.Module):
+class MiniMindBlock(GradientCheckpointingLayer):
+    """Pre-norm decoder layer. As a GradientCheckpointingLayer it recomputes its activations in the
+    backward pass after model.gradient_checkpointing_enable() (memory for compute; off by default)."""
+
     def __init__(self, layer_idx: int, config: MiniMindConfig):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
@@ -377,10 +382,16 @@ class MiniMindBlock(nn.Module):
 # Models
 # ----------------------------------------------------------------------------------------------
 
+@dataclass
+class MiniMindModelOutput(BaseModelOutputWithPast):
+    """The decoder stack's output plus the MoE load-balancing loss (a zero tensor for dense models)."""
+    aux_loss: torch.Tensor | None = None
+
+
 class MiniMindPreTrainedModel(PreTrainedModel):
     config_class = MiniMindConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["MiniMindBlock"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
@@ -412,7 +423,8 @@ class MiniMindModel(MiniMindPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, inputs_embeds=None, output_hidden_states=False, **kwargs):
-        """Returns (last hidden state [B, T, H], cache or None, aux loss, all hidden states or None).
+        """Returns last_hidden_state [B, T, H], past_key_values (cache or None), aux_loss (MoE load
+        balance, 0 for dense) and hidden_states (all layers, when asked), as transformers' base models do.
 
         attention_mask [B, T_past + T] (1 = token, 0 = padding) covers the cached tokens too, as in
         transformers' generate(). position_ids default to the cache offset + 0..T-1.
@@ -436,7 +448,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
         hidden = self.dropout(hidden)
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, attn_mask, past_key_values)
+            hidden = layer(hidden, cos, sin, attn_mask, past_key_values=past_key_values)
             if output_hidden_states:
                 all_hidden.append(hidden)
         hidden = self.norm(hidden)
@@ -444,7 +456,9 @@ class MiniMindModel(MiniMindPreTrainedModel):
             all_hidden[-1] = hidden
         aux_loss = sum((layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MOEFeedForward)),
                        hidden.new_zeros((), dtype=torch.float32))
-        return hidden, (past_key_values if use_cache or past_key_values is not None else None), aux_loss, all_hidden
+        return MiniMindModelOutput(last_hidden_state=hidden, aux_loss=aux_loss,
+                                   past_key_values=past_key_values if use_cache or past_key_values is not None else None,
+                                   hidden_states=tuple(all_hidden) if all_hidden else None)
 
     @staticmethod
     def _attention_mask(attention_mask, batch, seq_len, past_len, device):
@@ -493,21 +507,19 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
 
         logits_to_keep: an int n keeps the last n positions (0 = all), a tensor selects positions.
         """
-        hidden, past_key_values, aux_loss, all_hidden = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=bool(use_cache), inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, use_cache=bool(use_cache), inputs_embeds=inputs_embeds,
+                         output_hidden_states=output_hidden_states)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        logits = self.lm_head(out.last_hidden_state[:, keep, :])
         loss = None
         if labels is not None:
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need logits for every position: leave logits_to_keep at 0")
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
-                                         past_key_values=past_key_values,
-                                         hidden_states=tuple(all_hidden) if all_hidden else None)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=logits,
+                                         past_key_values=out.past_key_values, hidden_states=out.hidden_states)
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "checkpoint"):

@@ -337,6 +337,25 @@ def test_every_expert_that_received_tokens_gets_gradient():
         assert layer.mlp.gate.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_moe):
+    """trl / transformers trainers turn checkpointing on by default; recomputing must change nothing."""
+    plain = tiny_model(use_moe=use_moe).train()
+    checkpointed = tiny_model(use_moe=use_moe).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert all(layer.gradient_checkpointing for layer in checkpointed.model.layers)
+    ids = random_ids(2, 10)
+    losses = []
+    for model in (plain, checkpointed):
+        out = model(ids, labels=ids)
+        (out.loss + out.aux_loss).backward()
+        losses.append(out.loss.detach())
+    assert torch.allclose(losses[0], losses[1])
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
 def test_moe_ddp_step_with_an_idle_expert(tmp_path, repo_root):
     """Two gloo processes, two tokens each, top-1 of 8 experts: at least four experts get no token."""
     import subprocess

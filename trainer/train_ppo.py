@@ -41,7 +41,7 @@ class Critic(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, attention_mask, position_ids):
-        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()
 
 
