@@ -114,6 +114,14 @@ def load_lora(model: nn.Module, path_or_state) -> None:
                 tensor.copy_(state[key])
 
 
+def lora_layout(state: dict) -> tuple[int, list[str]]:
+    """(rank, target Linear names) of a saved LoRA state, read from its tensor names and shapes,
+    so a file can be applied without being told how it was trained."""
+    targets = sorted({k.split(".lora.")[0].rsplit(".", 1)[-1] for k in state})
+    rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora.A.weight"))
+    return rank, targets
+
+
 def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its base weight (W <- W + s * B A) and remove it. Returns how many."""
     merged = 0

@@ -1,0 +1,211 @@
+"""What the OpenAI-compatible server and the web demo share: load a trained model from a native .pth or
+a transformers folder (+ LoRA), fit a conversation into a token budget, and stream a reply token by
+token with the KV cache.
+
+    chat = load_chat_model("out/full_sft_512.pth")                 # or a folder from convert_model.py
+    prompt_ids, kept = fit_prompt(chat.tokenizer, messages, budget=1024)
+    with chat.lock:                                                  # one request at a time per model
+        for event in stream_reply(chat, prompt_ids, max_tokens=256):
+            print(event["delta"], end="")
+"""
+import json
+import os
+import re
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LogitsProcessorList,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from model.model_lora import apply_lora, load_lora, lora_layout  # noqa: E402
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
+
+# out/{weight}_{hidden}[_moe].pth, the names the training stages write
+WEIGHT_NAME = re.compile(r"^(?P<weight>.+)_(?P<hidden>\d+)(?P<moe>_moe)?\.pth$")
+
+
+@dataclass
+class ChatModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    lock: threading.Lock = field(default_factory=threading.Lock)  # generation is not re-entrant
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+def config_from_state_dict(state, **overrides):
+    """MiniMindConfig of a native checkpoint, read off its tensor shapes (heads keep MiniMind's 8 / 2)."""
+    embed = state["model.embed_tokens.weight"]
+    hidden = embed.shape[1]
+    layers = len({k.split(".")[2] for k in state if k.startswith("model.layers.")})
+    experts = {k.split(".")[5] for k in state if ".mlp.experts." in k}
+    shared = {k.split(".")[5] for k in state if ".mlp.shared_experts." in k}
+    up = next(v for k, v in state.items() if k.endswith("up_proj.weight"))
+    heads = MiniMindConfig().num_attention_heads
+    kv_dim = state["model.layers.0.self_attn.k_proj.weight"].shape[0]
+    return MiniMindConfig(hidden_size=hidden, num_hidden_layers=layers, vocab_size=embed.shape[0],
+                          intermediate_size=up.shape[0], num_attention_heads=heads,
+                          num_key_value_heads=kv_dim // (hidden // heads), use_moe=bool(experts),
+                          n_routed_experts=len(experts) or MiniMindConfig().n_routed_experts,
+                          n_shared_experts=len(shared) or MiniMindConfig().n_shared_experts, **overrides)
+
+
+def add_model_arguments(parser):
+    """The flags that choose a model, shared by eval_llm.py, the server and the benchmark evaluator."""
+    parser.add_argument("--load_from", default="model", help="'model' = out/{weight}_{hidden}[_moe].pth from "
+                                                            "--save_dir; otherwise a .pth file or a transformers folder")
+    parser.add_argument("--save_dir", default=os.path.join(REPO_ROOT, "out"))
+    parser.add_argument("--weight", default="full_sft", help="out/{weight}_{hidden}[_moe].pth")
+    parser.add_argument("--lora_weight", default="None", help="out/lora/{name}_{hidden}.pth, or a path")
+    parser.add_argument("--lora_alpha", type=float, default=None, help="as used in training (default: none)")
+    parser.add_argument("--hidden_size", type=int, default=512)
+    parser.add_argument("--num_hidden_layers", type=int, default=8,
+                        help="accepted for MiniMind's command lines; the depth is read off the checkpoint")
+    parser.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    parser.add_argument("--inference_rope_scaling", action="store_true", help="YaRN: 16x longer context")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_paths(args):
+    """(model path, LoRA path or None) from the command-line flags eval_llm.py and the server share:
+    --load_from (a folder or .pth; 'model' = out/{weight}_{hidden}[_moe].pth), --lora_weight (a name
+    under out/lora/ or a path)."""
+    if args.load_from != "model":
+        if not os.path.exists(args.load_from):
+            raise SystemExit(f"--load_from {args.load_from} does not exist (expected a model folder or a .pth file)")
+        path = args.load_from
+        config_file = os.path.join(path, "config.json")
+        hidden = json.load(open(config_file))["hidden_size"] if os.path.isfile(config_file) else args.hidden_size
+    else:
+        path = os.path.join(args.save_dir, f"{args.weight}_{args.hidden_size}{'_moe' if args.use_moe else ''}.pth")
+        if not os.path.exists(path):
+            present = sorted(f for f in os.listdir(args.save_dir) if f.endswith(".pth")) if os.path.isdir(args.save_dir) else []
+            raise SystemExit(f"{path} does not exist; {args.save_dir} holds: {', '.join(present) or 'no .pth files'}")
+        hidden = args.hidden_size
+    lora_path = None
+    if args.lora_weight != "None":
+        lora_path = args.lora_weight if os.path.exists(args.lora_weight) else \
+            os.path.join(args.save_dir, "lora", f"{args.lora_weight}_{hidden}.pth")
+    return path, lora_path
+
+
+def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inference_rope_scaling=False):
+    """A ChatModel from a native .pth (any size: the config is read off the tensors) or a transformers
+    folder, with an optional from-scratch LoRA file applied on top."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise SystemExit(f"{path}: a model folder needs config.json (make one with scripts/convert_model.py)")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+    elif os.path.isfile(path):
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = MiniMindForCausalLM(config_from_state_dict(state, inference_rope_scaling=inference_rope_scaling))
+        load_state_dict_strict(model, state, source=path)
+    else:
+        raise SystemExit(f"{path} is neither a .pth file nor a model folder")
+    name = os.path.basename(os.path.normpath(path)).removesuffix(".pth")
+    if lora_path:
+        if not os.path.isfile(lora_path):
+            raise SystemExit(f"LoRA weight {lora_path} does not exist")
+        lora = torch.load(lora_path, map_location="cpu", weights_only=True)
+        rank, targets = lora_layout(lora)
+        apply_lora(model, rank=rank, alpha=lora_alpha, target_modules=targets)
+        load_lora(model, lora)
+        name += "+" + os.path.basename(lora_path).removesuffix(".pth")
+    return ChatModel(model.float().eval().to(device), tokenizer, name, device)
+
+
+def find_local_models(*folders):
+    """Native weights (*.pth outside lora/) and transformers folders (with config.json) in the folders."""
+    found = []
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        for entry in sorted(os.listdir(folder)):
+            path = os.path.join(folder, entry)
+            if WEIGHT_NAME.match(entry) and not entry.endswith("_resume.pth"):
+                found.append(path)
+            elif os.path.isfile(os.path.join(path, "config.json")):
+                found.append(path)
+    return found
+
+
+def render(tokenizer, messages):
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def fit_prompt(tokenizer, messages, budget):
+    """Token ids of the rendered conversation, at most `budget` of them: whole turns are dropped from
+    the oldest (a leading system message stays), never text sliced by characters.
+    Returns (ids, the messages kept)."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = list(messages[len(system):])
+    while turns:
+        ids = tokenizer(render(tokenizer, system + turns), add_special_tokens=False).input_ids
+        if len(ids) <= budget:
+            return ids, system + turns
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":  # a conversation starts with the user
+            turns = turns[1:]
+    raise PromptTooLong(f"the last message alone needs more than {budget} prompt tokens")
+
+
+@torch.no_grad()
+def stream_reply(chat, prompt_ids, max_tokens, temperature=0.85, top_p=0.85, stop=(), seed=None):
+    """Sample up to max_tokens new tokens after prompt_ids, one forward of one token per step on the
+    KV cache. Yields {"delta": text} as text becomes final, and last {"delta", "finish_reason"
+    ("stop": end token or a stop string, "length": max_tokens), "completion_tokens"}.
+    A stop string ends the reply and is not part of it. temperature 0 = greedy. Hold chat.lock."""
+    model, tokenizer = chat.model, chat.tokenizer
+    end_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]) \
+        if temperature > 0 else None
+    generator = torch.Generator(chat.device).manual_seed(seed) if seed is not None else None
+    # Text that could still turn into a stop string is held back until it cannot.
+    hold = max((len(s) for s in stop), default=1) - 1
+    inputs = torch.tensor([prompt_ids], device=chat.device)
+    cache = DynamicCache(config=model.config)
+    generated, text, sent, finish = [], "", 0, "length"
+    for _ in range(max_tokens):
+        logits = model(inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        if warpers is None:
+            token = int(logits.argmax(-1))
+        else:
+            probs = torch.softmax(warpers(inputs, logits), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=generator))
+        generated.append(token)
+        if token in end_ids:
+            finish = "stop"
+            break
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+        if cuts:
+            text, finish = text[:min(cuts)], "stop"
+            break
+        ready = len(text.rstrip("\ufffd")) - hold  # a trailing \ufffd is half of a multi-byte character
+        if ready > sent:
+            yield {"delta": text[sent:ready]}
+            sent = ready
+        inputs = torch.tensor([[token]], device=chat.device)
+    yield {"delta": text[sent:], "finish_reason": finish, "completion_tokens": len(generated)}
+
+
+def split_thinking(text):
+    """(reasoning, answer) of a reply in the <think>…</think> layout; reasoning is None without it.
+    An open <think> with no close yet (still streaming) counts as all reasoning."""
+    match = re.match(r"\s*<think>(.*?)(</think>|$)(.*)", text, flags=re.S)
+    if not match:
+        return None, text
+    answer = match.group(3)
+    answer = re.sub(r"</?answer>", "", answer).strip()
+    return match.group(1).strip(), answer
