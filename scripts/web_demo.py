@@ -1,0 +1,119 @@
+"""MiniMind web chat (Streamlit).
+
+    streamlit run scripts/web_demo.py
+    MINIMIND_MODEL_PATHS=/data/MiniMind2:/data/pretrain_768.pth streamlit run scripts/web_demo.py
+
+The sidebar offers every native weight (out/{weight}_{hidden}[_moe].pth) and transformers folder found
+in out/ and out/demo/, the paths in $MINIMIND_MODEL_PATHS (separated by ':'), any path typed in, or an
+OpenAI-compatible API (scripts/serve_openai_api.py or any other). Answers stream; a reasoning model's
+<think>…</think> part is shown folded above the answer. What the user types is shown as plain text.
+"""
+import os
+import sys
+
+import streamlit as st
+from openai import OpenAI
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from chat_core import REPO_ROOT, find_local_models, fit_prompt, load_chat_model, split_thinking, stream_reply  # noqa: E402
+
+MAX_SEQ_LEN = 8192  # prompt + answer tokens; older turns are dropped to fit
+LOCAL, API = "Local weight / 本地权重", "OpenAI-compatible API / 接口"
+
+
+@st.cache_resource(show_spinner="Loading the model…")
+def get_model(path):
+    return load_chat_model(path)  # shared by every browser session; its lock serialises generation
+
+
+def local_choices():
+    extra = [p for p in os.environ.get("MINIMIND_MODEL_PATHS", "").split(os.pathsep) if p]
+    found = find_local_models(os.path.join(REPO_ROOT, "out"), os.path.join(REPO_ROOT, "out", "demo"))
+    return list(dict.fromkeys(extra + found))
+
+
+def show_reply(text):
+    """An assistant reply: reasoning folded in an expander, the answer as Markdown (HTML stays escaped)."""
+    reasoning, answer = split_thinking(text)
+    if reasoning is not None:
+        with st.expander("Thinking / 思考过程", expanded=False):
+            st.text(reasoning)
+    st.markdown(answer)
+
+
+def show(message):
+    with st.chat_message(message["role"]):
+        if message["role"] == "user":
+            st.text(message["content"])  # plain text: never rendered as Markdown or HTML
+        else:
+            show_reply(message["content"])
+
+
+def local_stream(path, messages, settings):
+    chat = get_model(path)
+    prompt_ids, _ = fit_prompt(chat.tokenizer, messages, MAX_SEQ_LEN - settings["max_tokens"])
+    with chat.lock:
+        for event in stream_reply(chat, prompt_ids, **settings):
+            yield event["delta"]
+
+
+def api_stream(base_url, api_key, model, messages, settings):
+    client = OpenAI(base_url=base_url, api_key=api_key or "none")
+    model = model or client.models.list().data[0].id
+    for chunk in client.chat.completions.create(model=model, messages=messages, stream=True, **settings):
+        if chunk.choices and chunk.choices[0].delta.content:
+            yield chunk.choices[0].delta.content
+
+
+st.set_page_config(page_title="MiniMind", page_icon="🤖")
+st.session_state.setdefault("messages", [])
+
+with st.sidebar:
+    st.header("MiniMind")
+    source = st.radio("Model source", [LOCAL, API], key="source")
+    if source == LOCAL:
+        choices = local_choices()
+        path = st.selectbox("Model", choices, key="model_path",
+                            format_func=lambda p: os.path.relpath(p, REPO_ROOT) if p.startswith(REPO_ROOT) else p)
+        typed = st.text_input("…or a weight / folder path", key="typed_path", help="used instead of the choice above")
+        path = typed.strip() or path
+        if not path:
+            st.info("No weights in out/ yet: run `python scripts/run_demo.py` or type a path.")
+    else:
+        base_url = st.text_input("Base URL", "http://127.0.0.1:8998/v1", key="base_url")
+        api_key = st.text_input("API key", type="password", key="api_key")
+        api_model = st.text_input("Model id (empty = the first one listed)", key="api_model")
+    history_length = st.slider("History messages", 0, 20, 4, step=2, key="history")
+    settings = dict(temperature=st.slider("Temperature", 0.0, 1.5, 0.85, 0.05, key="temperature"),
+                    top_p=st.slider("Top-p", 0.05, 1.0, 0.85, 0.05, key="top_p"),
+                    max_tokens=st.slider("Max new tokens", 16, 4096, 512, 16, key="max_tokens"))
+    if st.button("Clear chat / 清空对话"):
+        st.session_state.messages = []
+
+st.title("🤖 MiniMind")
+for message in st.session_state.messages:
+    show(message)
+
+question = st.chat_input("Ask MiniMind… / 给 MiniMind 发消息")
+if question:
+    history = st.session_state.messages[-history_length:] if history_length else []
+    messages = history + [{"role": "user", "content": question}]
+    show(messages[-1])
+    with st.chat_message("assistant"):
+        placeholder, text = st.empty(), ""
+        try:
+            if source == LOCAL:
+                if not path:
+                    raise ValueError("choose a model in the sidebar first")
+                stream = local_stream(path, messages, settings)
+            else:
+                stream = api_stream(base_url, api_key, api_model, messages, settings)
+            for delta in stream:
+                text += delta
+                with placeholder.container():
+                    show_reply(text + "▌")
+            with placeholder.container():
+                show_reply(text)
+            st.session_state.messages += [messages[-1], {"role": "assistant", "content": text}]
+        except (Exception, SystemExit) as e:  # a bad path or an unreachable API: say so, keep the page
+            st.error(f"{type(e).__name__}: {e}")
