@@ -107,6 +107,11 @@ def create_app(chat, api_key=None, max_seq_len=8192):
         return jsonify(error_body(e.description, type_="invalid_request_error" if e.code < 500 else "server_error",
                                   code=e.name.lower().replace(" ", "_"))), e.code
 
+    @app.errorhandler(Exception)
+    def server_error(e):  # a failure inside generation: logged, and reported in OpenAI's shape
+        app.logger.exception("request failed")
+        return jsonify(error_body(f"internal error: {type(e).__name__}: {e}", type_="server_error")), 500
+
     @app.before_request
     def check_key():
         if api_key and request.headers.get("Authorization", "") != f"Bearer {api_key}":
