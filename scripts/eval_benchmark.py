@@ -32,7 +32,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chat_core import add_model_arguments, load_chat_model, render, resolve_paths  # noqa: E402
+from chat_core import REPO_ROOT, add_model_arguments, load_chat_model, render, resolve_paths  # noqa: E402
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
+from rollout import encode_prompts, positions  # noqa: E402  (the RL stages' left padding)
 
 CHOICES = "ABCD"
 PROMPT = "以下是关于{subject}的单项选择题，请直接给出正确答案的选项。\n\n{question}\n" \
@@ -75,12 +78,10 @@ def predict(chat, prompts, batch_size=16):
     letter_ids = [tokenizer.convert_tokens_to_ids(c) for c in CHOICES]  # single tokens in MiniMind's vocab
     letters = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[start:start + batch_size]]
-        longest = max(len(ids) for ids in encoded)
-        ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(x)) + x for x in encoded], device=chat.device)
-        mask = torch.tensor([[0] * (longest - len(x)) + [1] * len(x) for x in encoded], device=chat.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the positions
-        logits = model(ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+        ids, mask = encode_prompts(tokenizer, prompts[start:start + batch_size],
+                                   model.config.max_position_embeddings, chat.device)
+        # positions counted over real tokens: left padding must not shift them
+        logits = model(ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1).logits[:, -1]
         letters += [CHOICES[i] for i in logits[:, letter_ids].argmax(-1).tolist()]
     return letters
 
