@@ -3,7 +3,7 @@
     python scripts/convert_model.py to_transformers out/full_sft_512.pth MiniMind2-Small
     python scripts/convert_model.py to_native MiniMind2-Small out/full_sft_512.pth
     python scripts/convert_model.py to_llama out/full_sft_512.pth MiniMind2-Small-llama
-    (add --hidden_size 768 --num_hidden_layers 16 [--use_moe 1] for other sizes)
+    (any size: depth, width and MoE layout are read off the checkpoint's tensors)
 
 to_transformers: a folder with config.json (model_type "minimind" and an auto_map), model_minimind.py,
     model.safetensors and the tokenizer, for AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
@@ -23,14 +23,19 @@ sys.path.insert(0, REPO_ROOT)
 from model.model_lora import atomic_torch_save  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
 
+sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+from chat_core import config_from_state_dict  # noqa: E402
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def load_native(path, config):
+def load_native(path):
+    """A native .pth as a MiniMind model, its config read off the tensor shapes."""
     if not os.path.exists(path):
         raise SystemExit(f"{path} does not exist")
-    model = MiniMindForCausalLM(config)
-    load_state_dict_strict(model, torch.load(path, map_location="cpu", weights_only=True), source=path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = MiniMindForCausalLM(config_from_state_dict(state))
+    load_state_dict_strict(model, state, source=path)
     return model.eval()
 
 
@@ -39,9 +44,9 @@ def copy_tokenizer(out_dir):
         shutil.copy(os.path.join(REPO_ROOT, "model", name), os.path.join(out_dir, name))
 
 
-def to_transformers(pth, out_dir, config, dtype=torch.float16):
+def to_transformers(pth, out_dir, dtype=torch.float16):
     """Native weights -> a transformers folder that carries its own model code (auto_map)."""
-    model = load_native(pth, config).to(dtype)
+    model = load_native(pth).to(dtype)
     MiniMindConfig.register_for_auto_class()
     MiniMindForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     model.save_pretrained(out_dir)  # also copies model/model_minimind.py into the folder
@@ -69,14 +74,15 @@ def llama_config(config):
                        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=0)
 
 
-def to_llama(pth, out_dir, config, dtype=torch.float16):
+def to_llama(pth, out_dir, dtype=torch.float16):
     """A dense MiniMind is a Llama: same names, same maths (pre-norm, RMSNorm, rotate-half RoPE, GQA, SwiGLU)."""
-    if config.use_moe:
+    from transformers import LlamaForCausalLM
+    model = load_native(pth)
+    if model.config.use_moe:
         raise SystemExit("to_llama: a MoE MiniMind has no Llama equivalent (Llama has no experts); "
                          "use to_transformers for MoE models")
-    from transformers import LlamaForCausalLM
-    llama = LlamaForCausalLM(llama_config(config))
-    llama.load_state_dict(load_native(pth, config).state_dict(), strict=True)
+    llama = LlamaForCausalLM(llama_config(model.config))
+    llama.load_state_dict(model.state_dict(), strict=True)
     llama.to(dtype).save_pretrained(out_dir)
     copy_tokenizer(out_dir)
     return out_dir
@@ -87,18 +93,13 @@ def main():
     parser.add_argument("direction", choices=["to_transformers", "to_native", "to_llama"])
     parser.add_argument("source", help="a .pth file (to_transformers, to_llama) or a model folder (to_native)")
     parser.add_argument("target", help="the folder (to_transformers, to_llama) or .pth file (to_native) to write")
-    parser.add_argument("--hidden_size", type=int, default=512)
-    parser.add_argument("--num_hidden_layers", type=int, default=8)
-    parser.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     args = parser.parse_args()
-    config = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                            use_moe=bool(args.use_moe))
     dtype = getattr(torch, args.dtype)
     if args.direction == "to_transformers":
-        print(to_transformers(args.source, args.target, config, dtype))
+        print(to_transformers(args.source, args.target, dtype))
     elif args.direction == "to_llama":
-        print(to_llama(args.source, args.target, config, dtype))
+        print(to_llama(args.source, args.target, dtype))
     else:
         print(to_native(args.source, args.target))
 

@@ -12,7 +12,6 @@ from conftest import REPO_ROOT
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "convert_model.py")
-TINY = ["--hidden_size", "64", "--num_hidden_layers", "2"]
 
 
 def native_weight(path, use_moe=False, seed=0):
@@ -24,7 +23,7 @@ def native_weight(path, use_moe=False, seed=0):
 
 
 def convert(*args):
-    result = subprocess.run([sys.executable, SCRIPT, *args, *TINY], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
     return result
 
 
@@ -38,17 +37,20 @@ def left_padded_batch():
 @pytest.mark.parametrize("use_moe", [False, True])
 def test_native_to_transformers_and_back_round_trip_exactly(tmp_path, use_moe):
     native = native_weight(tmp_path / "full_sft_64.pth", use_moe)
-    moe = ["--use_moe", "1"] if use_moe else []
-    assert convert("to_transformers", str(tmp_path / "full_sft_64.pth"), str(tmp_path / "hf"), *moe).returncode == 0
+    # no size flags: depth, width and experts are read off the checkpoint
+    assert convert("to_transformers", str(tmp_path / "full_sft_64.pth"), str(tmp_path / "hf")).returncode == 0
     files = set(os.listdir(tmp_path / "hf"))
     assert {"config.json", "model.safetensors", "model_minimind.py", "tokenizer.json", "tokenizer_config.json"} <= files
     config = json.load(open(tmp_path / "hf" / "config.json"))
     assert config["model_type"] == "minimind" and config["auto_map"]["AutoModelForCausalLM"].startswith("model_minimind.")
+    for key, value in native.config.to_diff_dict().items():  # the config read off the tensors is the original one
+        if key not in ("architectures", "auto_map", "dtype", "transformers_version"):
+            assert config[key] == value, key
     folder_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True, dtype=torch.float32).eval()
     ids, mask = left_padded_batch()
     with torch.no_grad():
         assert torch.equal(folder_model(ids, attention_mask=mask).logits, native(ids, attention_mask=mask).logits)
-    assert convert("to_native", str(tmp_path / "hf"), str(tmp_path / "back.pth"), *moe).returncode == 0
+    assert convert("to_native", str(tmp_path / "hf"), str(tmp_path / "back.pth")).returncode == 0
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     original = torch.load(tmp_path / "full_sft_64.pth", weights_only=True)
     assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
@@ -71,7 +73,7 @@ def test_llama_export_matches_the_native_model(tmp_path):
 
 def test_moe_llama_export_is_refused(tmp_path):
     native_weight(tmp_path / "full_sft_64.pth", use_moe=True)
-    result = convert("to_llama", str(tmp_path / "full_sft_64.pth"), str(tmp_path / "llama"), "--use_moe", "1")
+    result = convert("to_llama", str(tmp_path / "full_sft_64.pth"), str(tmp_path / "llama"))
     assert result.returncode != 0 and "MoE MiniMind has no Llama equivalent" in result.stderr
     assert not os.path.exists(tmp_path / "llama")
 

@@ -227,7 +227,7 @@ def test_stream_reply_never_sends_part_of_a_stop_string(weight):
 def test_a_converted_folder_serves_the_same_answers(weight, tmp_path):
     from scripts.serve_openai_api import create_app
     result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "convert_model.py"), "to_transformers",
-                             str(weight), str(tmp_path / "hf"), "--hidden_size", "64", "--num_hidden_layers", "2"],
+                             str(weight), str(tmp_path / "hf")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     answers = []
