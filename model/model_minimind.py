@@ -182,6 +182,11 @@ def apply_rotary(q, k, cos, sin):
     return (q * cos + rotate_half(q) * sin).to(q.dtype), (k * cos + rotate_half(k) * sin).to(k.dtype)
 
 
+# scripts/gpu_check.py sets this to a function that sees every SDPA call's arguments first (it runs each
+# new kind of call once under the fast kernels only, so a fall to the math kernel fails loudly).
+ATTENTION_PROBE = None
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA, Ainslie et al., 2023) and a KV cache."""
 
@@ -213,8 +218,17 @@ class Attention(nn.Module):
         # and nothing to mask for a single new token after the cache.
         is_causal = attn_mask is None and seq_len > 1
         if self.use_sdpa:
+            gqa = attn_mask is None
+            if not gqa:
+                # torch 2.13's CUDA memory-efficient kernel (the one that takes a mask; flash takes none)
+                # rejects enable_gqa (sdp_utils.cpp: check_batch_size_and_num_heads_dense<false>), so
+                # SDPA would fall to the math kernel; with K/V heads repeated it runs the fast kernel.
+                groups = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            if ATTENTION_PROBE is not None:
+                ATTENTION_PROBE(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=gqa)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                 is_causal=is_causal, enable_gqa=True)
+                                                 is_causal=is_causal, enable_gqa=gqa)
         else:  # the same computation written out: softmax(q k^T / sqrt(d) + mask) v
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -320,7 +334,10 @@ class MOEFeedForward(nn.Module):
         return tokens.dtype
 
     def _can_group(self, tokens):
-        """grouped_mm needs 16-byte aligned rows, and on CUDA a Hopper-class GPU with bf16."""
+        """grouped_mm needs 16-byte aligned rows, and on CUDA bf16 on an sm90 / sm100 GPU (H100, H200, B200):
+        torch 2.13's _grouped_mm_cuda takes its CUTLASS kernel only there (_scaled_mm_allowed_device(sm90,
+        sm100) and bf16); on sm80/86/89/120 it falls back to one matmul per expert after copying the offsets
+        to the host (a sync), so the sync-free masked dense path is used instead."""
         if self.training and self.config.dropout > 0:
             return False  # expert dropout only exists on the per-expert path
         dtype = self._compute_dtype(tokens)
@@ -329,7 +346,7 @@ class MOEFeedForward(nn.Module):
         if tokens.device.type == "cpu":
             return aligned and dtype in (torch.float32, torch.bfloat16)
         if tokens.device.type == "cuda":
-            return aligned and dtype == torch.bfloat16 and torch.cuda.get_device_capability(tokens.device) >= (9, 0)
+            return aligned and dtype == torch.bfloat16 and torch.cuda.get_device_capability(tokens.device)[0] in (9, 10)
         return False
 
     def _grouped_experts(self, tokens, topk_idx, topk_weight):
