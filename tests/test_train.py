@@ -256,15 +256,28 @@ def test_a_kill_during_saving_leaves_the_previous_file_loadable(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    run = fake_run(checkpoint_dir=str(tmp_path))
-    run.step = 5
+    """The loss is checked on the device every step and read at log and save steps only: the first bad
+    step is still the one named, and no save happens after it."""
+    run = fake_run(checkpoint_dir=str(tmp_path), log_interval=3)
+    model = tiny_model()
+    batch = trainer_utils.pad_batch([Rows(4)[0]])
+    losses = iter([1.0, float("nan"), 2.0])
+    for step in (1, 2):
+        run.step = step
+        run.accumulate(model, [batch], lambda b: (torch.tensor(next(losses), requires_grad=True), 0.0))
+        run.log(loss=0.0, lr=1e-3)  # not a log step: nothing read yet
+    run.step = 3
+    run.accumulate(model, [batch], lambda b: (torch.tensor(next(losses), requires_grad=True), 0.0))
     with pytest.raises(SystemExit) as err:
-        run.log(loss=float("nan"), lr=1e-3)
-    assert "loss is nan at step 5" in str(err.value) and run.resume_path in str(err.value)
+        run.log(lr=1e-3)
+    assert "not finite (nan or inf) since step 2" in str(err.value) and run.resume_path in str(err.value)
+    with pytest.raises(SystemExit):
+        run.save(model, torch.optim.AdamW(model.parameters()))
+    assert not os.path.exists(run.resume_path)
     result = run_script("train_pretrain.py", "--dtype", "float32", "--learning_rate", "1e12", "--max_steps", "30",
                         tmp=tmp_path, check=False)
     assert result.returncode != 0 and "stopping without saving" in result.stderr + result.stdout
-    stopped_at = int(next(w for w in (result.stderr + result.stdout).split("at step ")[1:]).split(":")[0])
+    stopped_at = int(next(w for w in (result.stderr + result.stdout).split("since step ")[1:]).split(":")[0])
     state = torch.load(tmp_path / "ckpt" / "pretrain_64_resume.pth", weights_only=True)
     assert state["step"] == stopped_at - 1
     assert all(torch.isfinite(v).all() for v in state["model"].values())

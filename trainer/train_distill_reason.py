@@ -69,7 +69,8 @@ def main():
 
     run = Run(args)
     tokenizer = load_tokenizer()
-    data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+    with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
+        data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
     tag_sequences = tag_token_sequences(tokenizer)
     model = run.load_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
@@ -79,8 +80,8 @@ def main():
     def loss_fn(batch):
         nonlocal rows_without_tags
         weights = tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)
-        rows_without_tags += int((weights.max(dim=1).values <= 1).sum())
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        rows_without_tags = rows_without_tags + (weights.max(dim=1).values <= 1).sum()  # read once, at the end
+        out = model(batch["input_ids"])  # right-padded rows: causal attention needs no mask (next_token_loss)
         return weighted_next_token_loss(out.logits, batch["labels"], weights), out.aux_loss
 
     def weight_sum(batch):  # each weighted position counts as much as its weight

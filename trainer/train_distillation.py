@@ -47,7 +47,8 @@ def main():
 
     run = Run(args)
     tokenizer = load_tokenizer()
-    data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+    with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
+        data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
     model = run.load_model()
     teacher_config = MiniMindConfig(hidden_size=args.teacher_hidden_size, num_hidden_layers=args.teacher_num_layers,
                                     use_moe=bool(args.use_moe))
@@ -57,14 +58,14 @@ def main():
         if vocab != model.config.vocab_size:
             raise SystemExit(f"{teacher_path} has a vocabulary of {vocab} tokens, the student {model.config.vocab_size}: "
                              "distillation compares distributions token by token, so both must use the same tokenizer")
-    teacher = run.load_model(from_weight=args.teacher_weight, config=teacher_config).eval().requires_grad_(False)
+    teacher = run.freeze(run.load_model(from_weight=args.teacher_weight, config=teacher_config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     model = run.prepare(model, optimizer)
 
     def loss_fn(batch):
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(batch["input_ids"])  # right-padded rows: causal attention needs no mask (next_token_loss)
         with torch.no_grad():
-            teacher_logits = teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            teacher_logits = teacher(batch["input_ids"]).logits
         loss, ce, kl = distillation_loss(out.logits, teacher_logits, batch["labels"], args.alpha, args.temperature)
         return loss, out.aux_loss, dict(ce=ce, kl=kl)
 

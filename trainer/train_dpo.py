@@ -12,7 +12,6 @@ log pi(y|x) is taken over the answer tokens only: their mean (MiniMind's length-
 --logp mean) or their sum (the paper, --logp sum). --precompute_ref 1 computes the reference log-probs
 once before training and frees the reference model. Writes out/dpo_{hidden}[_moe].pth.
 """
-import copy
 import os
 import sys
 
@@ -40,7 +39,9 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
 
 
 def stack_pairs(batch, pad_id):
-    """Chosen rows then rejected rows, padded to one width, for a single forward pass."""
+    """Chosen rows then rejected rows, right-padded to one width, for a single forward pass. Under causal
+    attention a right-padded row needs no attention mask (see next_token_loss); the mask is returned for
+    callers that want it."""
     width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
 
     def pad(t, value):
@@ -54,18 +55,16 @@ def stack_pairs(batch, pad_id):
 @torch.no_grad()
 def precompute_reference(run, reference, data, reduction, pad_id, batch_size):
     """Reference log-probs of every pair, [N, 2] (chosen, rejected); each process computes a share."""
-    table = torch.zeros(len(data), 2, dtype=torch.float64, device=run.device)
+    table = torch.zeros(len(data), 2, dtype=run.sum_dtype, device=run.device)
     indices = list(range(run.rank, len(data), run.world_size))
     for start in range(0, len(indices), batch_size):
         batch = pad_batch([data[i] for i in indices[start:start + batch_size]], pad_id)
-        ids, mask, labels = (t.to(run.device) for t in stack_pairs(batch, pad_id))
+        ids, _, labels = (t.to(run.device) for t in stack_pairs(batch, pad_id))
         with run.autocast():
-            logps = sequence_logps(reference(ids, attention_mask=mask).logits, labels, reduction)
+            logps = sequence_logps(reference(ids).logits, labels, reduction)
         n = len(batch["index"])
-        table[batch["index"].to(run.device)] = torch.stack([logps[:n], logps[n:]], dim=1).double()
-    if run.ddp:
-        torch.distributed.all_reduce(table)  # every row was filled by exactly one process
-    return table
+        table[batch["index"].to(run.device)] = torch.stack([logps[:n], logps[n:]], dim=1).to(table.dtype)
+    return run.all_reduce(table)  # every row was filled by exactly one process
 
 
 def main():
@@ -82,9 +81,10 @@ def main():
     run = Run(args)
     tokenizer = load_tokenizer()
     pad_id = tokenizer.pad_token_id
-    data = DPODataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+    with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
+        data = DPODataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
     model = run.load_model()
-    reference = copy.deepcopy(model).eval().requires_grad_(False)  # the starting policy, frozen
+    reference = run.frozen_copy(model)  # the starting policy, frozen
     reference_table = None
     if args.precompute_ref:
         reference_table = precompute_reference(run, reference, data, args.logp, pad_id, args.batch_size * 2)
@@ -94,15 +94,15 @@ def main():
     model = run.prepare(model, optimizer)
 
     def loss_fn(batch):
-        ids, mask, labels = stack_pairs(batch, pad_id)
+        ids, _, labels = stack_pairs(batch, pad_id)
         n = len(batch["index"])
-        logps = sequence_logps(model(ids, attention_mask=mask).logits, labels, args.logp)
+        logps = sequence_logps(model(ids).logits, labels, args.logp)
         if reference_table is not None:
             ref = reference_table[batch["index"]].float()
             ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
         else:
             with torch.no_grad():
-                ref_logps = sequence_logps(reference(ids, attention_mask=mask).logits, labels, args.logp)
+                ref_logps = sequence_logps(reference(ids).logits, labels, args.logp)
             ref_chosen, ref_rejected = ref_logps[:n], ref_logps[n:]
         losses, chosen_reward, rejected_reward = dpo_loss(logps[:n], logps[n:], ref_chosen, ref_rejected, args.beta)
         metrics = dict(reward_chosen=chosen_reward.mean(), reward_rejected=rejected_reward.mean(),

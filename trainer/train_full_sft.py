@@ -23,7 +23,8 @@ args = parse_args(parser)
 
 run = Run(args)
 tokenizer = load_tokenizer()
-data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
+    data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
 model = run.load_model()
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
 model = run.prepare(model, optimizer)

@@ -12,7 +12,6 @@ For every prompt the policy samples G = --num_generations answers; with rewards 
 averaged over all answer tokens. Rewards: rule rewards (format, verifiable answers) and an optional reward
 model (trainer/rewards.py). Writes out/grpo_{hidden}[_moe].pth.
 """
-import copy
 import os
 import sys
 
@@ -56,7 +55,7 @@ def main():
 
     run, tokenizer, data, reward_model = start_rl_run(args)
     model = run.load_model()
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    reference = run.frozen_copy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     model = run.prepare(model, optimizer)
     G = args.num_generations

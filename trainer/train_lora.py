@@ -28,7 +28,8 @@ args = parse_args(parser)
 
 run = Run(args, weight_name=args.lora_name)
 tokenizer = load_tokenizer()
-data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
+    data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
 model = run.load_model()
 lora_params = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha,
                          target_modules=args.lora_targets.split(",") if args.lora_targets else None)

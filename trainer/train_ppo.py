@@ -95,8 +95,8 @@ def main():
 
     run, tokenizer, data, reward_model = start_rl_run(args)
     actor = run.load_model()
-    old_actor = copy.deepcopy(actor).eval().requires_grad_(False)
-    reference = copy.deepcopy(actor).eval().requires_grad_(False)
+    old_actor = run.frozen_copy(actor)
+    reference = run.frozen_copy(actor)
     critic = Critic(copy.deepcopy(actor)).to(run.device)
     optimizer = torch.optim.AdamW(actor.parameters(), lr=args.learning_rate)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate)
@@ -137,7 +137,8 @@ def main():
         return loss, 0.0, metrics
 
     for step, window in run.steps(data):
-        loss = run.accumulate(actor, window, loss_fn, count=lambda batch: len(batch["prompt"]))
+        # both trained models wait for the window's last micro-batch before DDP reduces their gradients
+        loss = run.accumulate([actor, critic], window, loss_fn, count=lambda batch: len(batch["prompt"]))
         lr = run.optimizer_step(optimizer, more=[(critic_optimizer, args.critic_learning_rate)])
         if step % args.update_old_actor_freq == 0:  # pi_old catches up with the actor
             old_actor.load_state_dict(unwrap(actor).state_dict())

@@ -25,8 +25,9 @@ args = parse_args(parser)
 
 run = Run(args)
 tokenizer = load_tokenizer()
-data = PretrainDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
-                       on_bad_line="skip" if args.skip_bad_lines else "error")
+with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
+    data = PretrainDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
+                           on_bad_line="skip" if args.skip_bad_lines else "error")
 model = run.load_model()
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
 model = run.prepare(model, optimizer)

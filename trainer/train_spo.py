@@ -12,7 +12,6 @@ answer log-prob between steps|:
     rho = clip(2^(-D / 0.06), 0.5, 0.96);   alpha <- rho alpha + r_hat_mean,  beta <- rho beta + (1 - r_hat_mean)
 The tracker is part of the resume file. Writes out/spo_{hidden}[_moe].pth.
 """
-import copy
 import os
 import sys
 
@@ -68,7 +67,7 @@ def main():
     if reward_model is not None:
         low, high = low - MODEL_REWARD_CLIP, high + MODEL_REWARD_CLIP
     model = run.load_model()
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    reference = run.frozen_copy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     tracker = BetaTracker()
     model = run.prepare(model, optimizer, extras=dict(tracker=tracker))

@@ -9,13 +9,14 @@
 - atomic checkpoints: half-precision weights for inference and an fp32 resume file
 """
 import argparse
+import copy
 import json
 import math
 import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -124,6 +125,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def pick_device(requested=None) -> str:
+    """The device to use: the one asked for, else cuda -> mps -> cpu (training, eval, server, web chat)."""
     if requested:
         return requested
     if torch.cuda.is_available():
@@ -131,6 +133,144 @@ def pick_device(requested=None) -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def cuda_device(name: str) -> torch.device:
+    """torch.device for "cuda" / "cuda:N", made the current device: allocations without a device, the
+    default CUDA generator and NCCL all follow the current device, which stays cuda:0 unless set."""
+    device = torch.device(name)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    return device
+
+
+def setup_device(requested, ddp: bool) -> torch.device:
+    """This process's device, made current, and under torchrun its process group (nccl on CUDA, gloo else)."""
+    device = pick_device(requested)
+    if ddp and device.startswith("cuda"):
+        # torchrun numbers the processes of a machine 0..n-1 (LOCAL_RANK); a launcher that shows each
+        # process only its own GPU makes that GPU cuda:0 there, hence the modulo.
+        device = cuda_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")
+        # device_id binds this process's NCCL communicator to its GPU at init (eager init), so no
+        # collective has to guess the device from the rank, and barrier() uses the bound device.
+        dist.init_process_group("nccl", device_id=device)
+        return device
+    if ddp:
+        dist.init_process_group("gloo")  # gloo reduces CPU tensors only: Run.all_reduce moves them there
+    return cuda_device(device) if device.startswith("cuda") else torch.device(device)
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def choose_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The training precision asked for, unless this device only emulates it (then a message says so)."""
+    dtype = getattr(torch, name)
+    if dtype != torch.bfloat16:
+        return dtype
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        print0("This CPU has no native bfloat16 (AVX512-BF16/AMX): bf16 would be slower than fp32 here, "
+               "so training in float32. Pass --dtype float32 to silence this.")
+        return torch.float32
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        # torch.cuda.is_bf16_supported() defaults to including_emulation=True and says yes on T4 / V100 /
+        # RTX 20xx, where bf16 is emulated without tensor cores; compute capability 8.0 (Ampere) is native.
+        print0(f"{torch.cuda.get_device_name(device)} (compute capability "
+               f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no native bfloat16: "
+               "training in float16 with loss scaling instead. Pass --dtype float16 to silence this.")
+        return torch.float16
+    if device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        print0("bfloat16 on MPS needs macOS 14 or newer: training in float16 with loss scaling instead.")
+        return torch.float16
+    return dtype
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """Weights for serving and evaluation: bf16 on GPUs that run it natively (sm80+), else fp16 on
+    GPUs and MPS, fp32 on CPUs (where half-precision matmuls are slow or emulated)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def use_tf32(device: torch.device):
+    """On CUDA, let the fp32 matmuls that remain (fp32 runs, ops autocast keeps in fp32) use TF32 tensor
+    cores: set_float32_matmul_precision("high") allows TF32 (10-bit mantissa) for float32 matmuls."""
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+
+def synchronize(device):
+    """Wait for the device's queued work (for honest timings); nothing to wait for on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def reset_peak_memory(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device):
+    """Peak memory allocated by tensors on this device since the last reset (GiB); the process's peak
+    resident set on a CPU (what psutil/ru_maxrss can say); the driver's current allocation on MPS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s by GPU name and dtype, fp32 meaning TF32 (what
+# float32 matmuls use after use_tf32). GeForce cards: the rate with fp32 accumulation (what torch uses).
+PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},
+    "H100 PCIe": {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0},
+    "H100": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0},
+    "L40S": {"bfloat16": 362.1, "float16": 362.1, "float32": 183.0},
+    "L40": {"bfloat16": 181.0, "float16": 181.0, "float32": 90.5},
+    "A10": {"bfloat16": 125.0, "float16": 125.0, "float32": 62.5},
+    "L4": {"bfloat16": 121.0, "float16": 121.0, "float32": 60.0},
+    "4090": {"bfloat16": 165.2, "float16": 165.2, "float32": 82.6},
+    "3090": {"bfloat16": 71.0, "float16": 71.0, "float32": 35.6},
+    "V100": {"float16": 125.0, "float32": 15.7},
+    "T4": {"float16": 65.0, "float32": 8.1},
+}
+
+
+def peak_tflops(device, dtype):
+    """The GPU's peak for this dtype (PEAK_TFLOPS), or None where unknown (CPUs, other GPUs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peaks = next((v for k, v in PEAK_TFLOPS.items() if k in name), {})
+    return peaks.get(str(dtype).removeprefix("torch."))
+
+
+def training_flops_per_token(config, seq_len):
+    """Forward + backward FLOPs per trained token: 6 per parameter a token passes through (Kaplan et al.,
+    2020; active parameters for MoE, the embedding lookup excluded but the tied lm_head counted) plus
+    the attention scores and mixing, 12 * layers * hidden * seq_len (PaLM appendix B)."""
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = hidden // config.num_attention_heads * config.num_key_value_heads
+    attention = 2 * hidden * hidden + 2 * hidden * kv
+    experts = (config.num_experts_per_tok + config.n_shared_experts) if config.use_moe else 1
+    mlp = 3 * hidden * inter * experts + (hidden * config.n_routed_experts if config.use_moe else 0)
+    active = layers * (attention + mlp) + hidden * config.vocab_size
+    return 6 * active + 12 * layers * hidden * seq_len
 
 
 def lr_at(step, total_steps, base_lr, warmup_steps=0):
@@ -174,21 +314,15 @@ class Run:
     def __init__(self, args, weight_name=None):
         self.args = args
         self.ddp = int(os.environ.get("RANK", -1)) != -1
-        device = pick_device(args.device)
-        if self.ddp:
-            backend = "nccl" if device.startswith("cuda") else "gloo"
-            dist.init_process_group(backend)
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-            if device.startswith("cuda"):
-                device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-                torch.cuda.set_device(device)
-        else:
-            self.rank, self.world_size = 0, 1
-        self.device = torch.device(device)
+        self.device = setup_device(args.device, self.ddp)
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if self.ddp else (0, 1)
+        # Sums of losses and counts: float64 for exact token weighting, float32 on MPS, which has no float64.
+        self.sum_dtype = sum_dtype(self.device)
         torch.manual_seed(args.seed + self.rank)
         random.seed(args.seed + self.rank)
 
-        self.dtype = self._choose_dtype(args.dtype)
+        self.dtype = choose_dtype(args.dtype, self.device)
+        use_tf32(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.config = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                                      use_moe=bool(args.use_moe))
@@ -201,17 +335,10 @@ class Run:
         self.step, self.epoch, self.consumed = 0, 0, 0
         self.tracker, self.progress, self.step_tokens, self.step_metrics = None, None, 0, {}
         self._last_time, self._tokens_since_log = time.perf_counter(), 0
-
-    def _choose_dtype(self, name):
-        dtype = getattr(torch, name)
-        if dtype == torch.bfloat16 and self.device.type == "cpu" and not cpu_has_native_bf16():
-            print0("This CPU has no native bfloat16 (AVX512-BF16/AMX): bf16 would be slower than fp32 here, "
-                   "so training in float32. Pass --dtype float32 to silence this.")
-            return torch.float32
-        if dtype == torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            print0("This GPU has no bfloat16: using float16 with loss scaling.")
-            return torch.float16
-        return dtype
+        # Device-side record of the first step whose loss was not finite (0 = none yet): read on the host
+        # only at log and save steps, so training never waits on the GPU just to check the loss.
+        self._first_bad_step = torch.zeros((), dtype=torch.long, device=self.device)
+        self._log_points = []  # (time, step, tokens/s) of each log line, for scripts/gpu_check.py
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -238,7 +365,30 @@ class Run:
         print0(f"model: {config.hidden_size}x{config.num_hidden_layers}{' MoE' if config.use_moe else ''}, "
                f"{params / 1e6:.2f}M parameters; device {self.device}, {str(self.dtype).removeprefix('torch.')}, "
                f"{self.world_size} process(es)")
+        if os.environ.get(GPU_CHECK_ENV):
+            install_attention_probe()
         return model.to(self.device)
+
+    def freeze(self, model):
+        """A model that is only ever evaluated (reference, old policy, teacher): eval mode, no gradients,
+        held in the autocast dtype, since under autocast its matmuls run in that dtype anyway and fp32
+        weights would only double its memory and be cast again on every forward."""
+        model = model.eval().requires_grad_(False)
+        return model.to(self.dtype) if self.dtype != torch.float32 else model
+
+    def frozen_copy(self, model):
+        """A frozen copy of the model as it is now (the reference policy of DPO / RL, PPO's old actor)."""
+        return self.freeze(copy.deepcopy(unwrap(model)))
+
+    @contextmanager
+    def main_process_first(self):
+        """Rank 0 runs the block first (tokenising a dataset into the cache); the others wait at a barrier,
+        then run it and read that cache instead of tokenising the same file again."""
+        if self.ddp and not is_main():
+            dist.barrier()
+        yield
+        if self.ddp and is_main():
+            dist.barrier()
 
     def prepare(self, model, optimizer, extras=None):
         """Resume state if asked (--from_resume 1), then wrap for torch.compile / DDP."""
@@ -250,7 +400,11 @@ class Run:
         if self.args.use_compile:
             model = torch.compile(model)
         if self.ddp:
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # forward_sync_buffers=False (torch 2.13's name for broadcast_buffers): the only buffers are the
+            # RoPE tables, equal on every rank and never changed, and DDP would otherwise re-broadcast all
+            # named_buffers() (non-persistent ones too) from rank 0 at the start of every training forward.
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                            forward_sync_buffers=False)
         return model
 
     # -- data --------------------------------------------------------------------------------
@@ -261,8 +415,10 @@ class Run:
     def steps(self, dataset):
         """Yield (step, micro-batches of one optimizer step), resuming where a checkpoint left off.
 
-        The last window of an epoch may hold fewer than accumulation_steps micro-batches: it is still
-        one optimizer step, so no gradient crosses an epoch boundary.
+        The micro-batches are still on the CPU (pinned on CUDA): accumulate() counts their tokens there
+        and moves each to the device just before its forward. The last window of an epoch may hold fewer
+        than accumulation_steps micro-batches: it is still one optimizer step, so no gradient crosses an
+        epoch boundary.
         """
         args = self.args
         self.total_steps = self.steps_per_epoch(dataset) * args.epochs
@@ -284,8 +440,7 @@ class Run:
                                 generator=torch.Generator().manual_seed(args.seed + epoch))
             window = []
             for i, batch in enumerate(loader):
-                window.append({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                               for k, v in batch.items()})
+                window.append(batch)
                 if len(window) == args.accumulation_steps or i == len(sampler) - 1:
                     self.consumed += len(window) * args.batch_size * self.world_size
                     self.step += 1
@@ -294,12 +449,26 @@ class Run:
                     if args.max_steps and self.step >= args.max_steps:
                         return
 
+    def all_reduce(self, tensor):
+        """The element-wise sum of a tensor over all processes (itself when there is one process)."""
+        if not self.ddp:
+            return tensor
+        if dist.get_backend() == "gloo" and tensor.device.type != "cpu":
+            cpu = tensor.cpu()  # gloo reduces CPU tensors only
+            dist.all_reduce(cpu)
+            return cpu.to(tensor.device)
+        dist.all_reduce(tensor)
+        return tensor
+
     def all_sum(self, *values):
-        """Sum numbers over all processes (one collective); returns a float64 tensor on the device."""
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
-        if self.ddp:
-            dist.all_reduce(t)
-        return t
+        """Sum numbers or 0-dim tensors over all processes (one collective, no host sync); returns a
+        tensor on the device (float64; float32 on MPS, which has no float64)."""
+        return self.all_reduce(torch.stack([torch.as_tensor(v, device=self.device).to(self.sum_dtype).reshape(())
+                                            for v in values]))
+
+    def to_device(self, batch):
+        """A batch's tensors on the training device (non_blocking: they come from pinned memory on CUDA)."""
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def accumulate(self, model, window, loss_fn, count=None):
         """Forward and backward every micro-batch of one optimizer step; return the step's mean loss.
@@ -309,29 +478,43 @@ class Run:
         micro-batches and processes: batch b's mean loss enters as (n_b / N) * loss_b, N being the
         step's items on all processes, so accumulation and DDP give exactly the large-batch loss.
         Optional metrics (a dict of batch means) are averaged the same way into self.step_metrics.
+        model: the trained model, or a list of them (PPO's actor and critic) that all wait for the last
+        micro-batch before DDP reduces their gradients.
+        The loss, metrics and token count stay on the device; log() reads them at log steps only.
         """
+        models = model if isinstance(model, (list, tuple)) else [model]
         count = count or (lambda batch: count_label_tokens(batch["labels"]))
-        counts = [count(batch) for batch in window]
-        total = max(float(self.all_sum(sum(counts))[0]), 1.0)
-        step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        counts = [count(batch) for batch in window]  # on the CPU batches, before the transfer
+        real_tokens = sum(int(v.sum()) for b in window for k, v in b.items() if k.endswith("attention_mask"))
+        total = self.all_sum(sum(counts))[0].clamp(min=1)
+        step_loss = torch.zeros((), dtype=self.sum_dtype, device=self.device)
         step_metrics = {}
-        for i, (batch, n) in enumerate(zip(window, counts)):
-            # Inside the window, DDP's gradient all-reduce waits for the last micro-batch.
-            with model.no_sync() if self.ddp and i < len(window) - 1 else nullcontext():
+        for i, (cpu_batch, n) in enumerate(zip(window, counts)):
+            batch = self.to_device(cpu_batch)
+            with ExitStack() as no_sync:
+                if self.ddp and i < len(window) - 1:  # inside the window DDP's all-reduce waits for the last
+                    for m in models:
+                        no_sync.enter_context(m.no_sync())
                 with self.autocast():
                     loss, extra, *metrics = loss_fn(batch)
                 share = n / total
                 # DDP averages gradients over processes; our terms are shares of the global sum.
-                self.scaler.scale((loss * share + extra / len(window) / self.world_size) * self.world_size).backward()
-            step_loss += loss.detach().double() * share
+                self.scaler.scale((loss * share.to(loss.dtype) + extra / len(window) / self.world_size)
+                                  * self.world_size).backward()
+            step_loss += loss.detach().to(self.sum_dtype) * share
             for name, value in (metrics[0] if metrics else {}).items():
-                step_metrics[name] = step_metrics.get(name, 0.0) + torch.as_tensor(value).detach().double() * share
-        real_tokens = sum(int(v.sum()) for b in window for k, v in b.items() if k.endswith("attention_mask"))
+                value = torch.as_tensor(value, device=self.device).detach().to(self.sum_dtype)
+                step_metrics[name] = step_metrics.get(name, 0.0) + value * share
+            # masks a loss_fn added (RL rollouts) were made on the device: summed there, read later
+            real_tokens = real_tokens + sum((v.sum() for k, v in batch.items()
+                                             if k.endswith("attention_mask") and k not in cpu_batch), 0)
         names = sorted(step_metrics)
         sums = self.all_sum(step_loss, real_tokens, *[step_metrics[name] for name in names])
-        self.step_tokens = int(sums[1])
-        self.step_metrics = {name: float(value) for name, value in zip(names, sums[2:])}
-        return float(sums[0])
+        self._first_bad_step = torch.where((self._first_bad_step == 0) & ~torch.isfinite(sums[0]),
+                                           self.step, self._first_bad_step)
+        self.step_tokens = sums[1]
+        self.step_metrics = dict(zip(names, sums[2:]))
+        return sums[0]
 
     # -- update ------------------------------------------------------------------------------
     def optimizer_step(self, optimizer, learning_rate=None, more=()):
@@ -346,7 +529,7 @@ class Run:
             norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
                                                   self.args.grad_clip if self.args.grad_clip > 0 else float("inf"))
             if opt is optimizer:
-                self.step_metrics["grad_norm"] = float(norm)  # before clipping
+                self.step_metrics["grad_norm"] = norm  # before clipping; read at log steps
             self.scaler.step(opt)
             opt.zero_grad(set_to_none=True)
             lrs.append(lr)
@@ -362,30 +545,39 @@ class Run:
         return tqdm(total=total, initial=min(self.step, total), desc=self.weight_name, dynamic_ncols=True,
                     disable=os.environ.get("MINIMIND_NO_PROGRESS") == "1")
 
+    def check_finite(self):
+        """Stop if any step's loss so far was not finite (one host read of a device flag)."""
+        bad_step = int(self._first_bad_step)
+        if bad_step:
+            raise SystemExit(f"loss is not finite (nan or inf) since step {bad_step}: stopping without saving. The "
+                             f"last good checkpoint is {self.resume_path} (resume with --from_resume 1, perhaps with "
+                             "a lower --learning_rate or --dtype float32).")
+
     def log(self, **metrics):
         """Called once per optimizer step on every rank, after accumulate(). Every log_interval steps rank 0
         writes the metrics, those loss_fn returned and the real tokens/s to the JSONL, the tracker and the
-        progress bar."""
+        progress bar. Values may be device tensors: they are read on the host only here, at log steps."""
         metrics = {**self.step_metrics, **metrics}
-        self._tokens_since_log += self.step_tokens
-        if not math.isfinite(metrics.get("loss", 0.0)):
-            raise SystemExit(f"loss is {metrics['loss']} at step {self.step}: stopping without saving. The last good "
-                             f"checkpoint is {self.resume_path} (resume with --from_resume 1, perhaps with a lower "
-                             "--learning_rate or --dtype float32).")
-        if not is_main():
-            return
-        self.progress.update(1)
+        self._tokens_since_log = self._tokens_since_log + self.step_tokens
+        if self.progress is not None:
+            self.progress.update(1)
         if self.step % self.args.log_interval and not self.is_last_step():
             return
+        self.check_finite()  # on every rank, so all of them stop together
+        if not is_main():
+            return
+        synchronize(self.device)  # the time is taken when the device has really finished the steps
         now = time.perf_counter()
-        tokens_per_s = self._tokens_since_log / max(now - self._last_time, 1e-9)
+        tokens_per_s = float(self._tokens_since_log) / max(now - self._last_time, 1e-9)
         self._last_time, self._tokens_since_log = now, 0
-        record = dict(step=self.step, epoch=self.epoch, **{k: float(f"{v:.6g}") for k, v in metrics.items()},
+        record = dict(step=self.step, epoch=self.epoch, **{k: float(f"{float(v):.6g}") for k, v in metrics.items()},
                       tokens_per_s=round(tokens_per_s, 1), time=round(time.time(), 1))
-        self.progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()
-                                   if k in ("loss", "lr", "tokens_per_s") or k in metrics})
+        if self.progress is not None:
+            self.progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()
+                                       if k in ("loss", "lr", "tokens_per_s") or k in metrics})
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        self._log_points.append((now, self.step, record["tokens_per_s"]))
         if self.args.use_wandb:
             self._tracker().log(record, step=self.step)
 
@@ -405,9 +597,13 @@ class Run:
     def save(self, model, optimizer, extras=None):
         """Weights for inference (half precision; LoRA-only for LoRA runs) and the fp32 resume file.
         extras: {name: module or optimizer} (e.g. a critic and its optimizer) saved into the resume file too."""
+        self.check_finite()  # never overwrite a good checkpoint with weights that saw a nan
         raw = unwrap(model)
+        # This process's generators only: its own GPU's state (get_rng_state_all would tie the file to the
+        # number of visible GPUs), or the MPS one.
         rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
-                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+                   cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                   mps=torch.mps.get_rng_state() if self.device.type == "mps" else None)
         all_rng = [None] * self.world_size
         if self.ddp:
             dist.all_gather_object(all_rng, rng)
@@ -464,7 +660,11 @@ class Run:
             raise SystemExit(f"{self.resume_path} does not match this model: missing {sorted(set(missing) & trainable)[:5]}, "
                              f"unexpected {unexpected[:5]} (different --hidden_size / --use_moe / LoRA settings?)")
         optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        elif self.scaler.is_enabled():  # GradScaler.load_state_dict refuses the {} a disabled scaler saves
+            print0("the resume file comes from a run without loss scaling (bf16 / fp32): float16 starts with a "
+                   "fresh loss scale")
         for name, item in (extras or {}).items():
             unwrap(item).load_state_dict(state["extras"][name])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
@@ -472,19 +672,40 @@ class Run:
             rng = state["rng"][self.rank]
             torch.set_rng_state(rng["torch"])
             random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in rng["python"]))
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            cuda_rng = rng.get("cuda")
+            if isinstance(cuda_rng, (list, tuple)):  # files from earlier versions held every GPU's state
+                cuda_rng = cuda_rng[self.device.index] if self.device.type == "cuda" and self.device.index < len(cuda_rng) else None
+            if cuda_rng is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng, self.device)
+            if rng.get("mps") is not None and self.device.type == "mps":
+                torch.mps.set_rng_state(rng["mps"])
         else:
             print0(f"resuming a {state['world_size']}-process run on {self.world_size}: the sample stream continues "
                    "exactly; random states are reseeded")
         print0(f"resumed from {self.resume_path}: step {self.step}, epoch {self.epoch}, {self.consumed} samples "
                "into the epoch")
 
+    def _write_gpu_check_report(self, path):
+        """What scripts/gpu_check.py tabulates: seconds per step after the first, real tokens/s, peak memory,
+        training FLOPs per token and the attention kernels this stage's forwards ran on."""
+        times = [(t, step) for t, step, _ in self._log_points]
+        later = list(zip(times, times[1:]))  # the first step pays for start-up (kernels, allocator, compile)
+        step_s = [(t1 - t0) / (s1 - s0) for (t0, s0), (t1, s1) in later]
+        report = dict(device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), world_size=self.world_size,
+                      steps=self.step, step_s=step_s, tokens_per_s=[tps for _, _, tps in self._log_points[1:]],
+                      peak_memory_gib=peak_memory_gib(self.device),
+                      flops_per_token=training_flops_per_token(self.config, self.args.max_seq_len),
+                      peak_tflops=peak_tflops(self.device, self.dtype), attention=ATTENTION_KERNELS_SEEN)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report, f)
+
     def finish(self):
         if self.progress is not None:
             self.progress.close()
         if self.tracker is not None:
             self.tracker.finish()
+        if os.environ.get(GPU_CHECK_ENV) and is_main():
+            self._write_gpu_check_report(os.environ[GPU_CHECK_ENV])
         if self.ddp:
             # Every file is saved; leave together. The DDP wrapper still holds the gloo group, and
             # letting interpreter shutdown destroy it can abort the process ("terminate called without
@@ -494,6 +715,54 @@ class Run:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts/gpu_check.py: every stage reports its speed, memory and attention kernels
+# ----------------------------------------------------------------------------------------------
+
+GPU_CHECK_ENV = "MINIMIND_GPU_CHECK"  # set by scripts/gpu_check.py to the JSON file a stage reports into
+ATTENTION_KERNELS_SEEN = {}  # kind of attention call -> the SDPA backend that ran it
+
+
+def install_attention_probe():
+    """Make every new kind of attention call (device, dtype, masked or causal, train or no-grad) run once
+    under the fast SDPA kernels only (flash, memory-efficient, cuDNN; flash on a CPU), recording which one
+    took it. On a GPU a call that only the math kernel accepts raises, with torch's reasons: the math kernel
+    upcasts to fp32 and keeps a [B, H, T, T] tensor, the slow path issue #10 removed."""
+    import warnings
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import model.model_minimind as model_module
+    fast = {"cuda": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION],
+            "cpu": [SDPBackend.FLASH_ATTENTION]}
+
+    def probe(q, k, v, **kwargs):
+        kind = (f"{q.device.type} {str(q.dtype).removeprefix('torch.')} "
+                f"{'masked' if kwargs.get('attn_mask') is not None else 'causal' if kwargs.get('is_causal') else 'open'} "
+                f"{'train' if torch.is_grad_enabled() and q.requires_grad else 'no-grad'} "
+                f"{'full' if q.shape[2] == k.shape[2] else 'after-cache'}")
+        if kind in ATTENTION_KERNELS_SEEN:
+            return
+        reasons = []
+        for backend in fast.get(q.device.type, []):
+            with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+                warnings.simplefilter("always")
+                try:
+                    with sdpa_kernel([backend]):
+                        F.scaled_dot_product_attention(q, k, v, **kwargs)
+                    ATTENTION_KERNELS_SEEN[kind] = backend.name
+                    return
+                except RuntimeError as error:
+                    reasons += [str(w.message) for w in caught] or [str(error)]
+        if q.device.type == "cuda":
+            raise RuntimeError(f"attention call [{kind}, q {list(q.shape)}, k {list(k.shape)}] falls to the slow math "
+                               "kernel:\n  " + "\n  ".join(reasons))
+        ATTENTION_KERNELS_SEEN[kind] = "MATH"
+
+    model_module.ATTENTION_PROBE = probe
 
 
 def unwrap(model):
@@ -517,8 +786,13 @@ def load_tokenizer(path=os.path.join(REPO_ROOT, "model")):
 
 
 def next_token_loss(model, batch):
-    """Mean next-token cross-entropy over the tokens whose label is not -100, and the MoE balance loss."""
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    """Mean next-token cross-entropy over the tokens whose label is not -100, and the MoE balance loss.
+
+    No attention mask, on purpose: pad_batch pads on the right, so under causal attention a real token
+    only ever sees earlier real tokens and the padding mask changes nothing that carries loss; without a
+    mask SDPA can take the flash kernel (is_causal) instead of the math one. The same holds for every
+    supervised stage (SFT, LoRA, DPO, reasoning, KD) and for packed pretraining rows."""
+    out = model(batch["input_ids"], labels=batch["labels"])
     return out.loss, out.aux_loss
 
 
