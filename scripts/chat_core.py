@@ -23,6 +23,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from model.model_lora import apply_lora, load_lora, lora_layout  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
+from trainer.trainer_utils import inference_dtype, pick_device, use_tf32  # noqa: E402
 
 # out/{weight}_{hidden}[_moe].pth, the names the training stages write
 WEIGHT_NAME = re.compile(r"^(?P<weight>.+)_(?P<hidden>\d+)(?P<moe>_moe)?\.pth$")
@@ -71,7 +72,7 @@ def add_model_arguments(parser):
                         help="accepted for MiniMind's command lines; the depth is read off the checkpoint")
     parser.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
     parser.add_argument("--inference_rope_scaling", action="store_true", help="YaRN: 16x longer context")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=pick_device(), help="cuda / cuda:1 / mps / cpu (default: the best available)")
 
 
 def resolve_paths(args):
@@ -99,8 +100,12 @@ def resolve_paths(args):
 
 def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inference_rope_scaling=False):
     """A ChatModel from a native .pth (any size: the config is read off the tensors) or a transformers
-    folder, with an optional from-scratch LoRA file applied on top."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    folder, with an optional from-scratch LoRA file applied on top. Weights are held in inference_dtype:
+    bf16 (fp16 before sm80, and on MPS) on a GPU, fp32 on a CPU."""
+    device = torch.device(device or pick_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index if device.index is not None else torch.cuda.current_device())
+    use_tf32(device)
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"{path}: a model folder needs config.json (make one with scripts/convert_model.py)")
@@ -122,7 +127,7 @@ def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inferenc
         apply_lora(model, rank=rank, alpha=lora_alpha, target_modules=targets)
         load_lora(model, lora)
         name += "+" + os.path.basename(lora_path).removesuffix(".pth")
-    return ChatModel(model.float().eval().to(device), tokenizer, name, device)
+    return ChatModel(model.eval().to(device, dtype=inference_dtype(device)), tokenizer, name, device)
 
 
 def find_local_models(*folders):
