@@ -14,19 +14,18 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from trainer_utils import (choose_dtype, cuda_device, peak_memory_gib, peak_tflops, pick_device,  # noqa: E402
+                           reset_peak_memory, synchronize, training_flops_per_token, use_tf32)
 
 MODELS = {
     "dense 512x8 (MiniMind2-Small)": dict(hidden_size=512, num_hidden_layers=8),
     "dense 640x8": dict(hidden_size=640, num_hidden_layers=8),
     "MoE 640x8 (MiniMind2-MoE)": dict(hidden_size=640, num_hidden_layers=8, use_moe=True),
 }
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def active_params_per_token(config: MiniMindConfig) -> int:
@@ -46,11 +45,10 @@ def bench_train_step(name, settings, args, device, dtype):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(3, config.vocab_size, (args.batch_size, args.seq_len), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     times = []
     for step in range(args.warmup + args.steps):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with autocast:
             out = model(ids, labels=ids)
@@ -58,16 +56,20 @@ def bench_train_step(name, settings, args, device, dtype):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync(device)
+        synchronize(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
     tokens = args.batch_size * args.seq_len
     flops = 6 * active_params_per_token(config) * tokens  # forward + backward matmul FLOPs
-    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "-"
+    # MFU counts attention too (as bench_train.py and gpu_check.py do), against the GPU's peak for the dtype
+    peak_flops = peak_tflops(device, dtype)
+    mfu = training_flops_per_token(config, args.seq_len) * tokens / seconds / (peak_flops * 1e12) \
+        if peak_flops else None
+    peak = f"{peak_memory_gib(device):.2f} GiB" if device.type == "cuda" else "-"  # GPU memory only
     del model, optimizer
     return dict(name=name, seconds=seconds, tokens_per_s=tokens / seconds, tflops=flops / seconds / 1e12,
-                active=active_params_per_token(config), peak=peak)
+                mfu=mfu, active=active_params_per_token(config), peak=peak)
 
 
 @torch.no_grad()
@@ -81,11 +83,11 @@ def bench_decode(args, device, dtype):
     for use_cache in (True, False):
         model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=use_cache,
                        pad_token_id=0)  # warm-up
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         out = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                              do_sample=False, use_cache=use_cache, pad_token_id=0)
-        sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
         rows.append((use_cache, out.shape[1] - prompt.shape[1], seconds))
     return rows
@@ -93,9 +95,9 @@ def bench_decode(args, device, dtype):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=pick_device(), help="cuda / cuda:1 / mps / cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
+                        help="autocast dtype (default: bfloat16 on CUDA, float16 before sm80; float32 elsewhere)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=340)
     parser.add_argument("--steps", type=int, default=3)
@@ -105,21 +107,27 @@ def main():
     parser.add_argument("--skip_decode", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if device.type == "cuda":
+        device = cuda_device(args.device)  # made current, so work without an explicit device lands there too
+    use_tf32(device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    # GPUs before sm80 only emulate bf16: choose_dtype takes float16 there (and says so)
+    dtype = choose_dtype(dtype_name, device) if device.type == "cuda" else getattr(torch, dtype_name)
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"## {where}; torch {torch.__version__}; dtype {str(dtype).removeprefix('torch.')}\n")
     print(f"Training step (forward + backward + AdamW), batch {args.batch_size} x {args.seq_len} tokens, "
           f"median of {args.steps} steps:\n")
-    print("| model | active params/token | s/step | tokens/s | model TFLOP/s | peak GPU memory |")
-    print("|---|---|---|---|---|---|")
+    print("| model | active params/token | s/step | tokens/s | model TFLOP/s | MFU | peak GPU memory |")
+    print("|---|---|---|---|---|---|---|")
     results = {}
     for name, settings in MODELS.items():
         r = bench_train_step(name, settings, args, device, dtype)
         results[name] = r
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         print(f"| {name} | {r['active'] / 1e6:.1f}M | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tflops']:.3f} | {r['peak']} |", flush=True)
+              f"{r['tflops']:.3f} | {mfu} | {r['peak']} |", flush=True)
     moe, dense = results["MoE 640x8 (MiniMind2-MoE)"], results["dense 640x8"]
     time_ratio = moe["seconds"] / dense["seconds"]
     flop_ratio = moe["active"] / dense["active"]

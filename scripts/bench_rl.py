@@ -6,13 +6,12 @@
 One step = sampling 8 answers to one prompt with the KV cache (forced to exactly --new_tokens tokens),
 rule rewards, reference log-probs, policy log-probs, the GRPO loss, backward and an AdamW step, i.e. what
 trainer/train_grpo.py does per prompt. The phases are timed separately; peak memory is the process's
-resident set on CPU (ru_maxrss) and torch.cuda.max_memory_allocated on a GPU.
+resident set on CPU (ru_maxrss) and the peak allocated by tensors on a GPU (trainer_utils.peak_memory_gib).
 """
 import argparse
 import copy
 import os
 import platform
-import resource
 import sys
 import time
 
@@ -25,11 +24,13 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E4
 from rewards import rule_rewards  # noqa: E402
 from rollout import completion_logprobs, masked_mean, sample  # noqa: E402
 from train_grpo import clipped_objective, group_advantages, k3_kl  # noqa: E402
+from trainer_utils import (choose_dtype, cuda_device, peak_memory_gib, pick_device, reset_peak_memory,  # noqa: E402
+                           synchronize, use_tf32)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=pick_device(), help="cuda / cuda:1 / mps / cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_hidden_layers", type=int, default=8)
@@ -38,7 +39,12 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if device.type == "cuda":
+        device = cuda_device(args.device)  # made current, so work without an explicit device lands there too
+    use_tf32(device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    # GPUs before sm80 only emulate bf16: choose_dtype takes float16 there (and says so)
+    dtype = choose_dtype(dtype_name, device) if device.type == "cuda" else getattr(torch, dtype_name)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
     torch.manual_seed(0)
@@ -49,16 +55,13 @@ def main():
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "计算：37 + 48 = ？"}], tokenize=False,
                                            add_generation_prompt=True)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
 
     def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         return result, time.perf_counter() - start
 
     phases = []
@@ -79,10 +82,10 @@ def main():
         phases.append((t_sample, t_ref, t_policy, t_update))
     t_sample, t_ref, t_policy, t_update = phases[-1]  # the last step (after warm-up)
     total = t_sample + t_ref + t_policy + t_update
-    if device.type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+    # peak_memory_gib: peak of tensors on a GPU, the process's peak resident set on a CPU, and on MPS
+    # only the driver's current allocation
+    unit = {"cuda": "GPU", "mps": "MPS driver"}.get(device.type, "RSS")
+    peak = f"{peak_memory_gib(device):.2f} GiB {unit}"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"## {where}; torch {torch.__version__}; {args.hidden_size}x{args.num_hidden_layers}, "

@@ -5,7 +5,9 @@
 
 Rows come from the bundled demo pretraining data: "padded" batches hold one document per row, padded
 to the longest row of the batch (documents longer than 340 tokens are cut); "packed" rows are filled
-with whole documents. Only real tokens count. Each setting runs warm-up steps, then the median step.
+with whole documents. Only real tokens count. Each setting runs warm-up steps, then the mean over the timed steps.
+MFU = training FLOPs of the real tokens (6 x active parameters + attention) per second over the GPU's
+dense peak for the dtype (trainer_utils.PEAK_TFLOPS; "-" on CPUs and unlisted GPUs).
 """
 import argparse
 import os
@@ -17,17 +19,11 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
 from dataset.lm_dataset import PretrainDataset, pad_batch  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
-
-
-def peak_tflops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+from trainer_utils import (choose_dtype, cuda_device, peak_tflops, pick_device, synchronize,  # noqa: E402
+                           training_flops_per_token, use_tf32)
 
 
 def bench(dataset, args, device, dtype, compile_model):
@@ -40,32 +36,32 @@ def bench(dataset, args, device, dtype, compile_model):
                for b in range(args.warmup + args.steps)]
     times, real, padded = [], 0, 0
     for i, batch in enumerate(batches):
+        n_real = int(batch["attention_mask"].sum())  # counted on the CPU copy: no host sync in the timed step
         batch = {k: v.to(device) for k, v in batch.items()}
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
+        # No attention mask, as in the trainers: rows are right-padded, so causal attention alone keeps
+        # real tokens off the padding, and SDPA can take the flash kernel.
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = step_model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            loss = step_model(batch["input_ids"], labels=batch["labels"]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-            real += int(batch["attention_mask"].sum())
+            real += n_real
             padded += batch["input_ids"].numel()
     seconds = sum(times)
-    params = sum(p.numel() for p in model.parameters())
-    flops = 6 * params * real + 12 * config.num_hidden_layers * config.hidden_size * args.max_seq_len * real
-    peak = peak_tflops(device)
+    flops = training_flops_per_token(config, args.max_seq_len) * real
+    peak = peak_tflops(device, dtype)
     return dict(tokens_per_s=real / seconds, pad_share=1 - real / padded, step_s=seconds / len(times),
                 mfu=flops / seconds / (peak * 1e12) if peak else None)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=pick_device(), help="cuda / cuda:1 / mps / cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_hidden_layers", type=int, default=8)
@@ -76,7 +72,12 @@ def main():
     parser.add_argument("--skip_compile", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if device.type == "cuda":
+        device = cuda_device(args.device)  # made current, so work without an explicit device lands there too
+    use_tf32(device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    # GPUs before sm80 only emulate bf16: choose_dtype takes float16 there (and says so)
+    dtype = choose_dtype(dtype_name, device) if device.type == "cuda" else getattr(torch, dtype_name)
     from transformers import AutoTokenizer
     import datasets
     datasets.disable_progress_bars()
