@@ -182,6 +182,23 @@ def apply_rotary(q, k, cos, sin):
     return (q * cos + rotate_half(q) * sin).to(q.dtype), (k * cos + rotate_half(k) * sin).to(k.dtype)
 
 
+def sdpa_needs_repeated_kv(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
+    """Whether SDPA's fast kernel for this call needs the grouped K/V heads repeated to the query heads.
+
+    On CUDA (torch 2.13, sdp_utils.cpp) the flash kernel handles GQA itself but takes no mask and only
+    fp16/bf16; the memory-efficient kernel, which takes masks and fp32, rejects GQA
+    (check_batch_size_and_num_heads_dense<false>), so without repeated heads those calls fall to the
+    math kernel. A CPU's flash kernel takes GQA in every dtype; masked calls repeat the heads there too,
+    so every device runs the same code for them. Other devices (MPS) always get repeated heads, which
+    every SDPA implementation takes.
+    """
+    if masked:
+        return True
+    if device_type == "cpu":
+        return False
+    return not (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16))
+
+
 # scripts/gpu_check.py sets this to a function that sees every SDPA call's arguments first (it runs each
 # new kind of call once under the fast kernels only, so a fall to the math kernel fails loudly).
 ATTENTION_PROBE = None
@@ -218,11 +235,8 @@ class Attention(nn.Module):
         # and nothing to mask for a single new token after the cache.
         is_causal = attn_mask is None and seq_len > 1
         if self.use_sdpa:
-            gqa = attn_mask is None
+            gqa = not sdpa_needs_repeated_kv(q.device.type, q.dtype, masked=attn_mask is not None)
             if not gqa:
-                # torch 2.13's CUDA memory-efficient kernel (the one that takes a mask; flash takes none)
-                # rejects enable_gqa (sdp_utils.cpp: check_batch_size_and_num_heads_dense<false>), so
-                # SDPA would fall to the math kernel; with K/V heads repeated it runs the fast kernel.
                 groups = self.num_heads // self.num_kv_heads
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             if ATTENTION_PROBE is not None:

@@ -729,7 +729,7 @@ def install_attention_probe():
     """Make every new kind of attention call (device, dtype, masked or causal, train or no-grad) run once
     under the fast SDPA kernels only (flash, memory-efficient, cuDNN; flash on a CPU), recording which one
     took it. On a GPU a call that only the math kernel accepts raises, with torch's reasons: the math kernel
-    upcasts to fp32 and keeps a [B, H, T, T] tensor, the slow path issue #10 removed."""
+    upcasts to fp32 and keeps a [B, H, T, T] tensor for the backward, slow and memory-hungry."""
     import warnings
 
     import torch.nn.functional as F
