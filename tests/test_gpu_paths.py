@@ -1,0 +1,359 @@
+"""GPU and MPS code paths, tested on the CPU by what can be observed here: which SDPA arguments each
+forward passes, which device / dtype a choice yields with torch.cuda's answers patched, what a resume file
+holds, which host reads a training step makes, and scripts/gpu_check.py end to end with --device cpu."""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import REPO_ROOT, tiny_model
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
+import trainer_utils  # noqa: E402
+from test_train import Rows, fake_run  # noqa: E402
+
+from model import model_minimind  # noqa: E402
+from model.model_minimind import MiniMindConfig, MOEFeedForward  # noqa: E402
+
+
+def sdpa_spy(monkeypatch):
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append(dict(q_heads=q.shape[1], k_heads=k.shape[1], mask=attn_mask is not None, **kwargs))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def right_padded_batch():
+    """Three SFT-like rows of different lengths, collated the way the trainers collate them."""
+    rows = []
+    for n in (12, 7, 3):
+        ids = torch.arange(5, 5 + n)
+        labels = ids.clone()
+        labels[: n // 2] = -100  # the prompt carries no loss
+        rows.append(dict(input_ids=ids, labels=labels))
+    return trainer_utils.pad_batch(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Attention: no mask where causal is exact; K/V heads expanded where a mask is needed
+# --------------------------------------------------------------------------------------------
+
+def test_training_forward_passes_no_mask_and_the_loss_is_unchanged(monkeypatch):
+    model = tiny_model().train()
+    batch = right_padded_batch()
+    masked = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    calls = sdpa_spy(monkeypatch)
+    loss, _ = trainer_utils.next_token_loss(model, batch)
+    assert len(calls) == 2 and all(not c["mask"] and c["is_causal"] and c["enable_gqa"] for c in calls)
+    assert abs(loss.item() - masked.item()) < 1e-6  # the padding mask changed nothing that carries loss
+
+
+def test_masked_attention_expands_kv_heads_for_the_memory_efficient_kernel(monkeypatch):
+    model = tiny_model()
+    ids = torch.randint(3, 6400, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded RL prompt
+    with torch.no_grad():
+        reference = [model(ids[i:i + 1, 4 * i:]).logits[0, -1] for i in range(2)]
+        calls = sdpa_spy(monkeypatch)
+        logits = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    assert calls and all(c["mask"] and c["k_heads"] == c["q_heads"] == 4 and not c["enable_gqa"] for c in calls)
+    for i in range(2):  # each row scores as if it were alone and unpadded
+        assert torch.allclose(logits[i, -1], reference[i], atol=1e-5)
+
+
+def test_cuda_calls_repeat_kv_heads_wherever_flash_cannot_take_them():
+    needs = model_minimind.sdpa_needs_repeated_kv
+    assert not needs("cuda", torch.bfloat16, masked=False) and not needs("cuda", torch.float16, masked=False)
+    assert needs("cuda", torch.bfloat16, masked=True)    # flash takes no mask; memory-efficient has no GQA
+    assert needs("cuda", torch.float32, masked=False)    # flash is half precision only
+    assert not needs("cpu", torch.float32, masked=False)  # the CPU flash kernel takes GQA in fp32
+    assert needs("mps", torch.float16, masked=False)
+
+
+# --------------------------------------------------------------------------------------------
+# 2, 4, 9. Devices and precisions, with torch.cuda's answers patched
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch.cuda answering like a machine with two GPUs of a chosen compute capability."""
+    gpu = SimpleNamespace(capability=(8, 6), name="NVIDIA GeForce RTX 3090", current=None, synced=[])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu.capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu.name)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: setattr(gpu, "current", torch.device(device)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: gpu.synced.append(device))
+    return gpu
+
+
+def test_bf16_falls_back_to_fp16_below_compute_capability_8(fake_gpu, capsys):
+    cuda = torch.device("cuda", 0)
+    fake_gpu.capability, fake_gpu.name = (7, 5), "Tesla T4"
+    assert trainer_utils.choose_dtype("bfloat16", cuda) == torch.float16
+    assert "Tesla T4 (compute capability 7.5) has no native bfloat16" in capsys.readouterr().out
+    assert trainer_utils.inference_dtype(cuda) == torch.float16
+    fake_gpu.capability = (8, 0)
+    assert trainer_utils.choose_dtype("bfloat16", cuda) == torch.bfloat16
+    assert trainer_utils.inference_dtype(cuda) == torch.bfloat16
+    assert trainer_utils.choose_dtype("float32", cuda) == torch.float32
+
+
+def test_mps_and_cpu_precisions():
+    assert trainer_utils.sum_dtype(torch.device("mps")) == torch.float32  # MPS has no float64
+    assert trainer_utils.sum_dtype(torch.device("cpu")) == torch.float64
+    assert trainer_utils.inference_dtype(torch.device("mps")) == torch.float16
+    assert trainer_utils.inference_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_device_pick_prefers_cuda_then_mps(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert trainer_utils.pick_device() == "mps"
+    assert trainer_utils.pick_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert trainer_utils.pick_device() == "cuda"
+    from scripts import chat_core
+    parser = __import__("argparse").ArgumentParser()
+    chat_core.add_model_arguments(parser)  # eval_llm, the server and the benchmark share this default
+    assert parser.parse_args([]).device == "cuda"
+
+
+def test_a_single_process_on_cuda_1_makes_it_current(fake_gpu):
+    device = trainer_utils.setup_device("cuda:1", ddp=False)
+    assert device == torch.device("cuda", 1) and fake_gpu.current == torch.device("cuda", 1)
+    assert trainer_utils.setup_device("cuda", ddp=False) == torch.device("cuda", 0)  # an index, never bare
+
+
+def test_each_ddp_process_binds_its_own_gpu(fake_gpu, monkeypatch):
+    groups = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: groups.append((backend, kw)))
+    monkeypatch.setenv("LOCAL_RANK", "3")  # e.g. the 4th process on a machine whose launcher shows 2 GPUs
+    device = trainer_utils.setup_device("cuda", ddp=True)
+    assert device == torch.device("cuda", 1) and fake_gpu.current == device
+    assert groups == [("nccl", dict(device_id=torch.device("cuda", 1)))]
+    groups.clear()
+    assert trainer_utils.setup_device("cpu", ddp=True) == torch.device("cpu") and groups == [("gloo", {})]
+
+
+def test_tf32_for_the_fp32_matmuls_on_cuda():
+    before = torch.get_float32_matmul_precision()
+    try:
+        trainer_utils.use_tf32(torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == before
+        trainer_utils.use_tf32(torch.device("cuda", 0))
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_benchmarks_wait_for_and_measure_their_own_device(fake_gpu):
+    trainer_utils.synchronize(torch.device("cuda", 1))
+    trainer_utils.synchronize(torch.device("cpu"))
+    assert fake_gpu.synced == [torch.device("cuda", 1)]
+    fake_gpu.name = "NVIDIA H100 80GB HBM3"
+    assert trainer_utils.peak_tflops(torch.device("cuda", 0), torch.bfloat16) == 989.4
+    assert trainer_utils.peak_tflops(torch.device("cuda", 0), torch.float32) == 494.7  # TF32
+    fake_gpu.name = "NVIDIA H100 PCIe"
+    assert trainer_utils.peak_tflops(torch.device("cuda", 0), torch.bfloat16) == 756.0
+    fake_gpu.name = "NVIDIA A100-SXM4-80GB"
+    assert trainer_utils.peak_tflops(torch.device("cuda", 0), torch.float16) == 312.0
+    fake_gpu.name = "Tesla T4"
+    assert trainer_utils.peak_tflops(torch.device("cuda", 0), torch.bfloat16) is None  # no native bf16
+    assert trainer_utils.peak_tflops(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_training_flops_count_the_active_parameters():
+    dense = MiniMindConfig()
+    moe = MiniMindConfig(hidden_size=640, use_moe=True)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in model_minimind.MiniMindForCausalLM(dense).parameters())
+    norms = dense.num_hidden_layers * 2 * dense.hidden_size + dense.hidden_size
+    attention = 12 * dense.num_hidden_layers * dense.hidden_size * 340
+    assert trainer_utils.training_flops_per_token(dense, 340) == 6 * (params - norms) + attention
+    # MoE: 2 routed + 1 shared of 5 experts per token, plus the router
+    per_expert = 3 * 640 * moe.intermediate_size
+    assert trainer_utils.training_flops_per_token(moe, 0) - trainer_utils.training_flops_per_token(
+        MiniMindConfig(hidden_size=640), 0) == 6 * moe.num_hidden_layers * (2 * per_expert + 640 * 4)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. MoE grouped_mm only where torch has the fast kernel
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("capability, grouped", [((9, 0), True), ((10, 0), True), ((8, 0), False),
+                                                 ((8, 6), False), ((8, 9), False), ((12, 0), False)])
+def test_moe_grouped_mm_only_on_sm90_and_sm100(fake_gpu, capability, grouped):
+    fake_gpu.capability = capability
+    layer = MOEFeedForward(MiniMindConfig(hidden_size=512, use_moe=True))
+    tokens = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    assert layer._can_group(tokens) is grouped
+    tokens.dtype = torch.float32  # the CUTLASS kernel is bf16 only
+    assert layer._can_group(tokens) is False
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Resume files: this device's RNG only; a bf16 run resumes in fp16
+# --------------------------------------------------------------------------------------------
+
+def test_resume_holds_and_restores_only_this_gpus_rng(tmp_path, monkeypatch):
+    run = fake_run(checkpoint_dir=str(tmp_path), save_dir=str(tmp_path))
+    run.device = torch.device("cuda", 1)  # as a process on the second GPU would be
+    asked, restored = [], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": asked.append(device) or torch.tensor([7, 1], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state.tolist(), device)))
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    run.save(model, optimizer)
+    state = torch.load(run.resume_path, weights_only=True)
+    assert asked == [torch.device("cuda", 1)] and state["rng"][0]["cuda"].tolist() == [7, 1]
+    run.args.from_resume = 1
+    run.restore(model, optimizer)
+    assert restored == [([7, 1], torch.device("cuda", 1))]
+    # a file from before, with every GPU's state, on a machine that now shows fewer GPUs: no crash
+    state["rng"][0]["cuda"] = [torch.tensor([5], dtype=torch.uint8)]
+    torch.save(state, run.resume_path)
+    restored.clear()
+    run.restore(model, optimizer)
+    assert restored == []
+
+
+def test_a_bf16_resume_file_resumes_in_fp16(tmp_path, capsys):
+    bf16 = fake_run(checkpoint_dir=str(tmp_path), save_dir=str(tmp_path), dtype="float32")
+    model = tiny_model()
+    bf16.save(model, torch.optim.AdamW(model.parameters()))
+    assert torch.load(bf16.resume_path, weights_only=True)["scaler"] == {}  # what a disabled GradScaler saves
+    fp16 = fake_run(checkpoint_dir=str(tmp_path), save_dir=str(tmp_path), dtype="float16", from_resume=1)
+    assert fp16.scaler.is_enabled()
+    fp16.restore(model, torch.optim.AdamW(model.parameters()))
+    assert "fresh loss scale" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# 7. No host read inside a training step; no buffer broadcast; frozen models in the autocast dtype
+# --------------------------------------------------------------------------------------------
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (what a .item() / float() / int() syncs on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_nothing_back_until_a_log_step():
+    run = fake_run(log_interval=2, accumulation_steps=2)
+    run.total_steps, run.step = 10, 1
+    model = tiny_model().train()
+    window = [trainer_utils.pad_batch([Rows(8)[i], Rows(8)[i + 1]]) for i in (0, 2)]
+    counted = {}
+
+    def loss_fn(batch):
+        counted.setdefault("reads", reads.count)  # host reads before the first forward: CPU-side counting
+        loss, aux = trainer_utils.next_token_loss(model, batch)
+        return loss, aux, dict(accuracy=(batch["labels"] > 0).float().mean())
+
+    with HostReads() as reads:
+        loss = run.accumulate(model, window, loss_fn)
+        run.log(loss=loss, lr=1e-3)  # step 1: not a log step
+        after_step = reads.count
+    assert after_step == counted["reads"], "a host read happened inside the step"
+    assert float(loss) > 0 and float(run.step_tokens) == 16  # 4 rows x 4 tokens, counted on the CPU batches
+
+
+def test_ddp_does_not_rebroadcast_the_rope_tables(tmp_path, monkeypatch):
+    from torch.nn.parallel import DistributedDataParallel
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        run = fake_run(use_compile=0)
+        run.ddp = True
+        model = run.wrap(tiny_model().train())
+        syncs = []
+        monkeypatch.setattr(DistributedDataParallel, "_sync_buffers", lambda self: syncs.append(1))
+        for _ in range(2):
+            model(torch.randint(3, 100, (2, 8)), labels=torch.randint(3, 100, (2, 8))).loss.backward()
+        assert syncs == [] and len(list(model.module.buffers())) == 2  # the RoPE tables stay put
+    finally:
+        dist.destroy_process_group()
+
+
+def test_frozen_models_are_held_in_the_autocast_dtype():
+    model = tiny_model()
+    bf16_here = torch.bfloat16 if trainer_utils.cpu_has_native_bf16() else torch.float32  # choose_dtype's answer
+    assert {p.dtype for p in fake_run(dtype="bfloat16").frozen_copy(model).parameters()} == {bf16_here}
+    frozen = fake_run(dtype="float16").frozen_copy(model)
+    assert {p.dtype for p in frozen.parameters()} == {torch.float16}
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the trained model is untouched
+    assert {p.dtype for p in fake_run(dtype="float32").frozen_copy(model).parameters()} == {torch.float32}
+
+
+def test_accumulate_makes_no_float64_tensor_where_the_device_has_none():
+    """MPS has no float64: with the sums in float32 no float64 tensor may appear in a step."""
+
+    class Float64Watch(TorchDispatchMode):
+        seen = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+                Float64Watch.seen = True
+            return out
+
+    run = fake_run()
+    run.sum_dtype = torch.float32  # what Run picks on MPS
+    model = tiny_model().train()
+    window = [trainer_utils.pad_batch([Rows(4)[0], Rows(4)[1]])]
+    with Float64Watch():
+        loss = run.accumulate(model, window, lambda b: (*trainer_utils.next_token_loss(model, b),
+                                                          dict(m=torch.tensor(0.5))))
+    assert not Float64Watch.seen and loss.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Tokenised once under torchrun; scripts/gpu_check.py on the CPU
+# --------------------------------------------------------------------------------------------
+
+def test_gpu_check_runs_every_stage_on_the_cpu_path(tmp_path):
+    """Every stage trains a few steps through the same code a GPU owner runs; supervised stages make only
+    causal (unmasked) attention calls, the RL stages also masked ones, and all of them run on the CPU's
+    flash kernel (on a GPU a call needing the math kernel would stop the stage)."""
+    keep = tmp_path / "check"
+    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "scripts", "gpu_check.py"), "--device", "cpu", "--dtype", "float32",
+         "--hidden_size", "64", "--num_hidden_layers", "2", "--batch_size", "2", "--max_seq_len", "48",
+         "--max_gen_len", "8", "--steps", "2", "--keep", str(keep)],
+        capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    stages = ["pretrain", "pretrain_moe", "full_sft", "lora", "dpo", "reason", "distillation", "ppo", "grpo", "spo"]
+    for stage in stages:
+        report = json.load(open(keep / f"{stage}.json"))
+        kinds = report["attention"]
+        assert kinds and set(kinds.values()) == {"FLASH_ATTENTION"}, (stage, kinds)
+        masked = [k for k in kinds if " masked " in k]
+        if stage in ("ppo", "grpo", "spo"):
+            assert any(" train " in k for k in masked), (stage, kinds)  # left-padded rollouts need the mask
+        else:
+            assert not masked, (stage, kinds)  # right-padded rows: causal alone
+        assert report["steps"] == 2 and report["peak_memory_gib"] > 0
+        assert any(line.startswith(f"| {stage} | ") and "FLASH_ATTENTION" in line for line in result.stdout.splitlines())
