@@ -23,7 +23,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from model.model_lora import apply_lora, load_lora, lora_layout  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
-from trainer.trainer_utils import inference_dtype, pick_device, use_tf32  # noqa: E402
+from trainer.trainer_utils import cuda_device, inference_dtype, pick_device, use_tf32  # noqa: E402
 
 # out/{weight}_{hidden}[_moe].pth, the names the training stages write
 WEIGHT_NAME = re.compile(r"^(?P<weight>.+)_(?P<hidden>\d+)(?P<moe>_moe)?\.pth$")
@@ -103,8 +103,8 @@ def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inferenc
     folder, with an optional from-scratch LoRA file applied on top. Weights are held in inference_dtype:
     bf16 (fp16 before sm80, and on MPS) on a GPU, fp32 on a CPU."""
     device = torch.device(device or pick_device())
-    if device.type == "cuda":
-        torch.cuda.set_device(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "cuda":  # --device cuda:1 becomes the current device, as in training
+        device = cuda_device(str(device))
     use_tf32(device)
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")):

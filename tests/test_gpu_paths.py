@@ -276,6 +276,7 @@ def test_a_training_step_reads_nothing_back_until_a_log_step():
         loss = run.accumulate(model, window, loss_fn)
         run.log(loss=loss, lr=1e-3)  # step 1: not a log step
         after_step = reads.count
+    assert counted["reads"] == 2 * len(window)  # a label count and a mask count per batch, on the CPU copies
     assert after_step == counted["reads"], "a host read happened inside the step"
     assert float(loss) > 0 and float(run.step_tokens) == 16  # 4 rows x 4 tokens, counted on the CPU batches
 

@@ -128,7 +128,11 @@ def test_resume_follows_the_same_losses_bit_for_bit(tmp_path):
 def test_two_processes_batch_b_equal_one_process_batch_2b(tmp_path):
     common = ["--dtype", "float32", "--max_steps", "3", "--accumulation_steps", "2"]
     run_script("train_pretrain.py", *common, "--batch_size", "4", tmp=tmp_path / "one")
-    run_script("train_pretrain.py", *common, "--batch_size", "2", tmp=tmp_path / "two", torchrun=2)
+    fresh_cache = dict(HF_DATASETS_CACHE=str(tmp_path / "fresh_cache"))
+    two_procs = run_script("train_pretrain.py", *common, "--batch_size", "2", tmp=tmp_path / "two", torchrun=2,
+                           env=fresh_cache)
+    # rank 0 tokenises the file into the cache; rank 1 waits at a barrier and reads it
+    assert (two_procs.stdout + two_procs.stderr).count("tokenising pretrain.jsonl (num_proc=1):   0%") == 1
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     for (s1, l1, lr1), (s2, l2, lr2) in zip(one, two):
