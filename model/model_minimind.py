@@ -182,21 +182,23 @@ def apply_rotary(q, k, cos, sin):
     return (q * cos + rotate_half(q) * sin).to(q.dtype), (k * cos + rotate_half(k) * sin).to(k.dtype)
 
 
-def sdpa_needs_repeated_kv(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
+def sdpa_needs_repeated_kv(device: torch.device, dtype: torch.dtype, masked: bool) -> bool:
     """Whether SDPA's fast kernel for this call needs the grouped K/V heads repeated to the query heads.
 
-    On CUDA (torch 2.13, sdp_utils.cpp) the flash kernel handles GQA itself but takes no mask and only
-    fp16/bf16; the memory-efficient kernel, which takes masks and fp32, rejects GQA
-    (check_batch_size_and_num_heads_dense<false>), so without repeated heads those calls fall to the
-    math kernel. A CPU's flash kernel takes GQA in every dtype; masked calls repeat the heads there too,
-    so every device runs the same code for them. Other devices (MPS) always get repeated heads, which
+    On CUDA (torch 2.13, sdp_utils.cpp) the flash kernel handles GQA itself but takes no mask, only
+    fp16/bf16 and only sm80+ GPUs; the memory-efficient kernel, which takes masks, fp32 and older GPUs,
+    rejects GQA (check_batch_size_and_num_heads_dense<false>), so without repeated heads those calls fall
+    to the math kernel. A CPU's flash kernel takes GQA in every dtype; masked calls repeat the heads there
+    too, so every device runs the same code for them. Other devices (MPS) always get repeated heads, which
     every SDPA implementation takes.
     """
     if masked:
         return True
-    if device_type == "cpu":
+    if device.type == "cpu":
         return False
-    return not (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16))
+    flash = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+             and torch.cuda.get_device_capability(device) >= (8, 0))
+    return not flash
 
 
 # scripts/gpu_check.py sets this to a function that sees every SDPA call's arguments first (it runs each
@@ -235,7 +237,7 @@ class Attention(nn.Module):
         # and nothing to mask for a single new token after the cache.
         is_causal = attn_mask is None and seq_len > 1
         if self.use_sdpa:
-            gqa = not sdpa_needs_repeated_kv(q.device.type, q.dtype, masked=attn_mask is not None)
+            gqa = not sdpa_needs_repeated_kv(q.device, q.dtype, masked=attn_mask is not None)
             if not gqa:
                 groups = self.num_heads // self.num_kv_heads
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -105,7 +105,7 @@ def describe(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda / cuda:1 / cpu")
+    parser.add_argument("--device", default=None, help="cuda / cuda:1 / mps / cpu (default: cuda when torch sees a GPU)")
     parser.add_argument("--nproc", type=int, default=None, help="processes (GPUs) to use; default: every GPU found")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--hidden_size", type=int, default=512)
@@ -117,6 +117,11 @@ def main():
     parser.add_argument("--stages", default=",".join(s[0] for s in STAGES), help="comma-separated subset")
     parser.add_argument("--keep", default=None, help="keep the weights, metrics and reports in this folder")
     args = parser.parse_args()
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu":
+            print(f"torch {torch.__version__} sees no CUDA GPU: checking the CPU path instead (slow at 512x8; "
+                  "--hidden_size 64 --num_hidden_layers 2 is quick). Pass --device to choose.", flush=True)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU: check the driver and that torch is a CUDA build "
                          f"(this one is {torch.__version__}); use --device cpu to check the CPU path")

@@ -74,13 +74,16 @@ def test_masked_attention_expands_kv_heads_for_the_memory_efficient_kernel(monke
         assert torch.allclose(logits[i, -1], reference[i], atol=1e-5)
 
 
-def test_cuda_calls_repeat_kv_heads_wherever_flash_cannot_take_them():
+def test_cuda_calls_repeat_kv_heads_wherever_flash_cannot_take_them(fake_gpu):
     needs = model_minimind.sdpa_needs_repeated_kv
-    assert not needs("cuda", torch.bfloat16, masked=False) and not needs("cuda", torch.float16, masked=False)
-    assert needs("cuda", torch.bfloat16, masked=True)    # flash takes no mask; memory-efficient has no GQA
-    assert needs("cuda", torch.float32, masked=False)    # flash is half precision only
-    assert not needs("cpu", torch.float32, masked=False)  # the CPU flash kernel takes GQA in fp32
-    assert needs("mps", torch.float16, masked=False)
+    cuda = torch.device("cuda", 0)
+    assert not needs(cuda, torch.bfloat16, masked=False) and not needs(cuda, torch.float16, masked=False)
+    assert needs(cuda, torch.bfloat16, masked=True)    # flash takes no mask; memory-efficient has no GQA
+    assert needs(cuda, torch.float32, masked=False)    # flash is half precision only
+    fake_gpu.capability = (7, 5)
+    assert needs(cuda, torch.float16, masked=False)    # no flash before sm80 (T4, RTX 20xx)
+    assert not needs(torch.device("cpu"), torch.float32, masked=False)  # the CPU flash kernel takes GQA in fp32
+    assert needs(torch.device("mps"), torch.float16, masked=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -760,7 +760,7 @@ def install_attention_probe():
         if q.device.type == "cuda":
             raise RuntimeError(f"attention call [{kind}, q {list(q.shape)}, k {list(k.shape)}] falls to the slow math "
                                "kernel:\n  " + "\n  ".join(reasons))
-        ATTENTION_KERNELS_SEEN[kind] = "MATH"
+        ATTENTION_KERNELS_SEEN[kind] = "MATH" if q.device.type in fast else f"{q.device.type} default (not checked)"
 
     model_module.ATTENTION_PROBE = probe
 
