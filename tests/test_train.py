@@ -287,11 +287,78 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def wait_for_metrics(path, rows, process, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= rows:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"{path} did not reach {rows} rows")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_resume_checkpoint_and_the_run_resumes(tmp_path, signum):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM mid-run: the step in progress finishes, a resume file is
+    written, a one-line message says how to go on (no traceback), and --from_resume 1 continues from there."""
+    command = [sys.executable, os.path.join(REPO_ROOT, "trainer", "train_pretrain.py"), *TINY, "--dtype", "float32",
+               "--save_interval", "1000", "--max_steps", "500", "--save_dir", str(tmp_path / "out"),
+               "--checkpoint_dir", str(tmp_path / "ckpt")]
+    env = dict(os.environ, MINIMIND_NO_PROGRESS="1", HF_DATASETS_CACHE=str(tmp_path.parent / "hf_cache"))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics_path = tmp_path / "out" / "pretrain_64_metrics.jsonl"
+    wait_for_metrics(metrics_path, 3, process)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr
+    stopped = int(stdout.split("interrupted at step ")[1].split(";")[0])
+    assert f"interrupted at step {stopped}; resume with --from_resume 1" in stdout and stopped >= 3
+    assert torch.load(tmp_path / "ckpt" / "pretrain_64_resume.pth", weights_only=True)["step"] == stopped
+    run_script("train_pretrain.py", "--dtype", "float32", "--max_steps", str(stopped + 2), "--from_resume", "1",
+               tmp=tmp_path)
+    steps = [row["step"] for row in metrics(tmp_path, "pretrain_64_metrics.jsonl")]
+    assert steps == list(range(1, stopped + 3))  # every step once: nothing repeated, nothing lost
+
+
+def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
+    """A run killed outright (SIGKILL) after logging steps past its last save: on resume those steps are
+    run again, and their first rows are dropped instead of appearing twice."""
+    command = [sys.executable, os.path.join(REPO_ROOT, "trainer", "train_pretrain.py"), *TINY, "--dtype", "float32",
+               "--save_interval", "3", "--max_steps", "500", "--save_dir", str(tmp_path / "out"),
+               "--checkpoint_dir", str(tmp_path / "ckpt")]
+    env = dict(os.environ, MINIMIND_NO_PROGRESS="1", HF_DATASETS_CACHE=str(tmp_path.parent / "hf_cache"))
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    metrics_path = tmp_path / "out" / "pretrain_64_metrics.jsonl"
+    wait_for_metrics(metrics_path, 5, process)
+    process.kill()
+    process.wait()
+    saved = torch.load(tmp_path / "ckpt" / "pretrain_64_resume.pth", weights_only=True)["step"]
+    logged = len(metrics_path.read_text().splitlines())
+    assert saved % 3 == 0 and logged >= 5
+    result = run_script("train_pretrain.py", "--dtype", "float32", "--max_steps", str(logged + 1), "--from_resume", "1",
+                        tmp=tmp_path)
+    assert f"resumed from" in result.stdout
+    assert [row["step"] for row in metrics(tmp_path, "pretrain_64_metrics.jsonl")] == list(range(1, logged + 2))
+
+
+def test_from_resume_without_a_resume_file_starts_fresh(tmp_path):
+    result = run_script("train_pretrain.py", "--dtype", "float32", "--max_steps", "1", "--from_resume", "1", tmp=tmp_path)
+    assert "there is no" in result.stdout and "starting from the beginning" in result.stdout
+
+
+def test_help_shows_the_defaults():
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "trainer", "train_full_sft.py"), "--help"],
+                            capture_output=True, text=True)
+    assert "(default: 5e-07)" in result.stdout and "(default: 340)" in result.stdout
+
+
 def test_missing_or_mismatched_from_weight(tmp_path, chain):
     result = run_script("train_full_sft.py", "--max_steps", "1", "--from_weight", "nothing_here", tmp=tmp_path,
                         check=False)
     assert result.returncode != 0
     message = result.stderr + result.stdout
+    assert "tokenising" not in message  # checked before any data work
     assert f"{tmp_path / 'out' / 'nothing_here_64.pth'} does not exist" in message and "holds: no .pth files" in message
     (tmp_path / "out").mkdir(exist_ok=True)
     (tmp_path / "out" / "pretrain_128.pth").write_bytes((chain.tmp / "out" / "pretrain_64.pth").read_bytes())

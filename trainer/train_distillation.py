@@ -46,12 +46,13 @@ def main():
     args.hidden_size, args.num_hidden_layers = args.student_hidden_size, args.student_num_layers  # the model we train
 
     run = Run(args)
+    teacher_config = MiniMindConfig(hidden_size=args.teacher_hidden_size, num_hidden_layers=args.teacher_num_layers,
+                                    use_moe=bool(args.use_moe))
+    run.check_from_weight(args.teacher_weight, teacher_config)  # before tokenising
     tokenizer = load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
         data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
     model = run.load_model()
-    teacher_config = MiniMindConfig(hidden_size=args.teacher_hidden_size, num_hidden_layers=args.teacher_num_layers,
-                                    use_moe=bool(args.use_moe))
     teacher_path = weight_path(args.save_dir, args.teacher_weight, teacher_config)
     if os.path.exists(teacher_path):  # peek at the teacher's vocabulary without reading the whole file
         vocab = torch.load(teacher_path, map_location="cpu", weights_only=True, mmap=True)["model.embed_tokens.weight"].shape[0]

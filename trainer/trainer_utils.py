@@ -14,7 +14,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 
@@ -40,7 +42,7 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state
 def common_parser(description, *, save_weight, epochs, batch_size, learning_rate, accumulation_steps,
                   log_interval, save_interval, max_seq_len, data_path, from_weight):
     """The options every stage takes; each script passes its own defaults (MiniMind's) and adds extras."""
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--save_dir", default="../out", help="weights and metrics (relative to trainer/ by default)")
     p.add_argument("--checkpoint_dir", default="../checkpoints", help="resume files for --from_resume 1")
     p.add_argument("--save_weight", default=save_weight, help="name prefix of the saved weight file")
@@ -75,6 +77,9 @@ def common_parser(description, *, save_weight, epochs, batch_size, learning_rate
 def parse_args(parser, argv=None):
     """Parse, then turn path options into absolute paths: a default written relative to trainer/ (as in
     MiniMind, e.g. ../out) resolves against trainer/; a path the user typed resolves against the cwd."""
+    for action in parser._actions:  # --help lists every default (the formatter skips options without help)
+        if action.help is None:
+            action.help = "(default: %(default)s)"
     args = parser.parse_args(argv)
     for name in ("save_dir", "checkpoint_dir", "data_path", "reward_model_path"):
         value = getattr(args, name, None)
@@ -339,6 +344,26 @@ class Run:
         # only at log and save steps, so training never waits on the GPU just to check the loss.
         self._first_bad_step = torch.zeros((), dtype=torch.long, device=self.device)
         self._log_points = []  # (time, step, tokens/s) of each log line, for scripts/gpu_check.py
+        self._saving = None  # (model, optimizer, extras) once prepare() has them: what an interrupt saves
+        self._interrupted = None  # the signal that asked the run to stop at the next step boundary
+        # A CPU-side group for the stop flag, so agreeing on it never waits on the GPU stream.
+        self._flag_group = dist.new_group(backend="gloo") if self.ddp else None
+        self.check_from_weight()
+
+    def check_from_weight(self, from_weight=None, config=None):
+        """The path of out/{from_weight}_{hidden}[_moe].pth (None for 'none'), failing clearly if it is not
+        there; Run calls it for --from_weight at once, before any tokenising."""
+        from_weight = getattr(self.args, "from_weight", None) if from_weight is None else from_weight
+        if not from_weight or from_weight.lower() == "none":
+            return None
+        path = weight_path(self.args.save_dir, from_weight, config or self.config)
+        if not os.path.exists(path):
+            present = sorted(f for f in os.listdir(self.args.save_dir) if f.endswith(".pth")) \
+                if os.path.isdir(self.args.save_dir) else []
+            raise SystemExit(f"--from_weight {from_weight}: {path} does not exist. {self.args.save_dir} holds: "
+                             f"{', '.join(present) or 'no .pth files'}. Train that stage first, or check "
+                             "--save_dir / --hidden_size / --use_moe.")
+        return path
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -349,16 +374,9 @@ class Run:
     def load_model(self, from_weight=None, config=None):
         """A MiniMind model, initialised randomly or from out/{from_weight}_{hidden}[_moe].pth (strictly)."""
         config = config or self.config
-        from_weight = self.args.from_weight if from_weight is None else from_weight
         model = MiniMindForCausalLM(config)
-        if from_weight and from_weight.lower() != "none":
-            path = weight_path(self.args.save_dir, from_weight, config)
-            if not os.path.exists(path):
-                present = sorted(f for f in os.listdir(self.args.save_dir) if f.endswith(".pth")) \
-                    if os.path.isdir(self.args.save_dir) else []
-                raise SystemExit(f"--from_weight {from_weight}: {path} does not exist. {self.args.save_dir} holds: "
-                                 f"{', '.join(present) or 'no .pth files'}. Train that stage first, or check "
-                                 "--save_dir / --hidden_size / --use_moe.")
+        path = self.check_from_weight(from_weight, config)
+        if path:
             load_state_dict_strict(model, torch.load(path, map_location="cpu", weights_only=True), source=path)
             print0(f"loaded {path}")
         params = sum(p.numel() for p in model.parameters())
@@ -391,9 +409,44 @@ class Run:
             dist.barrier()
 
     def prepare(self, model, optimizer, extras=None):
-        """Resume state if asked (--from_resume 1), then wrap for torch.compile / DDP."""
+        """Resume state if asked (--from_resume 1), then wrap for torch.compile / DDP. From here on Ctrl-C or
+        SIGTERM stops the run at the next step boundary with a resume checkpoint (see steps())."""
         self.restore(model, optimizer, extras)
-        return self.wrap(model)
+        model = self.wrap(model)
+        self._saving = (model, optimizer, extras)
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._stop_soon)
+        return model
+
+    def _stop_soon(self, signum, frame):
+        if self._interrupted is not None:
+            # A second Ctrl-C stops at once, without a checkpoint; one within a second is the same request
+            # arriving twice (torchrun forwards the terminal's Ctrl-C to processes that already got it).
+            if time.monotonic() - self._interrupted_at > 1.0:
+                raise KeyboardInterrupt
+            return
+        self._interrupted, self._interrupted_at = signal.Signals(signum).name, time.monotonic()
+        print(f"\n{self._interrupted}: finishing step {self.step} and saving a resume checkpoint "
+              "(press Ctrl-C again to stop at once, without saving)", file=sys.stderr, flush=True)
+
+    def _stop_if_asked(self):
+        """At a step boundary: if a signal came (on any process), save the resume checkpoint and exit."""
+        asked = torch.tensor([float(self._interrupted is not None)])
+        if self.ddp:
+            dist.all_reduce(asked, group=self._flag_group)
+        if not asked.item() or self._saving is None:
+            return
+        self.save(*self._saving)
+        if self.progress is not None:
+            self.progress.close()
+        print0(f"interrupted at step {self.step}; resume with --from_resume 1")
+        if self.ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+            sys.stdout.flush()
+            os._exit(130)
+        raise SystemExit(130)
 
     def wrap(self, model):
         """torch.compile and/or DDP around a model whose trainable parameters are set."""
@@ -444,10 +497,11 @@ class Run:
                 if len(window) == args.accumulation_steps or i == len(sampler) - 1:
                     self.consumed += len(window) * args.batch_size * self.world_size
                     self.step += 1
-                    yield self.step, window
+                    yield self.step, window  # the caller runs the step: forward, backward, update, log, save
                     window = []
                     if args.max_steps and self.step >= args.max_steps:
                         return
+                    self._stop_if_asked()
 
     def all_reduce(self, tensor):
         """The element-wise sum of a tensor over all processes (itself when there is one process)."""
@@ -651,7 +705,8 @@ class Run:
         if not self.args.from_resume:
             return
         if not os.path.exists(self.resume_path):
-            raise SystemExit(f"--from_resume 1 but {self.resume_path} does not exist: nothing to resume")
+            print0(f"--from_resume 1, but there is no {self.resume_path} yet: starting from the beginning")
+            return
         state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
         raw = unwrap(model)
         missing, unexpected = raw.load_state_dict(state["model"], strict=False)
@@ -684,6 +739,10 @@ class Run:
                    "exactly; random states are reseeded")
         print0(f"resumed from {self.resume_path}: step {self.step}, epoch {self.epoch}, {self.consumed} samples "
                "into the epoch")
+        if is_main() and os.path.exists(self.metrics_path):  # rows logged after that checkpoint will be redone
+            with open(self.metrics_path, encoding="utf-8") as f:
+                rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            atomic_write_text(self.metrics_path, "".join(rows))
 
     def _write_gpu_check_report(self, path):
         """What scripts/gpu_check.py tabulates: seconds per step after the first, real tokens/s, peak memory,
@@ -763,6 +822,14 @@ def install_attention_probe():
         ATTENTION_KERNELS_SEEN[kind] = "MATH" if q.device.type in fast else f"{q.device.type} default (not checked)"
 
     model_module.ATTENTION_PROBE = probe
+
+
+def atomic_write_text(path, text):
+    """Replace a text file in one step (a kill never leaves half of it)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def unwrap(model):
