@@ -26,6 +26,8 @@ def load_model(args):
     """(model, tokenizer) from a native .pth (--weight) or a transformers folder (--load_from), + LoRA."""
     path, lora_path = resolve_paths(args)
     chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling)
+    print(f"loaded {os.path.relpath(path)}{' + LoRA ' + os.path.relpath(lora_path) if lora_path else ''} "
+          f"on {chat.device} ({str(next(chat.model.parameters()).dtype).removeprefix('torch.')})", flush=True)
     return chat.model, chat.tokenizer
 
 
@@ -65,7 +67,8 @@ def prompts_from(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--max_new_tokens", type=int, default=8192)
+    parser.add_argument("--max_new_tokens", type=int, default=512,
+                        help="answer length limit (MiniMind's 8192 lets a small model loop for minutes)")
     parser.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
     parser.add_argument("--top_p", type=float, default=0.85)
     parser.add_argument("--historys", type=int, default=0, help="previous messages kept as context (even number)")

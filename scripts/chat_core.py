@@ -89,13 +89,31 @@ def resolve_paths(args):
         path = os.path.join(args.save_dir, f"{args.weight}_{args.hidden_size}{'_moe' if args.use_moe else ''}.pth")
         if not os.path.exists(path):
             present = sorted(f for f in os.listdir(args.save_dir) if f.endswith(".pth")) if os.path.isdir(args.save_dir) else []
-            raise SystemExit(f"{path} does not exist; {args.save_dir} holds: {', '.join(present) or 'no .pth files'}")
+            raise SystemExit(f"{path} does not exist; {args.save_dir} holds: {', '.join(present) or 'no .pth files'}"
+                             f"{demo_hint(args)}")
         hidden = args.hidden_size
     lora_path = None
     if args.lora_weight != "None":
         lora_path = args.lora_weight if os.path.exists(args.lora_weight) else \
             os.path.join(args.save_dir, "lora", f"{args.lora_weight}_{hidden}.pth")
     return path, lora_path
+
+
+def demo_hint(args):
+    """When the asked-for weight is missing but scripts/run_demo.py left weights in out/demo: the exact
+    command line that uses them (that stage if the demo has it, else its last chat stage)."""
+    demo = os.path.join(REPO_ROOT, "out", "demo")
+    if os.path.abspath(args.save_dir) == demo:
+        return ""
+    weights = {m["weight"]: m for m in (WEIGHT_NAME.match(os.path.basename(p)) for p in find_local_models(demo)) if m}
+    pick = args.weight if args.weight in weights else \
+        next((w for w in ("grpo", "reason", "dpo", "full_sft") if w in weights), None)
+    if pick is None:
+        return ""
+    found = weights[pick]
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), os.getcwd())
+    return (f"\nThe demo's weights are in out/demo; to use them: python {script} --save_dir out/demo --weight {pick} "
+            f"--hidden_size {found['hidden']}{' --use_moe 1' if found['moe'] else ''}")
 
 
 def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inference_rope_scaling=False):
@@ -143,6 +161,15 @@ def find_local_models(*folders):
             elif os.path.isfile(os.path.join(path, "config.json")):
                 found.append(path)
     return found
+
+
+CHAT_STAGES = ("grpo", "spo", "ppo_actor", "reason", "dpo", "full_sft", "full_dist")  # weights that answer chats
+
+
+def newest_chat_model(paths):
+    """Index of the newest chat model (a weight of a stage from SFT on) among the paths, else 0."""
+    chat = [p for p in paths if (m := WEIGHT_NAME.match(os.path.basename(p))) and m["weight"] in CHAT_STAGES]
+    return paths.index(max(chat, key=os.path.getmtime)) if chat else 0
 
 
 def render(tokenizer, messages):

@@ -38,6 +38,7 @@ from scripts.plot_metrics import plot  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
 from rewards import answer_reward, rule_rewards  # noqa: E402
+from trainer_utils import choose_dtype, pick_device  # noqa: E402
 from train_dpo import sequence_logps, stack_pairs  # noqa: E402
 
 DEMO = os.path.join(REPO_ROOT, "dataset", "demo")
@@ -164,7 +165,12 @@ def main():
     parser.add_argument("--grpo_steps", type=int, default=60)
     parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "out"))
     parser.add_argument("--quick", action="store_true", help="tiny model, a few steps per stage: a smoke test")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="training precision of every stage (bf16 falls back to fp32 on CPUs without native bf16)")
     args = parser.parse_args()
+    device = torch.device(pick_device())
+    # Decided once here (with its notice, if bf16 is not native), then passed to every stage.
+    dtype = str(choose_dtype(args.dtype, device if device.type != "cuda" else torch.device("cuda", 0))).removeprefix("torch.")
     if args.quick:
         args.hidden_size, args.num_hidden_layers, args.student_hidden_size, args.student_num_layers = 64, 2, 32, 1
     start_all = time.perf_counter()
@@ -177,7 +183,7 @@ def main():
             os.remove(path)
     settings = ["--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
                 "--save_dir", shown(save_dir), "--checkpoint_dir", shown(os.path.join(save_dir, "checkpoints")),
-                "--num_workers", "0",
+                "--num_workers", "0", "--dtype", dtype,
                 "--log_interval", "10", "--save_interval", "1000"]
     quick = ["--max_steps", "3"] if args.quick else []
     config = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
@@ -267,7 +273,7 @@ def main():
     lines = [
         "# MiniMind demo report", "",
         f"Model {args.hidden_size}×{args.num_hidden_layers} ({sum(p.numel() for p in sft_model.parameters()) / 1e6:.2f}M "
-        f"parameters), bundled demo data, {os.cpu_count()} CPU cores, torch {torch.__version__}; "
+        f"parameters), bundled demo data, {os.cpu_count()} CPU cores, torch {torch.__version__}, {device.type}, {dtype}; "
         f"{total_minutes:.1f} minutes in all{' (quick smoke run: the numbers mean nothing)' if args.quick else ''}.", "",
         "Every number is measured on held-out files that no stage trained on.", "",
         "| stage | time | metric (held-out) | before | after |", "|---|---|---|---|---|",

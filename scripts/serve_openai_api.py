@@ -185,7 +185,8 @@ def main():
 
     path, lora_path = resolve_paths(args)
     chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling)
-    print(f"serving {chat.name} on http://{args.host}:{args.port}/v1 ({chat.device})", flush=True)
+    print(f"serving {chat.name} ({os.path.relpath(path)}{' + ' + os.path.relpath(lora_path) if lora_path else ''}) on "
+          f"http://{args.host}:{args.port}/v1 ({chat.device})", flush=True)
     create_app(chat, args.api_key, args.max_seq_len).run(host=args.host, port=args.port, threaded=True)
 
 

@@ -15,7 +15,8 @@ import streamlit as st
 from openai import OpenAI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chat_core import REPO_ROOT, find_local_models, fit_prompt, load_chat_model, split_thinking, stream_reply  # noqa: E402
+from chat_core import (REPO_ROOT, find_local_models, fit_prompt, load_chat_model, newest_chat_model,  # noqa: E402
+                       split_thinking, stream_reply)
 
 MAX_SEQ_LEN = 8192  # prompt + answer tokens; older turns are dropped to fit
 LOCAL, API = "Local weight / 本地权重", "OpenAI-compatible API / 接口"
@@ -27,9 +28,15 @@ def get_model(path):
 
 
 def local_choices():
+    """(weights and folders to offer, the one chosen at first): paths from $MINIMIND_MODEL_PATHS first and
+    chosen; else the newest chat model in out/ or out/demo (say, the one scripts/run_demo.py just trained)."""
     extra = [p for p in os.environ.get("MINIMIND_MODEL_PATHS", "").split(os.pathsep) if p]
     found = find_local_models(os.path.join(REPO_ROOT, "out"), os.path.join(REPO_ROOT, "out", "demo"))
-    return list(dict.fromkeys(extra + found))
+    return list(dict.fromkeys(extra + found)), 0 if extra else newest_chat_model(found)
+
+
+def shown(path):
+    return os.path.relpath(path, REPO_ROOT) if path.startswith(REPO_ROOT) else path
 
 
 def show_reply(text):
@@ -72,9 +79,8 @@ with st.sidebar:
     st.header("MiniMind")
     source = st.radio("Model source", [LOCAL, API], key="source")
     if source == LOCAL:
-        choices = local_choices()
-        path = st.selectbox("Model", choices, key="model_path",
-                            format_func=lambda p: os.path.relpath(p, REPO_ROOT) if p.startswith(REPO_ROOT) else p)
+        choices, first = local_choices()
+        path = st.selectbox("Model", choices, key="model_path", index=first, format_func=shown)
         typed = st.text_input("…or a weight / folder path", key="typed_path", help="used instead of the choice above")
         path = typed.strip() or path
         if not path:
@@ -91,6 +97,8 @@ with st.sidebar:
         st.session_state.messages = []
 
 st.title("🤖 MiniMind")
+if source == LOCAL and path:
+    st.caption(f"Model: {shown(path)}")
 for message in st.session_state.messages:
     show(message)
 

@@ -105,6 +105,32 @@ def test_missing_weight_is_a_clear_error(weights):
     assert result.returncode != 0 and "nope_64.pth does not exist" in result.stderr and "full_sft_64.pth" in result.stderr
 
 
+def test_eval_says_which_weight_it_loaded(weights):
+    output = chat(weights, "--prompts", "你好", "--lora_weight", "lora_identity")
+    assert "full_sft_64.pth + LoRA " in output and "lora_identity_64.pth on cpu (float32)" in output
+
+
+def test_a_missing_default_weight_points_to_the_demo_weights(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from scripts import chat_core
+    demo = tmp_path / "out" / "demo"
+    demo.mkdir(parents=True)
+    for name in ("pretrain_192.pth", "full_sft_192.pth", "reason_192.pth"):
+        (demo / name).write_bytes(b"")
+    monkeypatch.setattr(chat_core, "REPO_ROOT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", [os.path.join(os.getcwd(), "eval_llm.py")])
+    args = SimpleNamespace(load_from="model", save_dir=str(tmp_path / "out"), weight="full_sft", hidden_size=512,
+                           use_moe=0, lora_weight="None")
+    with pytest.raises(SystemExit) as err:
+        chat_core.resolve_paths(args)
+    assert "to use them: python eval_llm.py --save_dir out/demo --weight full_sft --hidden_size 192" in str(err.value)
+    args.weight = "grpo"  # not in the demo: its last chat stage instead
+    with pytest.raises(SystemExit) as err:
+        chat_core.resolve_paths(args)
+    assert "--weight reason --hidden_size 192" in str(err.value)
+
+
 def test_plot_metrics(tmp_path):
     path = tmp_path / "pretrain_64_metrics.jsonl"
     rows = [{"step": s, "loss": 9 - s, "lr": 0.1} for s in (1, 2, 3)] + [{"step": 2, "loss": 1.5}]  # resumed at 2

@@ -43,12 +43,25 @@ def ask(page, question, max_tokens=16):
 def test_local_weight_answers_and_user_text_stays_text(monkeypatch, weight):
     page = app(monkeypatch, weight)
     assert page.sidebar.selectbox(key="model_path").value == weight  # $MINIMIND_MODEL_PATHS listed first
+    assert any(c.value == f"Model: {weight}" for c in page.caption)  # the page says which weight answers
     ask(page, QUESTION)
     user, assistant = page.chat_message
     assert [t.value for t in user.text] == [QUESTION] and not user.markdown  # st.text: never Markdown / HTML
     assert not any("<b>" in m.value or "<script>" in m.value for m in page.markdown)
     assert assistant.markdown[0].value == greedy_answer(weight, QUESTION, 16)
     assert [m["role"] for m in page.session_state["messages"]] == ["user", "assistant"]
+
+
+def test_the_newest_chat_model_is_chosen_first(tmp_path):
+    from scripts.chat_core import newest_chat_model
+    paths = []
+    for age, name in enumerate(["grpo_192.pth", "full_sft_192.pth", "pretrain_192.pth", "hf_folder"]):
+        path = tmp_path / name
+        path.write_bytes(b"")
+        os.utime(path, (1e9 + age, 1e9 + age))  # later in the list = newer
+        paths.append(str(path))
+    assert newest_chat_model(paths) == 1  # full_sft: newer than grpo; pretrain is no chat model
+    assert newest_chat_model(paths[2:]) == 0
 
 
 def test_thinking_is_folded_above_the_answer(monkeypatch, weight):
