@@ -20,6 +20,7 @@ from transformers import TextStreamer
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO_ROOT)
 from scripts.chat_core import add_model_arguments, load_chat_model, resolve_paths  # noqa: E402
+from trainer.trainer_utils import HelpFormatter, show_defaults  # noqa: E402
 
 
 def load_model(args):
@@ -65,7 +66,7 @@ def prompts_from(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--max_new_tokens", type=int, default=512,
                         help="answer length limit (MiniMind's 8192 lets a small model loop for minutes)")
@@ -76,7 +77,7 @@ def main():
     parser.add_argument("--prompts", nargs="*", default=None, help="prompts to answer, then exit")
     parser.add_argument("--prompt_file", default=None, help="one prompt per line; '-' = standard input")
     parser.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args()
+    args = show_defaults(parser).parse_args()
 
     model, tokenizer = load_model(args)
     streamer = PrintStreamer(tokenizer)

@@ -23,7 +23,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from model.model_lora import apply_lora, load_lora, lora_layout  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
-from trainer.trainer_utils import cuda_device, inference_dtype, pick_device, use_tf32  # noqa: E402
+from trainer.trainer_utils import (HelpFormatter, cuda_device, inference_dtype, pick_device,  # noqa: E402,F401
+                                   show_defaults, use_tf32)
 
 # out/{weight}_{hidden}[_moe].pth, the names the training stages write
 WEIGHT_NAME = re.compile(r"^(?P<weight>.+)_(?P<hidden>\d+)(?P<moe>_moe)?\.pth$")

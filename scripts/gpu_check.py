@@ -35,7 +35,7 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-from trainer_utils import GPU_CHECK_ENV  # noqa: E402
+from trainer_utils import GPU_CHECK_ENV, HelpFormatter, show_defaults  # noqa: E402
 
 # (stage, script, arguments, the stage whose weight it starts from)
 STAGES = [
@@ -104,7 +104,7 @@ def describe(device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--device", default=None, help="cuda / cuda:1 / mps / cpu (default: cuda when torch sees a GPU)")
     parser.add_argument("--nproc", type=int, default=None, help="processes (GPUs) to use; default: every GPU found")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -116,7 +116,7 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per stage")
     parser.add_argument("--stages", default=",".join(s[0] for s in STAGES), help="comma-separated subset")
     parser.add_argument("--keep", default=None, help="keep the weights, metrics and reports in this folder")
-    args = parser.parse_args()
+    args = show_defaults(parser).parse_args()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.device == "cpu":

@@ -38,7 +38,7 @@ from scripts.plot_metrics import plot  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
 from rewards import answer_reward, rule_rewards  # noqa: E402
-from trainer_utils import choose_dtype, pick_device  # noqa: E402
+from trainer_utils import HelpFormatter, choose_dtype, pick_device, show_defaults  # noqa: E402
 from train_dpo import sequence_logps, stack_pairs  # noqa: E402
 
 DEMO = os.path.join(REPO_ROOT, "dataset", "demo")
@@ -154,7 +154,7 @@ def read_jsonl(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--hidden_size", type=int, default=192)
     parser.add_argument("--num_hidden_layers", type=int, default=4)
     parser.add_argument("--pretrain_epochs", type=int, default=3)
@@ -167,7 +167,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny model, a few steps per stage: a smoke test")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="training precision of every stage (bf16 falls back to fp32 on CPUs without native bf16)")
-    args = parser.parse_args()
+    args = show_defaults(parser).parse_args()
     device = torch.device(pick_device())
     # Decided once here (with its notice, if bf16 is not native), then passed to every stage.
     dtype = str(choose_dtype(args.dtype, device if device.type != "cuda" else torch.device("cuda", 0))).removeprefix("torch.")

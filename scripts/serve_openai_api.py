@@ -22,8 +22,8 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chat_core import (PromptTooLong, add_model_arguments, fit_prompt, load_chat_model, resolve_paths,  # noqa: E402
-                       stream_reply)
+from chat_core import (HelpFormatter, PromptTooLong, add_model_arguments, fit_prompt, load_chat_model,  # noqa: E402
+                       resolve_paths, show_defaults, stream_reply)
 
 DEFAULT_MAX_TOKENS = 1024
 ROLES = ("system", "user", "assistant")
@@ -174,14 +174,16 @@ def create_app(chat, api_key=None, max_seq_len=8192):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--max_seq_len", type=int, default=8192, help="prompt + completion tokens per request")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (use --api_key)")
     parser.add_argument("--port", type=int, default=8998)
-    parser.add_argument("--api_key", default=os.environ.get("MINIMIND_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $MINIMIND_API_KEY, else none)")
-    args = parser.parse_args()
+    # The key's default is read after parsing, so that --help never prints a key from the environment.
+    parser.add_argument("--api_key", default=None,
+                        help="require 'Authorization: Bearer KEY'; when not given, $MINIMIND_API_KEY if set, else no key")
+    args = show_defaults(parser).parse_args()
+    args.api_key = args.api_key or os.environ.get("MINIMIND_API_KEY")
 
     path, lora_path = resolve_paths(args)
     chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling)

@@ -73,10 +73,10 @@ def start_process(command, url, log_path, env=None):
     raise AssertionError(f"{command[1]} did not start: " + open(log_path).read()[-3000:])
 
 
-def start_server(tmp_path, *args):
+def start_server(tmp_path, *args, env=None):
     """scripts/serve_openai_api.py on a free localhost port: (process, base url) once it answers."""
     port = free_port()
     command = [sys.executable, os.path.join(REPO_ROOT, "scripts", "serve_openai_api.py"), "--port", str(port),
                "--device", "cpu", *args]
     url = f"http://127.0.0.1:{port}"
-    return start_process(command, url + "/v1/models", tmp_path / f"server_{port}.log"), url
+    return start_process(command, url + "/v1/models", tmp_path / f"server_{port}.log", env=env), url

@@ -182,6 +182,21 @@ def test_api_key_and_lora_on_top(weight, tmp_path):
     assert served == with_lora != base
 
 
+def test_the_api_key_can_come_from_the_environment_and_help_never_shows_it(weight, tmp_path):
+    script = os.path.join(REPO_ROOT, "scripts", "serve_openai_api.py")
+    env = dict(os.environ, MINIMIND_API_KEY="from-env-key")
+    shown = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0 and "from-env-key" not in shown.stdout
+    process, url = start_server(tmp_path, "--load_from", str(weight), env=env)
+    try:
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert OpenAI(base_url=url + "/v1", api_key="from-env-key", max_retries=0).models.list().data
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def test_chat_client_script_talks_to_the_server(server):
     result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "chat_openai_api.py"),
                              "--base_url", server + "/v1", "--prompts", "你好", "你是谁？", "--historys", "2",

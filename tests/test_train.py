@@ -338,7 +338,7 @@ def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
     assert saved % 3 == 0 and logged >= 5
     result = run_script("train_pretrain.py", "--dtype", "float32", "--max_steps", str(logged + 1), "--from_resume", "1",
                         tmp=tmp_path)
-    assert f"resumed from" in result.stdout
+    assert "resumed from" in result.stdout
     assert [row["step"] for row in metrics(tmp_path, "pretrain_64_metrics.jsonl")] == list(range(1, logged + 2))
 
 

@@ -42,7 +42,7 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state
 def common_parser(description, *, save_weight, epochs, batch_size, learning_rate, accumulation_steps,
                   log_interval, save_interval, max_seq_len, data_path, from_weight):
     """The options every stage takes; each script passes its own defaults (MiniMind's) and adds extras."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--save_dir", default="../out", help="weights and metrics (relative to trainer/ by default)")
     p.add_argument("--checkpoint_dir", default="../checkpoints", help="resume files for --from_resume 1")
     p.add_argument("--save_weight", default=save_weight, help="name prefix of the saved weight file")
@@ -74,13 +74,22 @@ def common_parser(description, *, save_weight, epochs, batch_size, learning_rate
     return p
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps a docstring's layout and ends every option's help with its default."""
+
+
+def show_defaults(parser):
+    """Give options without a help text one, so that HelpFormatter (which skips those) lists their default."""
+    for action in parser._actions:
+        if action.help is None:
+            action.help = "(default: %(default)s)"
+    return parser
+
+
 def parse_args(parser, argv=None):
     """Parse, then turn path options into absolute paths: a default written relative to trainer/ (as in
     MiniMind, e.g. ../out) resolves against trainer/; a path the user typed resolves against the cwd."""
-    for action in parser._actions:  # --help lists every default (the formatter skips options without help)
-        if action.help is None:
-            action.help = "(default: %(default)s)"
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     for name in ("save_dir", "checkpoint_dir", "data_path", "reward_model_path"):
         value = getattr(args, name, None)
         if isinstance(value, str) and value and value.lower() != "none":
