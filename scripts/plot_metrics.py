@@ -33,11 +33,15 @@ def plot(paths, output, key="loss", title="MiniMind training"):
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 3.4), squeeze=False)
-    for ax, path in zip(axes[0], paths):
+    columns = min(4, len(paths))  # a grid, in the order given (the order the stages ran)
+    rows = -(-len(paths) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(paths):]:
+        ax.set_visible(False)
+    for number, (ax, path) in enumerate(zip(axes.flat, paths), 1):
         series = load_series(path, key)
         ax.plot(list(series), list(series.values()), linewidth=1.5)
-        ax.set_title(os.path.basename(path).replace("_metrics.jsonl", ""))
+        ax.set_title(f"{number}. {os.path.basename(path).replace('_metrics.jsonl', '')}")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

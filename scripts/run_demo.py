@@ -28,6 +28,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -66,15 +67,45 @@ def load(config, path, lora_path=None):
 
 
 @torch.no_grad()
-def held_out_loss(model, dataset, batch_size=16):
-    """Mean next-token loss over every label token of the dataset."""
-    total, tokens = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = pad_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.item() * n
-        tokens += n
-    return total / tokens
+def held_out_losses(model, dataset, batch_size=16, limit=None):
+    """Per row of the dataset (the first `limit` rows): (mean next-token loss over its label tokens, how many)."""
+    rows, size = [], min(len(dataset), limit or len(dataset))
+    for start in range(0, size, batch_size):
+        batch = pad_batch([dataset[i] for i in range(start, min(start + batch_size, size))])
+        logits = model(batch["input_ids"]).logits[:, :-1].float()  # right-padded: causal attention suffices
+        targets = batch["labels"][:, 1:]
+        losses = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+        mask = (targets != -100).float()
+        counts = mask.sum(1)
+        rows += [(float(l), int(n)) for l, n in zip((losses * mask).sum(1) / counts.clamp(min=1), counts) if n > 0]
+    return rows
+
+
+def weighted_mean(values, weights=None):
+    weights = weights or [1] * len(values)
+    return sum(v * w for v, w in zip(values, weights)) / sum(weights)
+
+
+def paired_interval(before, after, weights=None, samples=4000, seed=0):
+    """95% interval of the change (after - before) of a held-out mean, by the paired bootstrap: the items are
+    resampled with replacement, each keeping its own before and after value (Efron & Tibshirani, 1993)."""
+    before, after = torch.tensor(before, dtype=torch.float64), torch.tensor(after, dtype=torch.float64)
+    weights = torch.ones_like(before) if weights is None else torch.tensor(weights, dtype=torch.float64)
+    picks = torch.randint(len(before), (samples, len(before)), generator=torch.Generator().manual_seed(seed))
+    w = weights[picks]
+    changes = ((after[picks] - before[picks]) * w).sum(1) / w.sum(1)
+    low, high = torch.quantile(changes, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [low, high]
+
+
+def stage_result(stage, metric, before, after, higher_is_better, seconds=None, weights=None, primary=True):
+    """One row of the report card: the held-out means before and after the stage and the 95% interval of
+    the change, measured on the same items; `improved` when the whole interval lies on the good side of 0."""
+    low, high = paired_interval(before, after, weights)
+    return dict(stage=stage, metric=metric, before=weighted_mean(before, weights), after=weighted_mean(after, weights),
+                higher_is_better=higher_is_better, ci95=[low, high], items=len(before), primary=primary,
+                improved=low > 0 if higher_is_better else high < 0,
+                seconds=None if seconds is None else round(seconds, 1))
 
 
 @torch.no_grad()
@@ -94,33 +125,32 @@ def answer(model, tokenizer, questions, max_new_tokens=32, batch_size=32):
 
 
 @torch.no_grad()
-def preference(model, dataset, batch_size=16):
-    """(accuracy, mean margin) of log pi(chosen) - log pi(rejected), per-token means over the answers."""
-    margins = []
-    for start in range(0, len(dataset), batch_size):
-        batch = pad_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        ids, mask, labels = stack_pairs(batch, 0)
-        logps = sequence_logps(model(ids, attention_mask=mask).logits, labels, "mean")
+def preference_margins(model, dataset, batch_size=16, limit=None):
+    """Per pair (the first `limit`): log pi(chosen) - log pi(rejected), per-token means over the answers."""
+    margins, size = [], min(len(dataset), limit or len(dataset))
+    for start in range(0, size, batch_size):
+        batch = pad_batch([dataset[i] for i in range(start, min(start + batch_size, size))])
+        ids, _, labels = stack_pairs(batch, 0)
+        logps = sequence_logps(model(ids).logits, labels, "mean")
         n = len(batch["index"])
-        margins.append(logps[:n] - logps[n:])
-    margins = torch.cat(margins)
-    return (margins > 0).float().mean().item(), margins.mean().item()
+        margins += (logps[:n] - logps[n:]).tolist()
+    return margins
 
 
 REASONING_LAYOUT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.S)
 
 
 def format_compliance(model, tokenizer, questions):
+    """Per question: 1 if the greedy answer has the exact <think>..</think><answer>..</answer> layout; the answers."""
     answers = answer(model, tokenizer, questions, max_new_tokens=96)
-    return sum(bool(REASONING_LAYOUT.fullmatch(a.strip())) for a in answers) / len(questions), answers
+    return [float(bool(REASONING_LAYOUT.fullmatch(a.strip()))) for a in answers], answers
 
 
 def rl_scores(model, tokenizer, rows):
-    """(mean rule reward, exact-answer rate) of greedy answers to RL prompts with verifiable answers."""
+    """Per RL prompt with verifiable answers: (rule reward, exact answer 0/1) of the greedy answer."""
     texts = answer(model, tokenizer, [r["conversations"][0]["content"] for r in rows], max_new_tokens=96)
     extras = [dict(answers=r["answers"]) for r in rows]
-    reward = rule_rewards(texts, extras, reasoning=True).mean().item()
-    return reward, sum(answer_reward(t, e["answers"]) for t, e in zip(texts, extras)) / len(rows)
+    return rule_rewards(texts, extras, reasoning=True).tolist(), [answer_reward(t, e["answers"]) for t, e in zip(texts, extras)]
 
 
 def normalise(text):
@@ -138,14 +168,14 @@ def question_kind(question, expected):
 
 
 def exact_match(model, tokenizer, rows):
+    """Per verifiable question: 1 if the greedy answer is exactly the expected one; hits by kind; samples."""
     questions = [next(m["content"] for m in r["conversations"] if m["role"] == "user") for r in rows]
     got = answer(model, tokenizer, questions)
-    per_kind = {}
+    hits, per_kind = [], {}
     for question, row, out in zip(questions, rows, got):
-        hit = normalise(out) == normalise(row["answer"])
-        per_kind.setdefault(question_kind(question, row["answer"]), []).append(hit)
-    overall = sum(sum(v) for v in per_kind.values()) / len(rows)
-    return overall, {k: (sum(v), len(v)) for k, v in sorted(per_kind.items())}, list(zip(questions, rows, got))
+        hits.append(float(normalise(out) == normalise(row["answer"])))
+        per_kind.setdefault(question_kind(question, row["answer"]), []).append(hits[-1])
+    return hits, {k: (int(sum(v)), len(v)) for k, v in sorted(per_kind.items())}, list(zip(questions, rows, got))
 
 
 def read_jsonl(path):
@@ -176,8 +206,8 @@ def main():
     start_all = time.perf_counter()
     save_dir = os.path.join(args.out_dir, "demo")
     shown = lambda p: os.path.relpath(p, REPO_ROOT) if p.startswith(REPO_ROOT) else p  # noqa: E731
-    for old in ("pretrain", "full_sft", "lora_identity", "dpo", "reason", "full_dist", "grpo"):  # an earlier demo's
-        size = args.student_hidden_size if old == "full_dist" else args.hidden_size
+    for old in ("pretrain", "full_sft", "lora_identity", "dpo", "reason", "full_dist", "full_dist_control", "grpo"):
+        size = args.student_hidden_size if old.startswith("full_dist") else args.hidden_size  # an earlier demo's
         path = os.path.join(save_dir, f"{old}_{size}_metrics.jsonl")
         if os.path.exists(path):
             os.remove(path)
@@ -192,110 +222,144 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
     torch.manual_seed(0)
 
+    results = []
+    sampled = slice(0, 24) if args.quick else slice(None)  # --quick: a few held-out items only
+    limit = 48 if args.quick else None
+    eval_losses = lambda model, data: held_out_losses(model, data, limit=limit)  # noqa: E731
     # Stage 1: pretraining
     pretrain_eval = PretrainDataset(os.path.join(DEMO, "pretrain_eval.jsonl"), tokenizer, max_length=256)
-    loss_before = held_out_loss(load(config, None), pretrain_eval)
-    seconds_pretrain, cmd_pretrain = train("train_pretrain.py", settings + quick, data_path=shown(os.path.join(DEMO, "pretrain.jsonl")),
-                                           epochs=args.pretrain_epochs, batch_size=16, max_seq_len=256, packing=1,
-                                           accumulation_steps=1, learning_rate=2e-3, warmup_steps=20)
+    before = eval_losses(load(config, None), pretrain_eval)
+    seconds, cmd_pretrain = train("train_pretrain.py", settings + quick, data_path=shown(os.path.join(DEMO, "pretrain.jsonl")),
+                                  epochs=args.pretrain_epochs, batch_size=16, max_seq_len=256, packing=1,
+                                  accumulation_steps=1, learning_rate=2e-3, warmup_steps=20)
     pretrained = load(config, path("pretrain"))
-    loss_after = held_out_loss(pretrained, pretrain_eval)
+    after = eval_losses(pretrained, pretrain_eval)
+    results.append(stage_result("pretrain", f"loss on pretrain_eval.jsonl ({len(after)} documents, per token)",
+                                [b for b, _ in before], [a for a, _ in after], False, seconds, [n for _, n in after]))
 
     # Stage 2: full SFT
-    verifiable = [r for r in read_jsonl(os.path.join(DEMO, "sft_eval.jsonl")) if "answer" in r]
+    verifiable = [r for r in read_jsonl(os.path.join(DEMO, "sft_eval.jsonl")) if "answer" in r][sampled]
     sft_eval = SFTDataset(os.path.join(DEMO, "sft_eval.jsonl"), tokenizer, max_length=256)
-    sft_loss_before = held_out_loss(pretrained, sft_eval)
+    sft_loss_before = eval_losses(pretrained, sft_eval)
     em_before, kinds_before, _ = exact_match(pretrained, tokenizer, verifiable)
-    seconds_sft, cmd_sft = train("train_full_sft.py", settings + quick, data_path=shown(os.path.join(DEMO, "sft.jsonl")),
-                                 epochs=args.sft_epochs, batch_size=16, max_seq_len=256, learning_rate=1e-3,
-                                 from_weight="pretrain")
+    seconds, cmd_sft = train("train_full_sft.py", settings + quick, data_path=shown(os.path.join(DEMO, "sft.jsonl")),
+                             epochs=args.sft_epochs, batch_size=16, max_seq_len=256, learning_rate=1e-3,
+                             from_weight="pretrain")
     sft_model = load(config, path("full_sft"))
-    sft_loss_after = held_out_loss(sft_model, sft_eval)
+    sft_loss_after = eval_losses(sft_model, sft_eval)
     em_after, kinds_after, samples = exact_match(sft_model, tokenizer, verifiable)
+    results.append(stage_result("sft", f"exact match on {len(verifiable)} verifiable questions of sft_eval.jsonl",
+                                em_before, em_after, True, seconds))
+    results.append(stage_result("sft", f"loss on the answers of sft_eval.jsonl ({len(sft_loss_after)} conversations)",
+                                [b for b, _ in sft_loss_before], [a for a, _ in sft_loss_after], False,
+                                weights=[n for _, n in sft_loss_after], primary=False))
 
     # Stage 3: LoRA identity
     identity = read_jsonl(os.path.join(DEMO, "lora_identity_eval.jsonl"))
     identity_questions = [r["conversations"][0]["content"] for r in identity]
     before_identity = answer(sft_model, tokenizer, identity_questions, max_new_tokens=48)
-    seconds_lora, cmd_lora = train("train_lora.py", settings + quick, data_path=shown(os.path.join(DEMO, "lora_identity.jsonl")),
-                                   epochs=args.lora_epochs, batch_size=16, max_seq_len=256, learning_rate=2e-3,
-                                   from_weight="full_sft")
+    seconds, cmd_lora = train("train_lora.py", settings + quick, data_path=shown(os.path.join(DEMO, "lora_identity.jsonl")),
+                              epochs=args.lora_epochs, batch_size=16, max_seq_len=256, learning_rate=2e-3,
+                              from_weight="full_sft")
     lora_model = load(config, path("full_sft"), os.path.join(save_dir, "lora", f"lora_identity_{args.hidden_size}.pth"))
     after_identity = answer(lora_model, tokenizer, identity_questions, max_new_tokens=48)
-    named = lambda answers: sum("MiniMind" in a for a in answers)  # noqa: E731
+    results.append(stage_result("lora", f"{len(identity)} held-out \"who are you?\" phrasings answered with \"MiniMind\"",
+                                [float("MiniMind" in a) for a in before_identity],
+                                [float("MiniMind" in a) for a in after_identity], True, seconds))
 
     # Stage 4: DPO, from the SFT model
     dpo_eval = DPODataset(os.path.join(DEMO, "dpo_eval.jsonl"), tokenizer, max_length=256)
-    accuracy_before, margin_before = preference(sft_model, dpo_eval)
-    seconds_dpo, cmd_dpo = train("train_dpo.py", settings + quick, data_path=shown(os.path.join(DEMO, "dpo.jsonl")),
-                                 epochs=1, batch_size=8, max_seq_len=256, learning_rate=1e-4, beta=0.1,
-                                 precompute_ref=1, from_weight="full_sft")
+    margins_before = preference_margins(sft_model, dpo_eval, limit=limit)
+    seconds, cmd_dpo = train("train_dpo.py", settings + quick, data_path=shown(os.path.join(DEMO, "dpo.jsonl")),
+                             epochs=1, batch_size=8, max_seq_len=256, learning_rate=1e-4, beta=0.1,
+                             precompute_ref=0 if args.quick else 1, from_weight="full_sft")  # quick: 3 steps
     dpo_model = load(config, path("dpo"))
-    accuracy_after, margin_after = preference(dpo_model, dpo_eval)
+    margins_after = preference_margins(dpo_model, dpo_eval, limit=limit)
+    results.append(stage_result("dpo", f"preference accuracy on dpo_eval.jsonl ({len(margins_after)} pairs): "
+                                "log-prob of chosen > rejected", [float(m > 0) for m in margins_before],
+                                [float(m > 0) for m in margins_after], True, seconds))
+    results.append(stage_result("dpo", "log-prob margin, chosen - rejected (per-token mean)", margins_before,
+                                margins_after, True, primary=False))
 
     # Stage 5: reasoning distillation, from the DPO model
-    r1_questions = [r["conversations"][0]["content"] for r in read_jsonl(os.path.join(DEMO, "r1_eval.jsonl"))]
+    r1_questions = [r["conversations"][0]["content"] for r in read_jsonl(os.path.join(DEMO, "r1_eval.jsonl"))][sampled]
     layout_before, _ = format_compliance(dpo_model, tokenizer, r1_questions)
-    seconds_reason, cmd_reason = train("train_distill_reason.py", settings + quick, data_path=shown(os.path.join(DEMO, "r1.jsonl")),
-                                       epochs=1, batch_size=16, max_seq_len=256, learning_rate=1e-3, from_weight="dpo")
+    seconds, cmd_reason = train("train_distill_reason.py", settings + quick, data_path=shown(os.path.join(DEMO, "r1.jsonl")),
+                                epochs=1, batch_size=16, max_seq_len=256, learning_rate=1e-3, from_weight="dpo")
     layout_after, reason_samples = format_compliance(load(config, path("reason")), tokenizer, r1_questions)
+    results.append(stage_result("reasoning", f"{len(r1_questions)} r1_eval.jsonl prompts answered in the "
+                                "<think>…</think><answer>…</answer> layout", layout_before, layout_after, True, seconds))
 
-    # Stage 6: knowledge distillation, a smaller student from the SFT model as teacher
+    # Stage 6: knowledge distillation, a smaller student from the SFT model as teacher, against a control: the
+    # same student, data, steps and seed with alpha = 1 (the hard-label loss alone, no teacher)
     student_config = MiniMindConfig(hidden_size=args.student_hidden_size, num_hidden_layers=args.student_num_layers)
-    torch.manual_seed(0)
-    student_before = held_out_loss(MiniMindForCausalLM(student_config).eval(), sft_eval)
     kd_settings = [x for x in settings if x not in ("--hidden_size", str(args.hidden_size), "--num_hidden_layers",
                                                       str(args.num_hidden_layers))]
-    seconds_kd, cmd_kd = train("train_distillation.py", kd_settings + quick, data_path=shown(os.path.join(DEMO, "sft.jsonl")),
-                               student_hidden_size=args.student_hidden_size, student_num_layers=args.student_num_layers,
-                               teacher_hidden_size=args.hidden_size, teacher_num_layers=args.num_hidden_layers,
-                               from_weight="none", teacher_weight="full_sft", epochs=1, batch_size=16, max_seq_len=256,
-                               learning_rate=2e-3)
-    student_after = held_out_loss(load(student_config, os.path.join(save_dir, f"full_dist_{args.student_hidden_size}.pth")),
-                                  sft_eval)
+    kd_options = dict(data_path=shown(os.path.join(DEMO, "sft.jsonl")), student_hidden_size=args.student_hidden_size,
+                      student_num_layers=args.student_num_layers, teacher_hidden_size=args.hidden_size,
+                      teacher_num_layers=args.num_hidden_layers, from_weight="none", teacher_weight="full_sft",
+                      epochs=1, batch_size=16, max_seq_len=256, learning_rate=2e-3)
+    _, cmd_control = train("train_distillation.py", kd_settings + quick, **kd_options, alpha=1.0,
+                           save_weight="full_dist_control")
+    seconds, cmd_kd = train("train_distillation.py", kd_settings + quick, **kd_options)
+    student = lambda name: load(student_config, os.path.join(save_dir, f"{name}_{args.student_hidden_size}.pth"))  # noqa: E731
+    control_losses = eval_losses(student("full_dist_control"), sft_eval)
+    kd_losses = eval_losses(student("full_dist"), sft_eval)
+    results.append(stage_result("kd", f"student {args.student_hidden_size}×{args.student_num_layers} loss on the answers "
+                                f"of sft_eval.jsonl: trained without the teacher (before) vs with it (after)",
+                                [c for c, _ in control_losses], [k for k, _ in kd_losses], False, seconds,
+                                [n for _, n in kd_losses]))
 
     # Stage 7: GRPO on the verifiable RL prompts, from the reasoning model
-    rl_eval = [r for r in read_jsonl(os.path.join(DEMO, "rlaif_eval.jsonl")) if r["answers"]]
-    reasoning_model = load(config, path("reason"))
-    rl_before = rl_scores(reasoning_model, tokenizer, rl_eval)
-    seconds_grpo, cmd_grpo = train("train_grpo.py", settings + (quick or ["--max_steps", str(args.grpo_steps)]),
-                                   data_path=shown(os.path.join(DEMO, "rlaif.jsonl")), from_weight="reason",
-                                   reasoning=1, num_generations=4, batch_size=4, max_seq_len=128, max_gen_len=64,
-                                   learning_rate=2e-5, beta=0.02)
-    rl_after = rl_scores(load(config, path("grpo")), tokenizer, rl_eval)
+    rl_eval = [r for r in read_jsonl(os.path.join(DEMO, "rlaif_eval.jsonl")) if r["answers"]][sampled]
+    rewards_before, exact_before = rl_scores(load(config, path("reason")), tokenizer, rl_eval)
+    seconds, cmd_grpo = train("train_grpo.py", settings + (quick or ["--max_steps", str(args.grpo_steps)]),
+                              data_path=shown(os.path.join(DEMO, "rlaif.jsonl")), from_weight="reason",
+                              reasoning=1, num_generations=4, batch_size=4, max_seq_len=128, max_gen_len=64,
+                              learning_rate=2e-5, beta=0.02)
+    rewards_after, exact_after = rl_scores(load(config, path("grpo")), tokenizer, rl_eval)
+    results.append(stage_result("grpo", f"mean rule reward (format + answer, 0-2.5) on {len(rl_eval)} verifiable "
+                                "rlaif_eval.jsonl prompts", rewards_before, rewards_after, True, seconds))
+    results.append(stage_result("grpo", "exact-answer rate on the same prompts", exact_before, exact_after, True,
+                                primary=False))
 
     curves = plot([os.path.join(save_dir, f"{n}_{args.hidden_size}_metrics.jsonl")
-                   for n in ("pretrain", "full_sft", "lora_identity", "dpo", "reason", "grpo")] +
-                  [os.path.join(save_dir, f"full_dist_{args.student_hidden_size}_metrics.jsonl")],
-                  os.path.join(args.out_dir, "demo_loss_curves.png"), title="MiniMind demo: training loss")
+                   for n in ("pretrain", "full_sft", "lora_identity", "dpo", "reason")] +
+                  [os.path.join(save_dir, f"full_dist_{args.student_hidden_size}_metrics.jsonl"),
+                   os.path.join(save_dir, f"grpo_{args.hidden_size}_metrics.jsonl")],
+                  os.path.join(args.out_dir, "demo_loss_curves.png"), title="MiniMind demo: training loss, stages in order")
     total_minutes = (time.perf_counter() - start_all) / 60
+    summary = dict(model=f"{args.hidden_size}x{args.num_hidden_layers}",
+                   parameters=sum(p.numel() for p in sft_model.parameters()), device=device.type, dtype=dtype,
+                   cpu_cores=os.cpu_count(), torch=torch.__version__, minutes=round(total_minutes, 1),
+                   quick=args.quick, stages=results)
+    with open(os.path.join(args.out_dir, "demo_report.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, ensure_ascii=False, indent=1)
+
+    def shown_value(value, metric):
+        return f"{value:.1%}" if any(w in metric for w in ("accuracy", "match", "rate", "answered")) else f"{value:.3f}"
+
+    def row(r):
+        low, high = r["ci95"]
+        change = r["after"] - r["before"]
+        as_share = "%" in shown_value(0, r["metric"])
+        fmt = (lambda v: f"{v * 100:+.1f} pt") if as_share else (lambda v: f"{v:+.3f}")
+        verdict = ("better" if r["improved"] else "not significant") if r["primary"] else ""
+        time_cell = f"{r['seconds'] / 60:.1f} min" if r["seconds"] is not None else ""
+        return (f"| {r['stage']} | {time_cell} | {r['metric']} | {shown_value(r['before'], r['metric'])} | "
+                f"{shown_value(r['after'], r['metric'])} | {fmt(change)} [{fmt(low)}, {fmt(high)}] | {verdict} |")
+
     kinds = "; ".join(f"{k} {kinds_before[k][0]}→{kinds_after[k][0]}/{n}" for k, (_, n) in kinds_after.items())
     lines = [
         "# MiniMind demo report", "",
-        f"Model {args.hidden_size}×{args.num_hidden_layers} ({sum(p.numel() for p in sft_model.parameters()) / 1e6:.2f}M "
-        f"parameters), bundled demo data, {os.cpu_count()} CPU cores, torch {torch.__version__}, {device.type}, {dtype}; "
+        f"Model {summary['model']} ({summary['parameters'] / 1e6:.2f}M parameters), bundled demo data, "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {device.type}, {dtype}; "
         f"{total_minutes:.1f} minutes in all{' (quick smoke run: the numbers mean nothing)' if args.quick else ''}.", "",
-        "Every number is measured on held-out files that no stage trained on.", "",
-        "| stage | time | metric (held-out) | before | after |", "|---|---|---|---|---|",
-        f"| pretrain | {seconds_pretrain / 60:.1f} min | loss on pretrain_eval.jsonl ({len(pretrain_eval)} documents) | "
-        f"{loss_before:.3f} | {loss_after:.3f} |",
-        f"| full SFT | {seconds_sft / 60:.1f} min | loss on the answers of sft_eval.jsonl ({len(sft_eval)} conversations) | "
-        f"{sft_loss_before:.3f} | {sft_loss_after:.3f} |",
-        f"| full SFT | | exact match on {len(verifiable)} verifiable questions of sft_eval.jsonl | "
-        f"{em_before:.1%} | {em_after:.1%} |",
-        f"| LoRA identity | {seconds_lora / 60:.1f} min | {len(identity)} held-out \"who are you?\" phrasings answered with "
-        f"\"MiniMind\" | {named(before_identity)}/{len(identity)} | {named(after_identity)}/{len(identity)} |",
-        f"| DPO | {seconds_dpo / 60:.1f} min | preference accuracy on dpo_eval.jsonl ({len(dpo_eval)} pairs): log-prob of "
-        f"chosen > rejected | {accuracy_before:.1%} | {accuracy_after:.1%} |",
-        f"| DPO | | mean log-prob margin, chosen - rejected (per token) | {margin_before:.4f} | {margin_after:.4f} |",
-        f"| reasoning | {seconds_reason / 60:.1f} min | {len(r1_questions)} r1_eval.jsonl prompts answered in the "
-        f"<think>…</think><answer>…</answer> layout | {layout_before:.1%} | {layout_after:.1%} |",
-        f"| KD | {seconds_kd / 60:.1f} min | student {args.student_hidden_size}×{args.student_num_layers} loss on the answers "
-        f"of sft_eval.jsonl (teacher {args.hidden_size}×{args.num_hidden_layers}: {sft_loss_after:.3f}) | "
-        f"{student_before:.3f} | {student_after:.3f} |",
-        f"| GRPO | {seconds_grpo / 60:.1f} min | mean rule reward (format + answer, 0-2.5) on {len(rl_eval)} verifiable "
-        f"rlaif_eval.jsonl prompts | {rl_before[0]:.3f} | {rl_after[0]:.3f} |",
-        f"| GRPO | | exact-answer rate on the same prompts | {rl_before[1]:.1%} | {rl_after[1]:.1%} |", "",
+        "Every number is measured on held-out files that no stage trained on. The change comes with its 95% interval "
+        "(paired bootstrap over the held-out items); \"better\" means the whole interval is on the good side of 0. "
+        "The same numbers are in demo_report.json.", "",
+        "| stage | time | metric (held-out) | before | after | change [95% interval] | |", "|---|---|---|---|---|---|---|",
+        *[row(r) for r in results], "",
         f"Exact matches by kind (before SFT → after SFT / questions): {kinds}.", "",
         f"![loss curves]({os.path.relpath(curves, args.out_dir)})", "",
         "## Sample answers after SFT", "", "| question | expected | answer |", "|---|---|---|",
@@ -306,13 +370,16 @@ def main():
               for q, b, a in zip(identity_questions, before_identity, after_identity)]
     lines += ["", "## Reasoning answers after distillation", "", "| question | answer |", "|---|---|"]
     lines += [f"| {q} | {a.replace(chr(10), ' ')[:100]} |" for q, a in zip(r1_questions[:6], reason_samples[:6])]
-    lines += ["", "## Commands", "", "```", cmd_pretrain, cmd_sft, cmd_lora, cmd_dpo, cmd_reason, cmd_kd, cmd_grpo,
-                                          "```", ""]
+    lines += ["", "## Commands", "", "```", cmd_pretrain, cmd_sft, cmd_lora, cmd_dpo, cmd_reason, cmd_control, cmd_kd,
+              cmd_grpo, "```", ""]
     report = os.path.join(args.out_dir, "demo_report.md")
     with open(report, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     print(f"\n{report} written ({total_minutes:.1f} min)\n")
-    print("\n".join(lines[:22]))
+    print("\n".join(lines[:8 + len(results)]))
+    weak = [r["stage"] for r in results if r["primary"] and not r["improved"]]
+    if weak and not args.quick:
+        print(f"\nNo significant held-out gain from: {', '.join(weak)} (see the intervals above).")
 
 
 if __name__ == "__main__":

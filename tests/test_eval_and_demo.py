@@ -146,15 +146,34 @@ def test_plot_metrics(tmp_path):
         plot_metrics.load_series(str(bad))
 
 
+def test_paired_bootstrap_interval():
+    from scripts.run_demo import paired_interval, stage_result
+    low, high = paired_interval([0] * 50, [1] * 40 + [0] * 10)  # 40 of 50 items newly right
+    assert 0.6 < low < 0.8 < high <= 0.92
+    low, high = paired_interval([0, 1] * 25, [1, 0] * 25)  # as many fixed as broken: no change
+    assert low < 0 < high
+    result = stage_result("kd", "loss", [2.0, 3.0, 4.0], [1.0, 2.5, 3.0], False, weights=[1, 2, 3])
+    assert result["before"] == 20 / 6 and result["after"] == 15 / 6 and result["improved"]  # token-weighted means
+
+
 def test_demo_pipeline_smoke_run(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "run_demo.py"), "--quick",
                              "--out_dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, MINIMIND_NO_PROGRESS="1", HF_DATASETS_CACHE=str(tmp_path / "cache")))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = (tmp_path / "demo_report.md").read_text(encoding="utf-8")
-    for row in ("| pretrain |", "| full SFT |", "| LoRA identity |"):
+    for row in ("| pretrain |", "| sft |", "| lora |", "| dpo |", "| reasoning |", "| kd |", "| grpo |"):
         assert row in report
-    assert "loss on pretrain_eval.jsonl (232 documents)" in report
+    assert "loss on pretrain_eval.jsonl (48 documents, per token)" in report  # --quick scores a few items
+    card = json.loads((tmp_path / "demo_report.json").read_text(encoding="utf-8"))
+    primary = [r for r in card["stages"] if r["primary"]]
+    assert [r["stage"] for r in primary] == ["pretrain", "sft", "lora", "dpo", "reasoning", "kd", "grpo"]
+    for r in card["stages"]:
+        low, high = r["ci95"]
+        assert low <= r["after"] - r["before"] + 1e-9 and r["after"] - r["before"] <= high + 1e-9
+        assert {"metric", "before", "after", "higher_is_better", "seconds"} <= set(r)
+    assert card["device"] == "cpu" and card["dtype"] in ("float32", "bfloat16") and card["minutes"] > 0
+    assert primary[0]["improved"] and primary[0]["ci95"][1] < 0  # even 3 steps lower the held-out loss
     assert (tmp_path / "demo_loss_curves.png").stat().st_size > 10_000
     for name in ("pretrain_64.pth", "full_sft_64.pth", "lora/lora_identity_64.pth"):
         assert (tmp_path / "demo" / name).exists()

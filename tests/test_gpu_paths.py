@@ -60,7 +60,8 @@ def test_training_forward_passes_no_mask_and_the_loss_is_unchanged(monkeypatch):
     assert abs(loss.item() - masked.item()) < 1e-6  # the padding mask changed nothing that carries loss
 
 
-def test_masked_attention_expands_kv_heads_for_the_memory_efficient_kernel(monkeypatch):
+def test_masked_attention_on_a_cpu_keeps_grouped_kv_heads(monkeypatch):
+    """The CPU's flash kernel takes GQA with a mask: no K/V copy there (CUDA's case is the next test)."""
     model = tiny_model()
     ids = torch.randint(3, 6400, (2, 10))
     mask = torch.ones_like(ids)
@@ -69,7 +70,7 @@ def test_masked_attention_expands_kv_heads_for_the_memory_efficient_kernel(monke
         reference = [model(ids[i:i + 1, 4 * i:]).logits[0, -1] for i in range(2)]
         calls = sdpa_spy(monkeypatch)
         logits = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
-    assert calls and all(c["mask"] and c["k_heads"] == c["q_heads"] == 4 and not c["enable_gqa"] for c in calls)
+    assert calls and all(c["mask"] and c["k_heads"] == 2 and c["q_heads"] == 4 and c["enable_gqa"] for c in calls)
     for i in range(2):  # each row scores as if it were alone and unpadded
         assert torch.allclose(logits[i, -1], reference[i], atol=1e-5)
 
@@ -83,6 +84,7 @@ def test_cuda_calls_repeat_kv_heads_wherever_flash_cannot_take_them(fake_gpu):
     fake_gpu.capability = (7, 5)
     assert needs(cuda, torch.float16, masked=False)    # no flash before sm80 (T4, RTX 20xx)
     assert not needs(torch.device("cpu"), torch.float32, masked=False)  # the CPU flash kernel takes GQA in fp32
+    assert not needs(torch.device("cpu"), torch.bfloat16, masked=True)  # ... and with a mask
     assert needs(torch.device("mps"), torch.float16, masked=False)
 
 
