@@ -14,10 +14,12 @@ measured on held-out data that no stage trained on:
              log-probability than the rejected one, and the mean margin, for the SFT model and after DPO
   reasoning  share of held-out r1_eval.jsonl prompts answered in the exact <think>..</think><answer>..</answer>
              layout, before (the DPO model) and after reasoning distillation
-  KD         held-out SFT answer loss of a small student (96x2) before and after distillation, and the teacher's
+  KD         held-out SFT answer loss of a small student (96x2) distilled from the SFT model, against a control
+             student trained the same way without the teacher (alpha = 1)
   GRPO       on the verifiable prompts of rlaif_eval.jsonl (greedy answers): mean rule reward and exact-answer rate,
              before (the reasoning model) and after GRPO
-Weights go to out/demo/, the report to out/demo_report.md, loss curves to out/demo_loss_curves.png.
+Each change comes with a 95% paired-bootstrap interval over the held-out items. Weights go to out/demo/, the
+report to out/demo_report.md and out/demo_report.json, loss curves to out/demo_loss_curves.png.
 """
 import argparse
 import json
