@@ -195,8 +195,9 @@ def sdpa_needs_repeated_kv(device: torch.device, dtype: torch.dtype, masked: boo
     """
     if device.type == "cpu":
         return False
+    # get_device_properties: torch.compile folds it to a constant (no graph break inside the forward)
     flash = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not masked
-             and torch.cuda.get_device_capability(device) >= (8, 0))
+             and torch.cuda.get_device_properties(device).major >= 8)
     return not flash
 
 
@@ -361,7 +362,7 @@ class MOEFeedForward(nn.Module):
         if tokens.device.type == "cpu":
             return aligned and dtype in (torch.float32, torch.bfloat16)
         if tokens.device.type == "cuda":
-            return aligned and dtype == torch.bfloat16 and torch.cuda.get_device_capability(tokens.device)[0] in (9, 10)
+            return aligned and dtype == torch.bfloat16 and torch.cuda.get_device_properties(tokens.device).major in (9, 10)
         return False
 
     def _grouped_experts(self, tokens, topk_idx, topk_weight):

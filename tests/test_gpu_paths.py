@@ -100,6 +100,8 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu.capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(major=gpu.capability[0], minor=gpu.capability[1], name=gpu.name))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu.name)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: setattr(gpu, "current", torch.device(device)))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: gpu.synced.append(device))
