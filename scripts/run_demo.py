@@ -1,7 +1,7 @@
 """The whole pipeline on the bundled demo data, on a CPU: pretrain -> full SFT -> LoRA identity -> DPO ->
 reasoning distillation -> knowledge distillation -> GRPO, each evaluated on held-out data.
 
-    python scripts/run_demo.py            # about 17 minutes on 2 CPU cores; writes out/demo_report.md
+    python scripts/run_demo.py            # about 21 minutes on 2 CPU cores in fp32; writes out/demo_report.md
     python scripts/run_demo.py --quick    # a 1-minute smoke run with a tiny model (numbers mean nothing)
 
 Each stage runs the real trainer command line (printed as it goes). Every number in the report is
