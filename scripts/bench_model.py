@@ -18,8 +18,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-from trainer_utils import (choose_dtype, cuda_device, peak_memory_gib, peak_tflops, pick_device,  # noqa: E402
-                           reset_peak_memory, synchronize, training_flops_per_token, use_tf32)
+from trainer_utils import (benchmark_setup, peak_memory_gib, peak_tflops, pick_device, reset_peak_memory,  # noqa: E402
+                           synchronize, training_flops_per_token)
 
 MODELS = {
     "dense 512x8 (MiniMind2-Small)": dict(hidden_size=512, num_hidden_layers=8),
@@ -106,13 +106,7 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--skip_decode", action="store_true")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = cuda_device(args.device)  # made current, so work without an explicit device lands there too
-    use_tf32(device)
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    # GPUs before sm80 only emulate bf16: choose_dtype takes float16 there (and says so)
-    dtype = choose_dtype(dtype_name, device) if device.type == "cuda" else getattr(torch, dtype_name)
+    device, dtype = benchmark_setup(args.device, args.dtype)  # cuda:N made current; fp16 before sm80
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"

@@ -24,8 +24,8 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E4
 from rewards import rule_rewards  # noqa: E402
 from rollout import completion_logprobs, masked_mean, sample  # noqa: E402
 from train_grpo import clipped_objective, group_advantages, k3_kl  # noqa: E402
-from trainer_utils import (choose_dtype, cuda_device, peak_memory_gib, pick_device, reset_peak_memory,  # noqa: E402
-                           synchronize, use_tf32)
+from trainer_utils import (benchmark_setup, peak_memory_gib, pick_device, reset_peak_memory,  # noqa: E402
+                           synchronize)
 
 
 def main():
@@ -38,13 +38,7 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = cuda_device(args.device)  # made current, so work without an explicit device lands there too
-    use_tf32(device)
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    # GPUs before sm80 only emulate bf16: choose_dtype takes float16 there (and says so)
-    dtype = choose_dtype(dtype_name, device) if device.type == "cuda" else getattr(torch, dtype_name)
+    device, dtype = benchmark_setup(args.device, args.dtype)  # cuda:N made current; fp16 before sm80
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
     torch.manual_seed(0)

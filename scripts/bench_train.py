@@ -22,8 +22,8 @@ sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
 from dataset.lm_dataset import PretrainDataset, pad_batch  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-from trainer_utils import (choose_dtype, cuda_device, peak_tflops, pick_device, synchronize,  # noqa: E402
-                           training_flops_per_token, use_tf32)
+from trainer_utils import (benchmark_setup, peak_tflops, pick_device, synchronize,  # noqa: E402
+                           training_flops_per_token)
 
 
 def bench(dataset, args, device, dtype, compile_model):
@@ -71,13 +71,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip_compile", action="store_true")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = cuda_device(args.device)  # made current, so work without an explicit device lands there too
-    use_tf32(device)
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    # GPUs before sm80 only emulate bf16: choose_dtype takes float16 there (and says so)
-    dtype = choose_dtype(dtype_name, device) if device.type == "cuda" else getattr(torch, dtype_name)
+    device, dtype = benchmark_setup(args.device, args.dtype)  # cuda:N made current; fp16 before sm80
     from transformers import AutoTokenizer
     import datasets
     datasets.disable_progress_bars()

@@ -23,8 +23,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from model.model_lora import apply_lora, load_lora, lora_layout  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
-from trainer.trainer_utils import (HelpFormatter, cuda_device, inference_dtype, pick_device,  # noqa: E402,F401
-                                   show_defaults, use_tf32)
+from trainer.trainer_utils import inference_dtype, pick_device, ready_device  # noqa: E402
 
 # out/{weight}_{hidden}[_moe].pth, the names the training stages write
 WEIGHT_NAME = re.compile(r"^(?P<weight>.+)_(?P<hidden>\d+)(?P<moe>_moe)?\.pth$")
@@ -108,7 +107,7 @@ def demo_hint(args):
         return ""
     weights = {m["weight"]: m for m in (WEIGHT_NAME.match(os.path.basename(p)) for p in find_local_models(demo)) if m}
     pick = args.weight if args.weight in weights else \
-        next((w for w in ("grpo", "reason", "dpo", "full_sft") if w in weights), None)
+        next((w for w in CHAT_STAGES if w in weights), None)
     if pick is None:
         return ""
     found = weights[pick]
@@ -121,10 +120,7 @@ def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inferenc
     """A ChatModel from a native .pth (any size: the config is read off the tensors) or a transformers
     folder, with an optional from-scratch LoRA file applied on top. Weights are held in inference_dtype:
     bf16 (fp16 before sm80, and on MPS) on a GPU, fp32 on a CPU."""
-    device = torch.device(device or pick_device())
-    if device.type == "cuda":  # --device cuda:1 becomes the current device, as in training
-        device = cuda_device(str(device))
-    use_tf32(device)
+    device = ready_device(device or pick_device())  # --device cuda:1 becomes the current device, as in training
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"{path}: a model folder needs config.json (make one with scripts/convert_model.py)")
@@ -164,7 +160,8 @@ def find_local_models(*folders):
     return found
 
 
-CHAT_STAGES = ("grpo", "spo", "ppo_actor", "reason", "dpo", "full_sft", "full_dist")  # weights that answer chats
+# Weights that answer chats, later stages of the pipeline first.
+CHAT_STAGES = ("grpo", "spo", "ppo_actor", "reason", "dpo", "full_sft", "full_dist")
 
 
 def newest_chat_model(paths):

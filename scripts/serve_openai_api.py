@@ -22,8 +22,9 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chat_core import (HelpFormatter, PromptTooLong, add_model_arguments, fit_prompt, load_chat_model,  # noqa: E402
-                       resolve_paths, show_defaults, stream_reply)
+from chat_core import (PromptTooLong, add_model_arguments, fit_prompt, load_chat_model, resolve_paths,  # noqa: E402
+                       stream_reply)
+from trainer.trainer_utils import HelpFormatter, show_defaults  # noqa: E402  (chat_core put the repo on the path)
 
 DEFAULT_MAX_TOKENS = 1024
 ROLES = ("system", "user", "assistant")

@@ -144,6 +144,16 @@ def test_a_single_process_on_cuda_1_makes_it_current(fake_gpu):
     device = trainer_utils.setup_device("cuda:1", ddp=False)
     assert device == torch.device("cuda", 1) and fake_gpu.current == torch.device("cuda", 1)
     assert trainer_utils.setup_device("cuda", ddp=False) == torch.device("cuda", 0)  # an index, never bare
+    before = torch.get_float32_matmul_precision()
+    try:  # eval, serving and benchmarks: the same device rule, plus TF32 for leftover fp32 matmuls
+        fake_gpu.current = None
+        assert trainer_utils.ready_device("cuda:1") == torch.device("cuda", 1) == fake_gpu.current
+        assert torch.get_float32_matmul_precision() == "high"
+        fake_gpu.capability = (7, 5)
+        assert trainer_utils.benchmark_setup("cuda:1") == (torch.device("cuda", 1), torch.float16)
+        assert trainer_utils.benchmark_setup("cpu") == (torch.device("cpu"), torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_each_ddp_process_binds_its_own_gpu(fake_gpu, monkeypatch):

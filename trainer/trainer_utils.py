@@ -219,6 +219,24 @@ def use_tf32(device: torch.device):
         torch.set_float32_matmul_precision("high")
 
 
+def ready_device(name) -> torch.device:
+    """A device for evaluation, serving or benchmarks: "cuda" / "cuda:N" made the current device, and TF32
+    allowed for the fp32 matmuls there (training gets the same from Run)."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        device = cuda_device(str(device))
+    use_tf32(device)
+    return device
+
+
+def benchmark_setup(device_name, dtype_name=None):
+    """(device, dtype) of a benchmark script: bf16 on CUDA (float16 before sm80, with choose_dtype's message),
+    float32 elsewhere, unless a dtype is asked for."""
+    device = ready_device(device_name)
+    dtype_name = dtype_name or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, choose_dtype(dtype_name, device) if device.type == "cuda" else getattr(torch, dtype_name)
+
+
 def synchronize(device):
     """Wait for the device's queued work (for honest timings); nothing to wait for on a CPU."""
     device = torch.device(device)
@@ -450,11 +468,7 @@ class Run:
         if self.progress is not None:
             self.progress.close()
         print0(f"interrupted at step {self.step}; resume with --from_resume 1")
-        if self.ddp:
-            dist.barrier()
-            dist.destroy_process_group()
-            sys.stdout.flush()
-            os._exit(130)
+        self._leave_together(130)
         raise SystemExit(130)
 
     def wrap(self, model):
@@ -774,15 +788,18 @@ class Run:
             self.tracker.finish()
         if os.environ.get(GPU_CHECK_ENV) and is_main():
             self._write_gpu_check_report(os.environ[GPU_CHECK_ENV])
+        self._leave_together(0)
+
+    def _leave_together(self, exit_code):
+        """Under DDP, with every file saved: all processes leave at once. The DDP wrapper still holds the gloo
+        group, and letting interpreter shutdown destroy it can abort the process ("terminate called without
+        an active exception") after a successful run, so skip that shutdown once all is flushed."""
         if self.ddp:
-            # Every file is saved; leave together. The DDP wrapper still holds the gloo group, and
-            # letting interpreter shutdown destroy it can abort the process ("terminate called without
-            # an active exception") after a successful run, so skip that shutdown once all is flushed.
             dist.barrier()
             dist.destroy_process_group()
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(0)
+            os._exit(exit_code)
 
 
 # ----------------------------------------------------------------------------------------------
