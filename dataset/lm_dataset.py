@@ -18,6 +18,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
@@ -283,6 +284,15 @@ class _ArrowDataset(Dataset):
 
     def __len__(self):
         return len(self.data)
+
+    def lengths(self):
+        """Tokens per row (the longer side of a preference pair), read from the Arrow columns without
+        decoding the rows; used by --group_by_length."""
+        table = self.data.with_format("arrow")
+        sides = [pc.list_value_length(table[c]).to_numpy() for c in self.data.column_names if c.endswith("_ids")]
+        if not sides:
+            raise ValueError(f"{type(self).__name__} rows hold no tokens to group by length")
+        return torch.from_numpy(np.maximum.reduce(sides).astype(np.int64))
 
 
 def _long(array):

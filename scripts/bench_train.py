@@ -1,11 +1,13 @@
-"""Pretraining throughput in real (non-pad) tokens/s: padded vs packed rows, eager vs torch.compile.
+"""Training throughput in real (non-pad) tokens/s: padded vs packed rows, eager vs torch.compile.
 
     python scripts/bench_train.py                                   # 512x8, batch 8 x 340, this machine
     python scripts/bench_train.py --device cuda --dtype bfloat16     # on a GPU it also prints MFU
+    python scripts/bench_train.py --data sft                         # SFT: random vs length-grouped batches
 
 Rows come from the bundled demo pretraining data: "padded" batches hold one document per row, padded
 to the longest row of the batch (documents longer than 340 tokens are cut); "packed" rows are filled
-with whole documents. Only real tokens count. Each setting runs warm-up steps, then the mean over the timed steps.
+with whole documents. With --data sft the rows are the demo SFT conversations, batched as the trainers
+do: in a random order ("random"), or with --group_by_length 1 ("grouped"). Only real tokens count. Each setting runs warm-up steps, then the mean over the timed steps.
 MFU = training FLOPs of the real tokens (6 x active parameters + attention) per second over the GPU's
 dense peak for the dtype (trainer_utils.PEAK_TFLOPS; "-" on CPUs and unlisted GPUs).
 """
@@ -20,20 +22,23 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-from dataset.lm_dataset import PretrainDataset, pad_batch  # noqa: E402
+from dataset.lm_dataset import PretrainDataset, SFTDataset, pad_batch  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-from trainer_utils import (benchmark_setup, peak_tflops, pick_device, synchronize,  # noqa: E402
-                           training_flops_per_token)
+from trainer_utils import (ResumableBatchSampler, benchmark_setup, peak_tflops, pick_device,  # noqa: E402
+                           synchronize, training_flops_per_token)
 
 
-def bench(dataset, args, device, dtype, compile_model):
+def bench(dataset, args, device, dtype, compile_model, lengths=None):
     torch.manual_seed(0)
     config = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
     model = MiniMindForCausalLM(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_model = torch.compile(model) if compile_model else model
-    batches = [pad_batch([dataset[i] for i in range(b * args.batch_size, (b + 1) * args.batch_size)])
-               for b in range(args.warmup + args.steps)]
+    if args.data == "sft":  # the trainers' batches: a shuffled epoch, grouped by length or not
+        order = iter(ResumableBatchSampler(len(dataset), args.batch_size, 0, 1, seed=0, epoch=0, lengths=lengths))
+    else:
+        order = (list(range(b * args.batch_size, (b + 1) * args.batch_size)) for b in range(len(dataset)))
+    batches = [pad_batch([dataset[i] for i in next(order)]) for _ in range(args.warmup + args.steps)]
     times, real, padded = [], 0, 0
     for i, batch in enumerate(batches):
         n_real = int(batch["attention_mask"].sum())  # counted on the CPU copy: no host sync in the timed step
@@ -70,24 +75,29 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip_compile", action="store_true")
+    parser.add_argument("--data", default="pretrain", choices=["pretrain", "sft"])
     args = parser.parse_args()
     device, dtype = benchmark_setup(args.device, args.dtype)  # cuda:N made current; fp16 before sm80
     from transformers import AutoTokenizer
     import datasets
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
-    path = os.path.join(REPO_ROOT, "dataset", "demo", "pretrain.jsonl")
-    data = {"padded": PretrainDataset(path, tokenizer, args.max_seq_len),
-            "packed": PretrainDataset(path, tokenizer, args.max_seq_len, packing=True)}
+    if args.data == "sft":
+        sft = SFTDataset(os.path.join(REPO_ROOT, "dataset", "demo", "sft.jsonl"), tokenizer, args.max_seq_len)
+        data = {"random": (sft, None), "grouped": (sft, sft.lengths())}
+    else:
+        path = os.path.join(REPO_ROOT, "dataset", "demo", "pretrain.jsonl")
+        data = {"padded": (PretrainDataset(path, tokenizer, args.max_seq_len), None),
+                "packed": (PretrainDataset(path, tokenizer, args.max_seq_len, packing=True), None)}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"## {where}; torch {torch.__version__}; {args.hidden_size}x{args.num_hidden_layers}, batch "
           f"{args.batch_size} x {args.max_seq_len}, {str(dtype).removeprefix('torch.')}\n")
     print("| rows | mode | pad share | s/step | real tokens/s | MFU |")
     print("|---|---|---|---|---|---|")
-    for rows in ("padded", "packed"):
+    for rows, (dataset, lengths) in data.items():
         for compile_model in ((False,) if args.skip_compile else (False, True)):
-            r = bench(data[rows], args, device, dtype, compile_model)
+            r = bench(dataset, args, device, dtype, compile_model, lengths)
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
             print(f"| {rows} | {'compile' if compile_model else 'eager'} | {r['pad_share']:.1%} | {r['step_s']:.3f} | "
                   f"{r['tokens_per_s']:,.0f} | {mfu} |", flush=True)

@@ -267,3 +267,15 @@ def test_rl_rows_with_different_extra_fields_batch_together(tok, tmp_path, cache
     data = RLAIFDataset(write_jsonl(tmp_path / "rl.jsonl", rows), tok, max_length=64, cache_dir=cache)
     batch = pad_batch([data[0], data[1]])
     assert batch["answers"] == [["2"], None] and len(batch["prompt"]) == 2
+
+
+def test_lengths_are_token_counts(tok, cache):
+    """lengths() (for --group_by_length) reads token counts from Arrow: the longer side of a DPO pair."""
+    demo = os.path.join(REPO_ROOT, "dataset", "demo")
+    sft = SFTDataset(os.path.join(demo, "sft_eval.jsonl"), tok, max_length=64, cache_dir=cache)
+    assert sft.lengths()[:20].tolist() == [len(sft[i]["input_ids"]) for i in range(20)]
+    dpo = DPODataset(os.path.join(demo, "dpo_eval.jsonl"), tok, max_length=64, cache_dir=cache)
+    assert dpo.lengths()[:20].tolist() == [max(len(dpo[i]["chosen_input_ids"]), len(dpo[i]["rejected_input_ids"]))
+                                           for i in range(20)]
+    with pytest.raises(ValueError, match="no tokens"):
+        RLAIFDataset(os.path.join(demo, "rlaif_eval.jsonl"), tok, max_length=64, cache_dir=cache).lengths()

@@ -68,6 +68,8 @@ def common_parser(description, *, save_weight, epochs, batch_size, learning_rate
     p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed lines instead of stopping")
     p.add_argument("--from_weight", default=from_weight, help="weight to start from ('none' = random init)")
     p.add_argument("--from_resume", type=int, default=0, choices=[0, 1], help="1 = continue from checkpoints/")
+    p.add_argument("--group_by_length", type=int, default=0, choices=[0, 1],
+                   help="1 = batch rows of similar length together (less padding; see ResumableBatchSampler)")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = all)")
     p.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="torch.compile the model")
     p.add_argument("--seed", type=int, default=42)
@@ -320,12 +322,31 @@ class ResumableBatchSampler(Sampler):
     rank r is order[consumed + (k * world + r) * B : ... + B], so after k rounds every rank together has
     consumed k * world * B samples. Resuming from that count gives the same stream on any world size.
     A last round with fewer than world * B samples is left for the next epoch's shuffle.
-    """
 
-    def __init__(self, num_samples, batch_size, rank, world_size, seed, epoch, consumed=0):
+    With `lengths` (--group_by_length 1) the permutation is then cut into groups of GROUP_BATCHES * B
+    samples; each group is sorted by length and cut into micro-batches of B, whose order inside the group
+    is shuffled. A batch then holds rows of similar length, so little of it is padding (the idea of
+    Hugging Face's LengthGroupedSampler); the order still depends only on (seed, epoch), so resuming works.
+    """
+    GROUP_BATCHES = 64
+
+    def __init__(self, num_samples, batch_size, rank, world_size, seed, epoch, consumed=0, lengths=None):
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        self.order = torch.randperm(num_samples, generator=generator)[consumed:].tolist()
+        order = torch.randperm(num_samples, generator=generator)
+        if lengths is not None:
+            order = self.group_by_length(order, lengths, batch_size, generator)
+        self.order = order[consumed:].tolist()
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    @classmethod
+    def group_by_length(cls, order, lengths, batch_size, generator):
+        grouped = []
+        for group in order.split(cls.GROUP_BATCHES * batch_size):
+            group = group[torch.argsort(lengths[group], descending=True, stable=True)]
+            batches = list(group.split(batch_size))
+            full = batches if len(batches[-1]) == batch_size else batches[:-1]  # a short tail batch stays last,
+            grouped += [full[i] for i in torch.randperm(len(full), generator=generator)] + batches[len(full):]
+        return torch.cat(grouped)  # so every batch starts at a multiple of batch_size
 
     def __len__(self):
         return len(self.order) // (self.batch_size * self.world_size)
@@ -502,13 +523,14 @@ class Run:
             raise SystemExit(f"{len(dataset)} samples cannot fill one batch of {args.batch_size} x {self.world_size} "
                              "processes: lower --batch_size")
         start_epoch, start_consumed = self.epoch, self.consumed
+        lengths = dataset.lengths() if args.group_by_length else None
         self._last_time, self._tokens_since_log = time.perf_counter(), 0
         self.progress = self._progress_bar()
         for epoch in range(start_epoch, args.epochs):
             self.epoch = epoch
             self.consumed = start_consumed if epoch == start_epoch else 0
             sampler = ResumableBatchSampler(len(dataset), args.batch_size, self.rank, self.world_size, args.seed,
-                                            epoch, self.consumed)
+                                            epoch, self.consumed, lengths)
             # The loader's own generator: creating its iterator must not draw from the global RNG, whose
             # state a resumed run restores for sampling (RL) and dropout.
             loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_batch, num_workers=args.num_workers,
