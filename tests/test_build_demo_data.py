@@ -104,11 +104,53 @@ def test_sft_rows_and_dpo_pairs():
         assert roles[0] == "user" and roles[-1] == "assistant"
         if "answer" in row:
             assert row["conversations"][-1]["content"].find(row["answer"]) >= 0
-    for pair in build.dpo_pairs(items, random.Random(2)):
-        assert pair["chosen"][0] == pair["rejected"][0] and pair["chosen"][1] != pair["rejected"][1]
-    author_pair = next(p for p in build.dpo_pairs(items, random.Random(3)) if "作者" in p["chosen"][0]["content"])
-    title = re.search(r"《(.*?)》", author_pair["chosen"][0]["content"]).group(1)
-    assert f"《{title}》的作者是" in author_pair["rejected"][1]["content"]  # same title, wrong author
+    assert {"sequence"} <= kinds and not {"count", "language"} & kinds  # no English words to build them from
+
+
+def test_dpo_pairs_carry_over_to_new_questions():
+    """Every pair is a dodge, a wrong-language answer, a loop or a count off by one: none needs a remembered fact."""
+    items = [("zh", "idiom", build.user_assistant("成语“一心一意”是什么意思？", "只有一个心眼儿，没有别的考虑。"), None),
+             ("en", "define", build.user_assistant('What does "cat" mean?', "A small domesticated feline animal."), None),
+             ("en", "count", build.user_assistant("How many words are in this list: a, b, c?", "3"), "3"),
+             ("zh", "author", build.user_assistant("《登鹳雀楼》的作者是谁？", "《登鹳雀楼》的作者是王之涣。"), "王之涣"),
+             ("zh", "arithmetic", build.user_assistant("计算：12 + 30 = ？", "42"), "42")]
+    seen = set()
+    for seed in range(20):
+        for pair in build.dpo_pairs(items, random.Random(seed)):
+            question, good, bad = pair["chosen"][0]["content"], pair["chosen"][1]["content"], pair["rejected"][1]["content"]
+            assert pair["rejected"][0]["content"] == question and good != bad and "计算" not in question
+            if bad in build.NON_ANSWERS["zh"] + build.NON_ANSWERS["en"]:
+                seen.add("evasive")
+            elif bad.isdigit():
+                seen.add("count")
+                assert abs(int(bad) - int(good)) == 1
+            elif bool(re.search(r"[\u4e00-\u9fff]", bad)) != bool(re.search(r"[\u4e00-\u9fff]", good)):
+                seen.add("language")
+            else:
+                seen.add("loop")
+                assert bad == build.looping(good) and bad.count(bad[:2]) >= 3
+    assert seen == {"count", "evasive", "language", "loop"}
+    assert build.looping("one two three four five six seven eight") == " ".join(["one two"] * 5)  # >= its length
+
+
+def test_skill_questions_are_answered_by_their_traces():
+    rng = random.Random(0)
+    pools = dict(zh=(["白日", "黄河", "千里", "一层楼", "青山", "明月"], ["白日依山尽，黄河入海流"]),
+                 en=(["cat", "dog", "tree", "river", "stone", "cloud"], ["the dog barked at the moon"]))
+    for _ in range(40):
+        kind, lang = rng.choice(["count", "language"]), rng.choice(["zh", "en"])
+        question, answer, about = build.skill_problem(kind, lang, pools, rng)
+        if kind == "count":
+            assert answer == str(len(about)) and all(w in question for w in about)
+        else:
+            han = bool(re.search(r"[\u4e00-\u9fff]", about))
+            assert answer == {("zh", True): "中文", ("zh", False): "英文", ("en", True): "Chinese",
+                              ("en", False): "English"}[(lang, han)]
+        trace = build.skill_reasoning(kind, lang, answer, about)
+        assert re.fullmatch(r"<think>\n.+\n</think>\n<answer>\n(.+)\n</answer>", trace, re.S).group(1) == answer
+    questions = {q: a for _, q, a in build.sequence_questions()}
+    assert questions["What comes after Sunday?"] == "Monday" and questions["十二月的下一个是什么？"] == "一月"
+    assert "What comes after ten?" not in questions and questions["What comes before two?"] == "one"
 
 
 def test_rl_prompts_and_identity_rows():
