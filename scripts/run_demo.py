@@ -12,9 +12,9 @@ measured on held-out data that no stage trained on:
              has, whether a sentence is Chinese or English, the weekday / month / number word before or after
              another) and recall it mostly cannot (a poem's author or next line, an idiom's reading, arithmetic)
   LoRA       held-out "who are you?" phrasings answered with "MiniMind", before and after the adapter
-  DPO        on dpo_eval.jsonl, whose rejected answers loop, answer in the other language or miscount: how
-             often the model gives the chosen answer a higher (per-token mean) log-probability than the rejected
-             one, and the mean margin, for the SFT model and after DPO
+  DPO        on dpo_eval.jsonl, whose rejected answers dodge the question, answer in the other language, loop
+             or miscount: how often the model gives the chosen answer a higher (per-token mean) log-probability
+             than the rejected one, and the mean margin, for the SFT model and after DPO
   reasoning  share of held-out r1_eval.jsonl prompts answered in the exact <think>..</think><answer>..</answer>
              layout, before (the DPO model) and after reasoning distillation
   KD         held-out SFT answer loss of a small student (96x2) distilled from the SFT model for a third of an epoch,
