@@ -49,8 +49,8 @@ def chain(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chain")
     pre = run_script("train_pretrain.py", "--max_steps", "3", cwd=os.path.join(REPO_ROOT, "trainer"), tmp=tmp)
     sft = run_script("train_full_sft.py", "--max_steps", "3", "--dtype", "float16", tmp=tmp)
-    lora = run_script("train_lora.py", "--max_steps", "3", "--dtype", "float32",
-                      cwd=os.path.join(REPO_ROOT, "trainer"), tmp=tmp)
+    lora = run_script("train_lora.py", "--max_steps", "3", "--dtype", "float32", "--learning_rate", "1e-2",
+                      cwd=os.path.join(REPO_ROOT, "trainer"), tmp=tmp)  # a rate at which 3 steps beat batch noise
     return SimpleNamespace(tmp=tmp, pre=pre, sft=sft, lora=lora)
 
 
@@ -200,7 +200,7 @@ def fake_run(**overrides):
     args = dict(device="cpu", dtype="float32", seed=0, hidden_size=64, num_hidden_layers=2, use_moe=0,
                 save_dir="/tmp/minimind_test_unused", checkpoint_dir="/tmp/minimind_test_unused", save_weight="x",
                 batch_size=2, accumulation_steps=3, epochs=2, num_workers=0, max_steps=0, log_interval=1,
-                grad_clip=1.0, learning_rate=1e-3, warmup_steps=0, use_wandb=False)
+                grad_clip=1.0, learning_rate=1e-3, warmup_steps=0, use_wandb=False, group_by_length=0)
     args.update(overrides)
     return Run(SimpleNamespace(**args))
 
