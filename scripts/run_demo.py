@@ -44,7 +44,7 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state
 from scripts.plot_metrics import plot  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-from rewards import answer_reward, rule_rewards  # noqa: E402
+from rewards import answer_reward, normalise, rule_rewards  # noqa: E402
 from rollout import sample  # noqa: E402
 from trainer_utils import HelpFormatter, choose_dtype, pick_device, show_defaults  # noqa: E402
 from train_dpo import sequence_logps, stack_pairs  # noqa: E402
@@ -170,10 +170,6 @@ def rl_scores(model, tokenizer, rows, temperature, samples=8, seed=0):
     extras = [dict(answers=r["answers"]) for r in rows]
     greedy = rule_rewards(texts, extras, reasoning=True).tolist()
     return sampled, greedy, [answer_reward(t, e["answers"]) for t, e in zip(texts, extras)]
-
-
-def normalise(text):
-    return re.sub(r"[\s。.!！,，]+$", "", text.strip())
 
 
 def exact_match(model, tokenizer, rows):
