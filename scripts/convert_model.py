@@ -3,13 +3,19 @@
     python scripts/convert_model.py to_transformers out/full_sft_512.pth MiniMind2-Small
     python scripts/convert_model.py to_native MiniMind2-Small out/full_sft_512.pth
     python scripts/convert_model.py to_llama out/full_sft_512.pth MiniMind2-Small-llama
+    python scripts/convert_model.py to_gguf out/full_sft_512.pth minimind.gguf --outtype q8_0
+    python scripts/convert_model.py merge_lora out/full_sft_512.pth out/lora/lora_identity_512.pth out/identity_512.pth
     (any size: depth, width and MoE layout are read off the checkpoint's tensors)
 
 to_transformers: a folder with config.json (model_type "minimind" and an auto_map), model_minimind.py,
     model.safetensors and the tokenizer, for AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
 to_native: the half-precision state_dict that --from_weight / eval_llm.py --weight load.
-to_llama: a dense model as transformers' own LlamaForCausalLM (no remote code), which llama.cpp, vLLM
-    and Ollama understand. MoE models have no Llama equivalent and are refused.
+to_llama: a dense model as transformers' own LlamaForCausalLM (no remote code), which vLLM and other
+    transformers-format engines load. MoE models have no Llama equivalent and are refused.
+to_gguf: a dense model as one GGUF file for llama.cpp (llama-cli, llama-server) and Ollama, written with the
+    gguf package: Llama architecture, the byte-level BPE vocabulary with its merges and pre-tokenizer, the special
+    tokens and the chat template; NAME.Modelfile for `ollama create` is written beside NAME.gguf.
+merge_lora: folds a LoRA file into its base weight (W + s * B A), giving a plain weight every export takes.
 """
 import argparse
 import os
@@ -20,7 +26,7 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-from model.model_lora import atomic_torch_save  # noqa: E402
+from model.model_lora import apply_lora, atomic_torch_save, load_lora, lora_layout, merge_lora  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
@@ -54,12 +60,12 @@ def to_transformers(pth, out_dir, dtype=torch.float16):
     return out_dir
 
 
-def to_native(folder, pth):
-    """A transformers folder -> the half-precision state_dict MiniMind's scripts load."""
+def to_native(folder, pth, dtype=torch.float16):
+    """A transformers folder -> the (by default half-precision) state_dict MiniMind's scripts load."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     os.makedirs(os.path.dirname(os.path.abspath(pth)), exist_ok=True)
-    atomic_torch_save({k: v.detach().half().cpu() for k, v in model.state_dict().items()}, pth)
+    atomic_torch_save({k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}, pth)
     return pth
 
 
@@ -88,20 +94,189 @@ def to_llama(pth, out_dir, dtype=torch.float16):
     return out_dir
 
 
+# GGUF keeps 1-D tensors (the RMSNorm weights) in f32 whatever the file type, as llama.cpp's own converter does.
+GGUF_OUTTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+
+
+def rope_pairs_interleaved(weight, n_heads):
+    """q_proj / k_proj rows reordered for llama.cpp's Llama RoPE, which rotates adjacent pairs (x0, x1), (x2, x3)...
+    where MiniMind (like transformers' Llama) rotates (x_i, x_{i + d/2}): within each head, row i of the first half
+    and row i of the second half become rows 2i and 2i + 1. Attention scores are unchanged because q and k move alike."""
+    out_features, in_features = weight.shape
+    head_dim = out_features // n_heads
+    return weight.reshape(n_heads, 2, head_dim // 2, in_features).swapaxes(1, 2).reshape(out_features, in_features)
+
+
+def gguf_vocabulary(tokenizer_dir):
+    """(tokens, token types) in id order from tokenizer.json. Byte-level BPE tokens are stored as they are
+    written there (bytes mapped to printable characters), which is what llama.cpp's "gpt2" tokenizer model reads.
+    Added special tokens (<|im_start|>...) are CONTROL, matched in text only when special tokens are parsed, like
+    transformers' special tokens; the other added tokens (<think>, <tool_call>...) are USER_DEFINED, always one token."""
+    import json
+
+    import gguf
+    with open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    pre = spec.get("pre_tokenizer") or {}
+    if spec["model"]["type"] != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        raise SystemExit(f"{tokenizer_dir}/tokenizer.json: to_gguf handles a byte-level BPE tokenizer whose "
+                         f"pre-tokenizer is ByteLevel with its GPT-2 regex (MiniMind's), not {spec['model']['type']} "
+                         f"with pre-tokenizer {pre}")
+    vocab = spec["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for text, token_id in vocab.items():
+        tokens[token_id] = text
+    types = [gguf.TokenType.NORMAL] * len(tokens)
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    return tokens, types
+
+
+def ollama_modelfile(gguf_name, tokenizer):
+    """An Ollama Modelfile for the GGUF beside it: MiniMind's chat template in Ollama's Go template language
+    (ChatML turns; the system prompt through .System, whose default is the template's; tool results as a user
+    turn in <tool_response>), and the end-of-turn tokens as stop strings."""
+    return (f"FROM ./{gguf_name}\n"
+            'TEMPLATE """{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+            "{{- range .Messages }}"
+            '{{- if eq .Role "user" "assistant" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+            '{{ else if eq .Role "tool" }}<|im_start|>user\n<tool_response>\n{{ .Content }}\n</tool_response><|im_end|>\n'
+            "{{ end }}{{- end }}"
+            '<|im_start|>assistant\n"""\n'
+            'SYSTEM """You are a helpful assistant"""\n'
+            f'PARAMETER stop "{tokenizer.eos_token}"\n'
+            f'PARAMETER stop "{tokenizer.pad_token}"\n')
+
+
+def to_gguf(pth, out_path, outtype="f16", tokenizer_dir=None):
+    """Native weights -> one GGUF file (Llama architecture) plus an Ollama Modelfile beside it.
+
+    llama.cpp identifies a BPE tokenizer's pre-tokenizer by hashing the ids it gives a test string, which a new
+    vocabulary like MiniMind's fails; the pre-tokenizer is named here instead: "gpt-2", the regex of a ByteLevel
+    pre-tokenizer with use_regex (contractions, letters, digits, other symbols, spaces)."""
+    import gguf
+    from transformers import AutoTokenizer
+    tokenizer_dir = tokenizer_dir or os.path.join(REPO_ROOT, "model")
+    model = load_native(pth)
+    config = model.config
+    if config.use_moe:
+        raise SystemExit("to_gguf: a MoE MiniMind has no llama.cpp architecture here (exported as Llama, which has "
+                         "no experts); use to_transformers for MoE models")
+    if outtype not in GGUF_OUTTYPES:
+        raise SystemExit(f"to_gguf: --outtype must be one of {', '.join(GGUF_OUTTYPES)}, not {outtype}")
+    quant_name, file_type = GGUF_OUTTYPES[outtype]
+    quant = gguf.GGMLQuantizationType[quant_name]
+    head_dim = config.hidden_size // config.num_attention_heads
+    tokens, token_types = gguf_vocabulary(tokenizer_dir)
+    if len(tokens) != config.vocab_size:
+        raise SystemExit(f"to_gguf: {tokenizer_dir}/tokenizer.json has {len(tokens)} tokens, the weight "
+                         f"{config.vocab_size} rows of embeddings; pass the tokenizer the model was trained with")
+
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    try:
+        writer.add_name(os.path.basename(out_path).removesuffix(".gguf"))
+        writer.add_file_type(gguf.LlamaFileType[file_type])
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(token_types)
+        # merges, bos/eos/pad/unk ids, add_bos_token false and the chat template, read from the tokenizer files
+        gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+        for name, tensor in model.state_dict().items():
+            if name == "lm_head.weight":  # tied to the embedding: llama.cpp reuses token_embd when output is absent
+                continue
+            data = tensor.float()
+            if name.endswith("self_attn.q_proj.weight"):
+                data = rope_pairs_interleaved(data, config.num_attention_heads)
+            elif name.endswith("self_attn.k_proj.weight"):
+                data = rope_pairs_interleaved(data, config.num_key_value_heads)
+            data = data.numpy()
+            gguf_name = names.get_name(name, try_suffixes=(".weight",))
+            if gguf_name is None:
+                raise SystemExit(f"to_gguf: no GGUF name for tensor {name}")
+            # q8_0 packs blocks of 32 along a row; a row that does not divide keeps f16, as llama.cpp's converter does
+            tensor_quant = quant if data.ndim > 1 else gguf.GGMLQuantizationType.F32
+            if tensor_quant == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+                tensor_quant = gguf.GGMLQuantizationType.F16
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, tensor_quant), raw_dtype=tensor_quant)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    modelfile = os.path.splitext(out_path)[0] + ".Modelfile"  # one per GGUF, so several can share a folder
+    with open(modelfile, "w", encoding="utf-8") as f:
+        f.write(ollama_modelfile(os.path.basename(out_path), tokenizer))
+    return out_path
+
+
+def merge_lora_file(base_pth, lora_pth, out_pth, lora_alpha=None, dtype=torch.float16):
+    """Base weight + LoRA file -> one native weight with every adapter folded in (W <- W + s * B A)."""
+    if not os.path.isfile(lora_pth):
+        raise SystemExit(f"{lora_pth} does not exist")
+    model = load_native(base_pth)
+    lora = torch.load(lora_pth, map_location="cpu", weights_only=True)
+    rank, targets = lora_layout(lora)  # the rank and target layers are read off the file
+    apply_lora(model, rank=rank, alpha=lora_alpha, target_modules=targets)
+    load_lora(model, lora)
+    merge_lora(model)
+    atomic_torch_save({k: v.detach().to(dtype) for k, v in model.state_dict().items()}, out_pth)
+    return out_pth
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("direction", choices=["to_transformers", "to_native", "to_llama"])
-    parser.add_argument("source", help="a .pth file (to_transformers, to_llama) or a model folder (to_native)")
-    parser.add_argument("target", help="the folder (to_transformers, to_llama) or .pth file (to_native) to write")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    commands = parser.add_subparsers(dest="direction", required=True)
+    for name, source, target in (("to_transformers", "a native .pth", "the model folder to write"),
+                                 ("to_llama", "a native .pth of a dense model", "the model folder to write"),
+                                 ("to_native", "a transformers model folder", "the .pth file to write")):
+        command = commands.add_parser(name, help=f"{source} -> {target}")
+        command.add_argument("source", help=source)
+        command.add_argument("target", help=target)
+        command.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    command = commands.add_parser("to_gguf", help="a native .pth of a dense model -> one GGUF file and a Modelfile")
+    command.add_argument("source", help="a native .pth of a dense model")
+    command.add_argument("target", help="the .gguf file to write (NAME.Modelfile for Ollama is written beside NAME.gguf)")
+    command.add_argument("--outtype", default="f16", choices=list(GGUF_OUTTYPES),
+                         help="weight type of the 2-D tensors (norms stay f32)")
+    command.add_argument("--tokenizer_dir", default=os.path.join(REPO_ROOT, "model"),
+                         help="folder with tokenizer.json and tokenizer_config.json (default: the repository's)")
+    command = commands.add_parser("merge_lora", help="a base .pth + a LoRA .pth -> one .pth with the LoRA folded in")
+    command.add_argument("source", help="the base weight the LoRA was trained on (a native .pth)")
+    command.add_argument("lora", help="the LoRA file (out/lora/*.pth)")
+    command.add_argument("target", help="the merged .pth to write")
+    command.add_argument("--lora_alpha", type=float, default=None, help="as used in training (default: none)")
+    command.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
     if args.direction == "to_transformers":
-        print(to_transformers(args.source, args.target, dtype))
+        print(to_transformers(args.source, args.target, getattr(torch, args.dtype)))
     elif args.direction == "to_llama":
-        print(to_llama(args.source, args.target, dtype))
+        print(to_llama(args.source, args.target, getattr(torch, args.dtype)))
+    elif args.direction == "to_native":
+        print(to_native(args.source, args.target, getattr(torch, args.dtype)))
+    elif args.direction == "to_gguf":
+        print(to_gguf(args.source, args.target, args.outtype, args.tokenizer_dir))
     else:
-        print(to_native(args.source, args.target))
+        print(merge_lora_file(args.source, args.lora, args.target, args.lora_alpha, getattr(torch, args.dtype)))
 
 
 if __name__ == "__main__":
