@@ -138,6 +138,27 @@ def test_clipped_objective_and_k3():
     assert train_grpo.k3_kl(torch.tensor([-1.0]), torch.tensor([-1.0])).item() == 0.0
 
 
+def test_cispo_objective_by_hand():
+    old = torch.zeros(1, 3)
+    logps = torch.log(torch.tensor([[1.5, 0.5, 1.1]])).requires_grad_()
+    # weights min(rho, 1.28) taken as constants: 1.28, 0.5 (no lower bound), 1.1; loss_t = -w_t A logp_t
+    loss = train_grpo.cispo_objective(logps, old, torch.tensor([2.0]), 0.28)
+    expected = [-1.28 * 2 * math.log(1.5), -0.5 * 2 * math.log(0.5), -1.1 * 2 * math.log(1.1)]
+    assert loss.flatten().tolist() == pytest.approx(expected, rel=1e-6)
+    loss.sum().backward()
+    # d loss_t / d logp_t = -w_t A: every token keeps a gradient, the clipped one included
+    assert logps.grad.flatten().tolist() == pytest.approx([-2.56, -1.0, -2.2], rel=1e-6)
+    # PPO-clip gives the clipped token (ratio 1.5 > 1.2 with A > 0) no gradient at all
+    clipped = torch.log(torch.tensor([[1.5, 0.5, 1.1]])).requires_grad_()
+    train_grpo.clipped_objective(clipped, old, torch.tensor([2.0]), 0.2).sum().backward()
+    assert clipped.grad.flatten().tolist() == pytest.approx([0.0, -1.0, -2.2], rel=1e-6)
+    # on-policy (rho = 1, one update per rollout, as train_grpo.py does) the two gradients are the same
+    a, b = torch.tensor([[-0.3, -2.0]], requires_grad=True), torch.tensor([[-0.3, -2.0]], requires_grad=True)
+    train_grpo.cispo_objective(a, a.detach(), torch.tensor([-0.7]), 0.28).sum().backward()
+    train_grpo.clipped_objective(b, b.detach(), torch.tensor([-0.7]), 0.2).sum().backward()
+    assert torch.allclose(a.grad, b.grad)
+
+
 def test_gae_by_hand():
     token_rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
     values = torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 9.0]])
@@ -188,6 +209,7 @@ RL_ARGS = ["--max_gen_len", "12", "--batch_size", "2", "--accumulation_steps", "
 
 @pytest.mark.parametrize("script, name, extra", [
     ("train_grpo.py", "grpo_64", ["--num_generations", "3"]),
+    ("train_grpo.py", "grpo_64", ["--num_generations", "3", "--loss_type", "cispo"]),
     ("train_ppo.py", "ppo_actor_64", ["--critic_learning_rate", "1e-3", "--update_old_actor_freq", "1"]),
     ("train_ppo.py", "ppo_actor_64", ["--gae", "0"]),
     ("train_spo.py", "spo_64", []),

@@ -11,6 +11,12 @@ For every prompt the policy samples G = --num_generations answers; with rewards 
     KL_t       = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (the k3 estimator of KL(pi || pi_ref))
 averaged over all answer tokens. Rewards: rule rewards (format, verifiable answers) and an optional reward
 model (trainer/rewards.py). Writes out/grpo_{hidden}[_moe].pth.
+
+--loss_type cispo (Chen et al., 2025, "MiniMax-M1", Clipped IS-weight Policy Optimization) replaces the PPO clip:
+    loss_t     = -sg(min(rho_t, 1 + eps_high)) A_i logp_t + beta * KL_t
+the importance weight is clipped and taken as a constant, so every token keeps a gradient (PPO-clip zeroes
+the gradient of tokens whose ratio left the clip range). Here each rollout gets one update, so rho = 1 and the
+two losses have the same gradient; they part ways as soon as pi_old differs from pi.
 """
 import os
 import sys
@@ -43,6 +49,15 @@ def clipped_objective(logps, old_logps, advantages, epsilon):
     return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
 
 
+def cispo_objective(logps, old_logps, advantages, epsilon_high):
+    """Per-token CISPO loss -sg(min(rho, 1 + eps_high)) A logp, rho = exp(logp - old_logp); no lower bound on
+    the weight, as in MiniMax-M1."""
+    weight = torch.exp(logps - old_logps).clamp(max=1 + epsilon_high).detach()
+    if advantages.dim() == logps.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    return -weight * advantages * logps
+
+
 def main():
     parser = common_parser("MiniMind GRPO", save_weight="grpo", epochs=1, batch_size=2, learning_rate=8e-8,
                            accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
@@ -50,7 +65,10 @@ def main():
     add_rl_arguments(parser, max_gen_len=1536)
     parser.add_argument("--num_generations", type=int, default=8, help="answers sampled per prompt (G)")
     parser.add_argument("--beta", type=float, default=0.02, help="weight of the KL penalty to the reference")
-    parser.add_argument("--epsilon", type=float, default=0.2, help="clip range of the importance ratio")
+    parser.add_argument("--epsilon", type=float, default=0.2, help="clip range of the importance ratio (grpo)")
+    parser.add_argument("--loss_type", default="grpo", choices=["grpo", "cispo"],
+                        help="grpo: PPO-clip on the ratio; cispo: clipped importance weight times log-prob")
+    parser.add_argument("--epsilon_high", type=float, default=0.28, help="cispo: the weight is at most 1 + this")
     args = parse_args(parser)
 
     run, tokenizer, data, reward_model = start_rl_run(args)
@@ -71,7 +89,11 @@ def main():
         logps = completion_logprobs(model, rollout)
         # One update per rollout: pi_old is the sampling policy, numerically logps.detach(); the ratio is 1
         # here but its gradient (and the clip, with more updates per rollout) is the PPO-clip one.
-        per_token = clipped_objective(logps, logps.detach(), advantages, args.epsilon) + args.beta * k3_kl(logps, ref_logps)
+        if args.loss_type == "cispo":
+            policy_loss = cispo_objective(logps, logps.detach(), advantages, args.epsilon_high)
+        else:
+            policy_loss = clipped_objective(logps, logps.detach(), advantages, args.epsilon)
+        per_token = policy_loss + args.beta * k3_kl(logps, ref_logps)
         mask = rollout.completion_mask
         metrics = dict(reward=rewards.mean(), kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask),
                        answer_length=mask.sum(1).float().mean())
