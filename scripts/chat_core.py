@@ -170,18 +170,22 @@ def newest_chat_model(paths):
     return paths.index(max(chat, key=os.path.getmtime)) if chat else 0
 
 
-def render(tokenizer, messages):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def render(tokenizer, messages, tools=None, **template_kwargs):
+    """The chat template's text for the conversation, ending in the assistant's generation prompt."""
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True,
+                                         **template_kwargs)
 
 
-def fit_prompt(tokenizer, messages, budget):
+def fit_prompt(tokenizer, messages, budget, tools=None, template_kwargs=None, prefix=""):
     """Token ids of the rendered conversation, at most `budget` of them: whole turns are dropped from
-    the oldest (a leading system message stays), never text sliced by characters.
-    Returns (ids, the messages kept)."""
+    the oldest (a leading system message stays), never text sliced by characters. tools and
+    template_kwargs (enable_thinking) go to the chat template; prefix is appended after the generation
+    prompt (the start of the reply, which the model continues). Returns (ids, the messages kept)."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = list(messages[len(system):])
     while turns:
-        ids = tokenizer(render(tokenizer, system + turns), add_special_tokens=False).input_ids
+        text = render(tokenizer, system + turns, tools, **(template_kwargs or {})) + prefix
+        ids = tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) <= budget:
             return ids, system + turns
         turns = turns[1:]
@@ -230,12 +234,68 @@ def stream_reply(chat, prompt_ids, max_tokens, temperature=0.85, top_p=0.85, sto
     yield {"delta": text[sent:], "finish_reason": finish, "completion_tokens": len(generated)}
 
 
-def split_thinking(text):
-    """(reasoning, answer) of a reply in the <think>…</think> layout; reasoning is None without it.
-    An open <think> with no close yet (still streaming) counts as all reasoning."""
-    match = re.match(r"\s*<think>(.*?)(</think>|$)(.*)", text, flags=re.S)
-    if not match:
-        return None, text
-    answer = match.group(3)
-    answer = re.sub(r"</?answer>", "", answer).strip()
-    return match.group(1).strip(), answer
+THINK, END_THINK, CALL = "<think>", "</think>", "<tool_call>"
+ANSWER_TAGS = ("<answer>", "</answer>")
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def held_back(text, tags):
+    """text without a trailing piece that could still grow into one of the tags."""
+    for cut in range(min(len(text), max(len(t) for t in tags) - 1), 0, -1):
+        if any(t.startswith(text[-cut:]) for t in tags):
+            return text[:-cut]
+    return text
+
+
+def parse_tool_calls(text):
+    """The calls in text made only of <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks (and
+    whitespace): [{"name", "arguments" (a dict)}], or None when anything in it is not such a call."""
+    calls = []
+    for match in TOOL_CALL_BLOCK.finditer(text):
+        try:
+            call = json.loads(match.group(1))
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
+            return None
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except (ValueError, RecursionError):
+                return None
+        if not isinstance(arguments, dict):
+            return None
+        calls.append({"name": call["name"], "arguments": arguments})
+    return calls if calls and not TOOL_CALL_BLOCK.sub("", text).strip() else None
+
+
+def split_reply(text, final=True, tools=True):
+    """A reply's parts as an OpenAI message shows them: (reasoning or None, content, tool calls or None).
+
+    reasoning: the <think>...</think> at its start; content: the rest up to the first <tool_call>, without
+    <answer> tags; tool calls: the <tool_call> blocks, when every one is valid JSON with a name and object
+    arguments (else they stay in the content as text). While streaming (final=False), a tail that could
+    still become a tag is held back, so each part only grows as text arrives. tools=False: <tool_call> is text."""
+    reasoning, rest = None, text
+    stripped = text.lstrip()
+    if stripped.startswith(THINK):
+        inside = stripped[len(THINK):]
+        close = inside.find(END_THINK)
+        if close < 0:
+            reasoning, rest = (inside if final else held_back(inside, [END_THINK])), ""
+        else:
+            reasoning, rest = inside[:close], inside[close + len(END_THINK):]
+        reasoning = reasoning.strip()
+    elif not final and THINK.startswith(stripped):  # perhaps the start of <think>
+        return None, "", None
+    start = rest.find(CALL) if tools else -1
+    content, calls_text = (rest[:start], rest[start:]) if start >= 0 else (rest, "")
+    calls = parse_tool_calls(calls_text) if final and calls_text else None
+    if final and calls_text and calls is None:
+        content = rest  # malformed calls are returned as the text the model wrote
+    if not final and not calls_text:
+        content = held_back(content, ANSWER_TAGS + ((CALL,) if tools else ()))
+    for tag in ANSWER_TAGS:
+        content = content.replace(tag, "")
+    return reasoning, content.strip(), calls

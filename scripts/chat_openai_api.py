@@ -39,16 +39,22 @@ def main():
         print("🤖: ", end="", flush=True)
         settings = dict(model=model, messages=messages, temperature=args.temperature, top_p=args.top_p,
                         max_tokens=args.max_tokens)
+        # reasoning (the server's reasoning_content) is shown after 💭 and not sent back as context
         if args.stream:
-            answer = ""
+            answer, thinking = "", False
             for chunk in client.chat.completions.create(stream=True, **settings):
-                delta = chunk.choices[0].delta.content if chunk.choices else None
-                if delta:
-                    answer += delta
-                    print(delta, end="", flush=True)
+                delta = chunk.choices[0].delta if chunk.choices else None
+                reasoning = (delta.model_extra or {}).get("reasoning_content") if delta else None
+                if reasoning:
+                    print(reasoning if thinking else f"💭 {reasoning}", end="", flush=True)
+                    thinking = True
+                if delta and delta.content:
+                    print(("\n🤖: " if thinking else "") + delta.content, end="", flush=True)
+                    answer, thinking = answer + delta.content, False
         else:
-            answer = client.chat.completions.create(**settings).choices[0].message.content
-            print(answer, end="")
+            message = client.chat.completions.create(**settings).choices[0].message
+            reasoning, answer = (message.model_extra or {}).get("reasoning_content"), message.content or ""
+            print((f"💭 {reasoning}\n🤖: " if reasoning else "") + answer, end="")
         print("\n")
         history = messages + [{"role": "assistant", "content": answer}]
 

@@ -5,13 +5,24 @@
     python scripts/serve_openai_api.py --load_from MiniMind2-Small          # a transformers folder
     python scripts/serve_openai_api.py --load_from out/full_sft_64.pth      # any .pth, size read off it
 
-Endpoints: POST /v1/chat/completions (messages, temperature, top_p, max_tokens, stream, stop, seed;
-streaming answers are server-sent events ending in `data: [DONE]`) and GET /v1/models.
+Endpoints: POST /v1/chat/completions (messages, temperature, top_p, max_tokens, stream, stop, seed,
+tools, tool_choice, chat_template_kwargs; streaming answers are server-sent events ending in
+`data: [DONE]`) and GET /v1/models.
+
+Tools: `tools` are rendered by the chat template; a reply made of <tool_call>{"name", "arguments"}</tool_call>
+blocks comes back as `tool_calls` with finish_reason "tool_calls" (streamed as tool-call deltas); a malformed
+call comes back as the text the model wrote. tool_choice "none" hides the tools, "required" or a named function
+starts the reply with the call for the model to complete. Assistant messages with tool_calls and "tool" messages
+carry the results back. A leading <think>...</think> is returned as `reasoning_content`;
+chat_template_kwargs {"enable_thinking": false} asks the template for a reply without it.
+
 Binds 127.0.0.1:8998 unless --host / --port say otherwise; --api_key makes every request need
-`Authorization: Bearer KEY`. The prompt is fitted to --max_seq_len - max_tokens tokens by dropping
-the oldest turns. One model answers one request at a time (a lock); others wait their turn.
+`Authorization: Bearer KEY`. Bodies over --max_body_mb get 413, JSON nested deeper than 64 levels 400.
+The prompt is fitted to --max_seq_len - max_tokens tokens by dropping the oldest turns. One model answers
+one request at a time (a lock); others wait their turn.
 """
 import argparse
+import hmac
 import json
 import os
 import sys
@@ -23,11 +34,12 @@ from werkzeug.exceptions import HTTPException
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from chat_core import (PromptTooLong, add_model_arguments, fit_prompt, load_chat_model, resolve_paths,  # noqa: E402
-                       stream_reply)
+                       split_reply, stream_reply)
 from trainer.trainer_utils import HelpFormatter, show_defaults  # noqa: E402  (chat_core put the repo on the path)
 
 DEFAULT_MAX_TOKENS = 1024
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+MAX_JSON_DEPTH = 64  # deeper bodies are refused before anything walks them
 
 
 class BadRequest(ValueError):
@@ -53,6 +65,93 @@ def number(body, name, default, low, high, integer=False):
     return value
 
 
+def json_depth(value):
+    """How deeply lists and objects nest in a parsed JSON value (iteratively: no recursion to exhaust)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def parse_body(raw):
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"the request body nests JSON more than {MAX_JSON_DEPTH} levels deep")
+    except ValueError:
+        raise BadRequest("the request body is not valid JSON (send Content-Type: application/json)")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise BadRequest(f"the request body nests JSON more than {MAX_JSON_DEPTH} levels deep")
+    return body
+
+
+def text_content(message, i, required=True):
+    """A message's content as one string: a string, or the content-parts form with text parts only."""
+    content = message.get("content")
+    if content is None and not required:
+        return None
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise BadRequest(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise BadRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
+    return content
+
+
+def check_tool_calls(calls, i):
+    """An assistant message's tool_calls as the template renders them; arguments must be a JSON object."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list) or not calls:
+        raise BadRequest(f"{where} must be a non-empty list", where)
+    checked = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise BadRequest(f"{where}[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}",
+                             f"{where}[{j}]")
+        arguments = function.get("arguments", "{}")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise BadRequest(f"{where}[{j}].function.arguments must be a JSON object (as a string)",
+                             f"{where}[{j}].function.arguments")
+        checked.append({"id": call.get("id"), "type": "function",
+                        "function": {"name": function["name"], "arguments": parsed}})
+    return checked
+
+
+def check_tools(body):
+    """(tools for the template or None, forced reply start): tools and tool_choice checked."""
+    tools = body.get("tools")
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) and t["function"]["name"] for t in tools):
+        raise BadRequest("'tools' must be a list of {\"type\": \"function\", \"function\": {\"name\", "
+                         "\"description\", \"parameters\"}}", "tools")
+    names = [t["function"]["name"] for t in tools]
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not tools:
+            raise BadRequest("tool_choice 'required' needs 'tools'", "tool_choice")
+        if choice == "none" or not tools:
+            return None, ""
+        # "required": the reply starts as a call, the model writes which one
+        return tools, '<tool_call>\n{"name": "' if choice == "required" else ""
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if name not in names:
+        raise BadRequest(f"'tool_choice' must be 'none', 'auto', 'required' or "
+                         f"{{\"type\": \"function\", \"function\": {{\"name\": one of {names}}}}}", "tool_choice")
+    return tools, '<tool_call>\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+
+
 def parse_request(body, max_seq_len):
     """Check a chat-completions body; return its settings or raise BadRequest naming the field."""
     if not isinstance(body, dict):
@@ -66,18 +165,20 @@ def parse_request(body, max_seq_len):
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
-        content = message.get("content")
-        if isinstance(content, list):  # the content-parts form: keep the text parts
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise BadRequest(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
-        checked.append({"role": message["role"], "content": content})
+        role = message["role"]
+        if role == "assistant" and message.get("tool_calls") is not None:
+            checked.append({"role": role, "content": text_content(message, i, required=False) or "",
+                            "tool_calls": check_tool_calls(message["tool_calls"], i)})
+        else:
+            checked.append({"role": role, "content": text_content(message, i)})
     messages = checked
-    if messages[-1]["role"] != "user":
-        raise BadRequest("the last message must come from the user", "messages")
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise BadRequest("the last message must come from the user or a tool", "messages")
+    tools, prefix = check_tools(body)
+    template_kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(template_kwargs, dict) or set(template_kwargs) - {"enable_thinking"} or \
+            not isinstance(template_kwargs.get("enable_thinking", True), bool):
+        raise BadRequest("'chat_template_kwargs' takes {\"enable_thinking\": true or false}", "chat_template_kwargs")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
@@ -88,7 +189,8 @@ def parse_request(body, max_seq_len):
     if body.get("n", 1) != 1:
         raise BadRequest("only n = 1 is supported", "n")
     length_field = "max_tokens" if "max_tokens" in body else "max_completion_tokens"
-    return dict(messages=messages, stop=stop, stream=stream,
+    return dict(messages=messages, tools=tools, prefix=prefix, template_kwargs=template_kwargs, stop=stop,
+                stream=stream,
                 max_tokens=number(body, length_field, min(DEFAULT_MAX_TOKENS, max_seq_len // 2), 1, max_seq_len - 1,
                                   integer=True),
                 temperature=number(body, "temperature", 0.85, 0, 2),
@@ -96,8 +198,16 @@ def parse_request(body, max_seq_len):
                 seed=number(body, "seed", None, 0, 2 ** 63 - 1, integer=True))
 
 
-def create_app(chat, api_key=None, max_seq_len=8192):
+def openai_tool_calls(calls):
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in calls]
+
+
+def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4):
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(max_body_mb * 2 ** 20)  # werkzeug answers 413 past it
+    expected_authorization = f"Bearer {api_key}".encode() if api_key else None
 
     @app.errorhandler(BadRequest)
     def bad_request(e):
@@ -115,7 +225,9 @@ def create_app(chat, api_key=None, max_seq_len=8192):
 
     @app.before_request
     def check_key():
-        if api_key and request.headers.get("Authorization", "") != f"Bearer {api_key}":
+        # compare_digest takes as long whatever the first differing byte, so timing tells nothing of the key
+        given = request.headers.get("Authorization", "").encode()
+        if expected_authorization and not hmac.compare_digest(given, expected_authorization):
             return jsonify(error_body("invalid or missing API key (send 'Authorization: Bearer KEY')",
                                       code="invalid_api_key")), 401
 
@@ -126,18 +238,17 @@ def create_app(chat, api_key=None, max_seq_len=8192):
 
     @app.post("/v1/chat/completions")
     def chat_completions():
-        body = request.get_json(silent=True)
-        if body is None:
-            raise BadRequest("the request body is not valid JSON (send Content-Type: application/json)")
-        req = parse_request(body, max_seq_len)
+        req = parse_request(parse_body(request.get_data()), max_seq_len)
         try:
-            prompt_ids, _ = fit_prompt(chat.tokenizer, req["messages"], max_seq_len - req["max_tokens"])
+            prompt_ids, _ = fit_prompt(chat.tokenizer, req["messages"], max_seq_len - req["max_tokens"],
+                                       req["tools"], req["template_kwargs"], req["prefix"])
         except PromptTooLong as e:
             raise BadRequest(f"{e}: shorten it or lower max_tokens (context is {max_seq_len} tokens)",
                              "messages", "context_length_exceeded")
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         settings = dict(max_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
                         stop=req["stop"], seed=req["seed"])
+        tools = req["tools"] is not None
 
         def usage(completion_tokens):
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
@@ -146,10 +257,16 @@ def create_app(chat, api_key=None, max_seq_len=8192):
         if not req["stream"]:
             with chat.lock:
                 events = list(stream_reply(chat, prompt_ids, **settings))
+            # the forced start of the reply (tool_choice) is part of what the model said
+            reasoning, content, calls = split_reply(req["prefix"] + "".join(e["delta"] for e in events), tools=tools)
+            message = {"role": "assistant", "content": content or (None if calls else "")}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            if calls:
+                message["tool_calls"] = openai_tool_calls(calls)
             return jsonify({"id": reply_id, "object": "chat.completion", "created": created, "model": chat.name,
-                            "choices": [{"index": 0, "finish_reason": events[-1]["finish_reason"],
-                                         "message": {"role": "assistant",
-                                                     "content": "".join(e["delta"] for e in events)}}],
+                            "choices": [{"index": 0, "message": message,
+                                         "finish_reason": "tool_calls" if calls else events[-1]["finish_reason"]}],
                             "usage": usage(events[-1]["completion_tokens"])})
 
         def chunk(delta, finish_reason=None, **extra):
@@ -160,13 +277,25 @@ def create_app(chat, api_key=None, max_seq_len=8192):
         def events():
             # The lock is held while this response streams; a client that goes away closes the
             # generator, which releases it.
+            text, sent_reasoning, sent_content = req["prefix"], "", ""
             with chat.lock:
                 yield chunk({"role": "assistant", "content": ""})
                 for event in stream_reply(chat, prompt_ids, **settings):
-                    if event["delta"]:
-                        yield chunk({"content": event["delta"]})
-                    if "finish_reason" in event:
-                        yield chunk({}, event["finish_reason"], usage=usage(event["completion_tokens"]))
+                    text += event["delta"]
+                    final = "finish_reason" in event
+                    # each part only grows as text arrives, so what is new is what follows the part already sent
+                    reasoning, content, calls = split_reply(text, final=final, tools=tools)
+                    if reasoning and len(reasoning) > len(sent_reasoning):
+                        yield chunk({"reasoning_content": reasoning[len(sent_reasoning):]})
+                        sent_reasoning = reasoning
+                    if len(content) > len(sent_content):
+                        yield chunk({"content": content[len(sent_content):]})
+                        sent_content = content
+                    if final:
+                        for index, call in enumerate(openai_tool_calls(calls or [])):
+                            yield chunk({"tool_calls": [dict(call, index=index)]})
+                        yield chunk({}, "tool_calls" if calls else event["finish_reason"],
+                                    usage=usage(event["completion_tokens"]))
             yield "data: [DONE]\n\n"
 
         return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -180,6 +309,7 @@ def main():
     parser.add_argument("--max_seq_len", type=int, default=8192, help="prompt + completion tokens per request")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (use --api_key)")
     parser.add_argument("--port", type=int, default=8998)
+    parser.add_argument("--max_body_mb", type=float, default=4, help="larger request bodies get 413")
     # The key's default is read after parsing, so that --help never prints a key from the environment.
     parser.add_argument("--api_key", default=None,
                         help="require 'Authorization: Bearer KEY'; when not given, $MINIMIND_API_KEY if set, else no key")
@@ -190,7 +320,7 @@ def main():
     chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling)
     print(f"serving {chat.name} ({os.path.relpath(path)}{' + ' + os.path.relpath(lora_path) if lora_path else ''}) on "
           f"http://{args.host}:{args.port}/v1 ({chat.device})", flush=True)
-    create_app(chat, args.api_key, args.max_seq_len).run(host=args.host, port=args.port, threaded=True)
+    create_app(chat, args.api_key, args.max_seq_len, args.max_body_mb).run(host=args.host, port=args.port, threaded=True)
 
 
 if __name__ == "__main__":

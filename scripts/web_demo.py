@@ -16,7 +16,7 @@ from openai import OpenAI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from chat_core import (REPO_ROOT, find_local_models, fit_prompt, load_chat_model, newest_chat_model,  # noqa: E402
-                       split_thinking, stream_reply)
+                       split_reply, stream_reply)
 
 MAX_SEQ_LEN = 8192  # prompt + answer tokens; older turns are dropped to fit
 LOCAL, API = "Local weight / 本地权重", "OpenAI-compatible API / 接口"
@@ -41,7 +41,7 @@ def shown(path):
 
 def show_reply(text):
     """An assistant reply: reasoning folded in an expander, the answer as Markdown (HTML stays escaped)."""
-    reasoning, answer = split_thinking(text)
+    reasoning, answer, _ = split_reply(text, tools=False)
     if reasoning is not None:
         with st.expander("Thinking / 思考过程", expanded=False):
             st.text(reasoning)
@@ -67,9 +67,16 @@ def local_stream(path, messages, settings):
 def api_stream(base_url, api_key, model, messages, settings):
     client = OpenAI(base_url=base_url, api_key=api_key or "none")
     model = model or client.models.list().data[0].id
+    thinking = False  # the server sends <think> text as reasoning_content: put the tags back for show_reply
     for chunk in client.chat.completions.create(model=model, messages=messages, stream=True, **settings):
-        if chunk.choices and chunk.choices[0].delta.content:
-            yield chunk.choices[0].delta.content
+        delta = chunk.choices[0].delta if chunk.choices else None
+        reasoning = (delta.model_extra or {}).get("reasoning_content") if delta else None
+        if reasoning:
+            yield reasoning if thinking else "<think>" + reasoning
+            thinking = True
+        if delta and delta.content:
+            yield ("</think>" if thinking else "") + delta.content
+            thinking = False
 
 
 st.set_page_config(page_title="MiniMind", page_icon="🤖")
