@@ -8,8 +8,13 @@
 Without --prompts / --prompt_file, it reads prompts from standard input when that is not a terminal
 (one per line), and asks interactively when it is. Answers stream token by token; --show_speed prints
 tokens per second. --historys N keeps the last N messages of the conversation as context.
+
+--tools 1 offers the tools of scripts/tools.py (calculator, dictionary, calendar): when the answer is a
+<tool_call>, the call is run, its result goes back as a tool message and the model answers again (at most
+--tool_rounds times per prompt).
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -19,7 +24,8 @@ from transformers import TextStreamer
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO_ROOT)
-from scripts.chat_core import add_model_arguments, load_chat_model, resolve_paths  # noqa: E402
+from scripts.chat_core import add_model_arguments, load_chat_model, resolve_paths, split_reply  # noqa: E402
+from scripts.tools import TOOLS, run_tool  # noqa: E402
 from trainer.trainer_utils import HelpFormatter, show_defaults  # noqa: E402
 
 
@@ -65,6 +71,24 @@ def prompts_from(args):
     return interactive()
 
 
+def chat_turn(generate, messages, tools=None, tool_rounds=3, show=print):
+    """One user turn: generate(messages) -> reply text; while the reply is a tool call (and rounds are left),
+    run the call, add the call and its result to the conversation and generate again. Returns the messages
+    of the turn after `messages`: assistant calls, tool results and the final assistant answer."""
+    added = []
+    for round_number in range(tool_rounds + 1):
+        answer = generate(messages + added)
+        calls = split_reply(answer)[2] if tools else None
+        if not calls or round_number == tool_rounds:
+            return added + [{"role": "assistant", "content": answer}]
+        added.append({"role": "assistant", "content": "",
+                      "tool_calls": [{"type": "function", "function": call} for call in calls]})
+        for call in calls:
+            result = run_tool(call["name"], call["arguments"])
+            show(f"🔧 {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> {result}")
+            added.append({"role": "tool", "content": result})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_arguments(parser)
@@ -77,19 +101,19 @@ def main():
     parser.add_argument("--prompts", nargs="*", default=None, help="prompts to answer, then exit")
     parser.add_argument("--prompt_file", default=None, help="one prompt per line; '-' = standard input")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--tools", type=int, default=0, choices=[0, 1],
+                        help="1 = offer calculator, dictionary and calendar, and run the calls the model makes")
+    parser.add_argument("--tool_rounds", type=int, default=3, help="tool calls run per prompt, at most")
     args = show_defaults(parser).parse_args()
 
     model, tokenizer = load_model(args)
     streamer = PrintStreamer(tokenizer)
-    history = []
-    for prompt in prompts_from(args):
-        if args.seed is not None:
-            torch.manual_seed(args.seed)
-        history = history[-args.historys:] if args.historys else []
-        messages = history + [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = tokenizer(text, return_tensors="pt").to(args.device)
-        print(f"👶: {prompt}\n🤖: ", end="", flush=True)
+    tools = TOOLS if args.tools else None
+
+    def generate(messages):
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(args.device)
+        print("🤖: ", end="", flush=True)
         streamer.new_tokens = 0
         start = time.perf_counter()
         with torch.no_grad():
@@ -98,11 +122,20 @@ def main():
                                     streamer=streamer, pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id)
         seconds = time.perf_counter() - start
-        answer = tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         if args.show_speed:
             print(f"[{streamer.new_tokens} tokens, {streamer.new_tokens / seconds:.1f} tokens/s]")
+        return tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    history = []
+    for prompt in prompts_from(args):
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        history = history[-args.historys:] if args.historys else []
+        messages = history + [{"role": "user", "content": prompt}]
+        print(f"👶: {prompt}", flush=True)
+        messages += chat_turn(generate, messages, tools, args.tool_rounds)
         print(flush=True)
-        history = messages + [{"role": "assistant", "content": answer}]
+        history = messages
 
 
 if __name__ == "__main__":

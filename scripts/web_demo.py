@@ -7,7 +7,10 @@ The sidebar offers every native weight (out/{weight}_{hidden}[_moe].pth) and tra
 in out/ and out/demo/, the paths in $MINIMIND_MODEL_PATHS (separated by ':'), any path typed in, or an
 OpenAI-compatible API (scripts/serve_openai_api.py or any other). Answers stream; a reasoning model's
 <think>…</think> part is shown folded above the answer. What the user types is shown as plain text.
+With "Tools" on, the model is offered the tools of scripts/tools.py; each call it makes is run, shown folded
+with its result, and answered again (at most TOOL_ROUNDS calls per question).
 """
+import json
 import os
 import sys
 
@@ -17,8 +20,10 @@ from openai import OpenAI
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from chat_core import (REPO_ROOT, find_local_models, fit_prompt, load_chat_model, newest_chat_model,  # noqa: E402
                        split_reply, stream_reply)
+from tools import TOOLS, run_tool  # noqa: E402
 
 MAX_SEQ_LEN = 8192  # prompt + answer tokens; older turns are dropped to fit
+TOOL_ROUNDS = 3
 LOCAL, API = "Local weight / 本地权重", "OpenAI-compatible API / 接口"
 
 
@@ -48,28 +53,45 @@ def show_reply(text):
     st.markdown(answer)
 
 
+def show_tool_call(call, result):
+    with st.expander(f"🔧 {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})", expanded=False):
+        st.code(result, language="json")
+
+
 def show(message):
+    if message["role"] == "tool":
+        return  # shown with the call it answers
     with st.chat_message(message["role"]):
-        if message["role"] == "user":
+        if message.get("tool_calls"):
+            for call, result in zip(message["tool_calls"], message["results"]):
+                show_tool_call(call["function"], result)
+        elif message["role"] == "user":
             st.text(message["content"])  # plain text: never rendered as Markdown or HTML
         else:
             show_reply(message["content"])
 
 
-def local_stream(path, messages, settings):
+def local_stream(path, messages, settings, tools=None):
     chat = get_model(path)
-    prompt_ids, _ = fit_prompt(chat.tokenizer, messages, MAX_SEQ_LEN - settings["max_tokens"])
+    prompt_ids, _ = fit_prompt(chat.tokenizer, messages, MAX_SEQ_LEN - settings["max_tokens"], tools)
     with chat.lock:
         for event in stream_reply(chat, prompt_ids, **settings):
             yield event["delta"]
 
 
-def api_stream(base_url, api_key, model, messages, settings):
+def api_stream(base_url, api_key, model, messages, settings, tools=None):
+    """The reply as text in the model's own layout: reasoning_content inside <think> tags, tool calls as
+    <tool_call> blocks, so the page reads both sources the same way."""
     client = OpenAI(base_url=base_url, api_key=api_key or "none")
     model = model or client.models.list().data[0].id
     thinking = False  # the server sends <think> text as reasoning_content: put the tags back for show_reply
-    for chunk in client.chat.completions.create(model=model, messages=messages, stream=True, **settings):
+    extra = dict(tools=tools) if tools else {}
+    for chunk in client.chat.completions.create(model=model, messages=messages, stream=True, **settings, **extra):
         delta = chunk.choices[0].delta if chunk.choices else None
+        for call in (delta.tool_calls or []) if delta else []:
+            arguments = json.loads(call.function.arguments or "{}")
+            yield "<tool_call>" + json.dumps({"name": call.function.name, "arguments": arguments}, ensure_ascii=False) \
+                + "</tool_call>"
         reasoning = (delta.model_extra or {}).get("reasoning_content") if delta else None
         if reasoning:
             yield reasoning if thinking else "<think>" + reasoning
@@ -100,6 +122,7 @@ with st.sidebar:
     settings = dict(temperature=st.slider("Temperature", 0.0, 1.5, 0.85, 0.05, key="temperature"),
                     top_p=st.slider("Top-p", 0.05, 1.0, 0.85, 0.05, key="top_p"),
                     max_tokens=st.slider("Max new tokens", 16, 4096, 512, 16, key="max_tokens"))
+    use_tools = st.toggle("Tools: calculator, dictionary, calendar", key="tools")
     if st.button("Clear chat / 清空对话"):
         st.session_state.messages = []
 
@@ -114,21 +137,36 @@ if question:
     history = st.session_state.messages[-history_length:] if history_length else []
     messages = history + [{"role": "user", "content": question}]
     show(messages[-1])
-    with st.chat_message("assistant"):
-        placeholder, text = st.empty(), ""
-        try:
-            if source == LOCAL:
-                if not path:
-                    raise ValueError("choose a model in the sidebar first")
-                stream = local_stream(path, messages, settings)
-            else:
-                stream = api_stream(base_url, api_key, api_model, messages, settings)
-            for delta in stream:
-                text += delta
+    turn = [messages[-1]]  # what this question adds to the conversation
+    try:
+        for round_number in range(TOOL_ROUNDS + 1):
+            with st.chat_message("assistant"):
+                placeholder, text = st.empty(), ""
+                if source == LOCAL:
+                    if not path:
+                        raise ValueError("choose a model in the sidebar first")
+                    stream = local_stream(path, messages + turn[1:], settings, TOOLS if use_tools else None)
+                else:
+                    stream = api_stream(base_url, api_key, api_model, messages + turn[1:], settings,
+                                        TOOLS if use_tools else None)
+                for delta in stream:
+                    text += delta
+                    with placeholder.container():
+                        show_reply(text + "▌")
+                calls = split_reply(text)[2] if use_tools else None
+                if not calls or round_number == TOOL_ROUNDS:
+                    with placeholder.container():
+                        show_reply(text)
+                    turn.append({"role": "assistant", "content": text})
+                    break
+                # a tool call: run it, show it folded with its result, and let the model answer again
+                results = [run_tool(call["name"], call["arguments"]) for call in calls]
                 with placeholder.container():
-                    show_reply(text + "▌")
-            with placeholder.container():
-                show_reply(text)
-            st.session_state.messages += [messages[-1], {"role": "assistant", "content": text}]
-        except (Exception, SystemExit) as e:  # a bad path or an unreachable API: say so, keep the page
-            st.error(f"{type(e).__name__}: {e}")
+                    for call, result in zip(calls, results):
+                        show_tool_call(call, result)
+            turn.append({"role": "assistant", "content": "", "results": results,
+                         "tool_calls": [{"type": "function", "function": call} for call in calls]})
+            turn += [{"role": "tool", "content": result} for result in results]
+        st.session_state.messages += turn
+    except (Exception, SystemExit) as e:  # a bad path or an unreachable API: say so, keep the page
+        st.error(f"{type(e).__name__}: {e}")

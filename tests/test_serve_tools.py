@@ -28,20 +28,22 @@ CALL_REPLY = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1
 
 
 class ScriptedModel(torch.nn.Module):
-    """Stands in for a trained model whose greedy reply to any prompt is `reply`: logits put the next token of
+    """Stands in for a trained model whose greedy reply is fixed text (see say): logits put the next token of
     the reply first, then the end token. Records every prompt it is given."""
 
     def __init__(self):
         super().__init__()
         self.config = MiniMindConfig(hidden_size=64, num_hidden_layers=2)
-        self.reply, self.prompts, self.step = [], [], 0
+        self.replies, self.reply, self.prompts, self.step = [], [], [], 0
 
-    def say(self, text):
-        self.reply = TOKENIZER.encode(text) + [TOKENIZER.eos_token_id]
+    def say(self, *texts):
+        """Reply texts[0] to the next prompt, texts[1] to the one after, ..., the last one from then on."""
+        self.replies = [TOKENIZER.encode(text) + [TOKENIZER.eos_token_id] for text in texts]
 
     def forward(self, input_ids, **kwargs):
         if input_ids.shape[1] > 1:  # a new prompt
             self.prompts.append(TOKENIZER.decode(input_ids[0]))
+            self.reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
             self.step = 0
         logits = torch.zeros(1, 1, self.config.vocab_size)
         logits[0, 0, self.reply[min(self.step, len(self.reply) - 1)]] = 10.0
@@ -251,3 +253,24 @@ def test_the_terminal_client_shows_the_reasoning_then_the_answer(served, stream)
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "🤖: 💭 先想一想。\n🤖: 84\n" in result.stdout
+
+
+def test_the_web_chat_runs_a_tool_call_shows_it_folded_and_answers_from_the_result(served, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    model, _, url = served
+    model.say(CALL_REPLY, "12 × 7 = 84")  # first the call, then (with the result in the prompt) the answer
+    monkeypatch.setenv("MINIMIND_MODEL_PATHS", "")
+    page = AppTest.from_file(f"{REPO_ROOT}/scripts/web_demo.py", default_timeout=60)
+    page.run()
+    page.sidebar.radio(key="source").set_value(page.sidebar.radio(key="source").options[1]).run()
+    page.sidebar.text_input(key="base_url").set_value(url + "/v1").run()
+    page.sidebar.toggle(key="tools").set_value(True).run()
+    page.chat_input[0].set_value("12 乘以 7 等于多少？").run()
+    assert not page.exception
+    assert '<tool_response>\n{"result": 84}\n</tool_response>' in model.prompts[-1]  # the result went back
+    messages = page.session_state["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[2]["content"] == '{"result": 84}' and messages[3]["content"] == "12 × 7 = 84"
+    call = page.chat_message[1].expander[0]
+    assert call.label == '🔧 calculator({"expression": "12*7"})' and '{"result": 84}' in call.code[0].value
+    assert page.chat_message[2].markdown[-1].value == "12 × 7 = 84"
