@@ -162,12 +162,12 @@ def test_demo_pipeline_smoke_run(tmp_path):
                             env=dict(os.environ, MINIMIND_NO_PROGRESS="1", HF_DATASETS_CACHE=str(tmp_path / "cache")))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = (tmp_path / "demo_report.md").read_text(encoding="utf-8")
-    for row in ("| pretrain |", "| sft |", "| lora |", "| dpo |", "| reasoning |", "| kd |", "| grpo |"):
+    for row in ("| pretrain |", "| sft |", "| tools |", "| lora |", "| dpo |", "| reasoning |", "| kd |", "| grpo |"):
         assert row in report
     assert "loss on pretrain_eval.jsonl (48 documents, per token)" in report  # --quick scores a few items
     card = json.loads((tmp_path / "demo_report.json").read_text(encoding="utf-8"))
     primary = [r for r in card["stages"] if r["primary"]]
-    assert [r["stage"] for r in primary] == ["pretrain", "sft", "lora", "dpo", "reasoning", "kd", "grpo"]
+    assert [r["stage"] for r in primary] == ["pretrain", "sft", "tools", "lora", "dpo", "reasoning", "kd", "grpo"]
     for r in card["stages"]:
         low, high = r["ci95"]
         assert low <= r["after"] - r["before"] + 1e-9 and r["after"] - r["before"] <= high + 1e-9
