@@ -145,7 +145,8 @@ def check_tools(body):
             return None, ""
         # "required": the reply starts as a call, the model writes which one
         return tools, '<tool_call>\n{"name": "' if choice == "required" else ""
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if name not in names:
         raise BadRequest(f"'tool_choice' must be 'none', 'auto', 'required' or "
                          f"{{\"type\": \"function\", \"function\": {{\"name\": one of {names}}}}}", "tool_choice")

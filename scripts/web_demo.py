@@ -90,8 +90,9 @@ def api_stream(base_url, api_key, model, messages, settings, tools=None):
         delta = chunk.choices[0].delta if chunk.choices else None
         for call in (delta.tool_calls or []) if delta else []:
             arguments = json.loads(call.function.arguments or "{}")
-            yield "<tool_call>" + json.dumps({"name": call.function.name, "arguments": arguments}, ensure_ascii=False) \
-                + "</tool_call>"
+            yield ("</think>" if thinking else "") + "<tool_call>" + json.dumps(
+                {"name": call.function.name, "arguments": arguments}, ensure_ascii=False) + "</tool_call>"
+            thinking = False
         reasoning = (delta.model_extra or {}).get("reasoning_content") if delta else None
         if reasoning:
             yield reasoning if thinking else "<think>" + reasoning

@@ -174,6 +174,8 @@ def post(url, data, headers=None):
     ({"messages": ASK, "tools": [CALCULATOR], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice"),
     ({"messages": ASK, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": ASK, "tools": [CALCULATOR], "tool_choice": {"type": "function", "function": "calculator"}},
+     "tool_choice"),
     ({"messages": ASK, "chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs"),
     ({"messages": ASK + [{"role": "assistant", "content": None}]}, "messages[1].content"),
     ({"messages": ASK + [{"role": "assistant", "tool_calls": [{"type": "function", "function": {
