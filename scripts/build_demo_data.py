@@ -21,6 +21,7 @@ Files written (each `X.jsonl` has a held-out `X_eval.jsonl`):
                    (entries.jsonl) and its tool conversations (tools.jsonl), kept apart under the share-alike licence
 """
 import argparse
+import datetime
 import glob
 import gzip
 import hashlib
@@ -696,7 +697,6 @@ def calculator_request(rng):
 
 
 def calendar_request(rng):
-    import datetime
     day = datetime.date(2000, 1, 1) + datetime.timedelta(days=rng.randrange(11_000))
     lang = rng.choice(["zh", "en"])
     if rng.random() < 0.5:
