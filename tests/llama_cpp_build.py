@@ -41,7 +41,7 @@ def build(target):
     source = target + ".src"
     shutil.rmtree(source, ignore_errors=True)
     fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                              "--dest", source, LLAMA_CPP_PYTHON], capture_output=True, text=True)
+                              "--dest", source, LLAMA_CPP_PYTHON], capture_output=True, text=True, timeout=600)
     if fetched.returncode != 0:
         pytest.skip(f"llama.cpp is not built ({target} is empty) and its source package could not be fetched "
                     f"(offline?): {fetched.stderr.strip()[-300:]}")
@@ -50,7 +50,7 @@ def build(target):
     env = dict(os.environ, CMAKE_ARGS=CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
     built = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", staging,
                             *[os.path.join(source, f) for f in os.listdir(source)], *EXTRA_PACKAGES],
-                           capture_output=True, text=True, env=env)
+                           capture_output=True, text=True, env=env, timeout=1800)  # 4 minutes on 2 cores
     shutil.rmtree(source, ignore_errors=True)
     if built.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
