@@ -851,7 +851,7 @@ def cedict_licence(root):
         "licensed under the Creative Commons Attribution-ShareAlike 4.0 International License "
         "(https://creativecommons.org/licenses/by-sa/4.0/). Changes: entries were sampled and rewritten into "
         "pretraining sentences (`pretrain.jsonl`) and Chinese-to-English questions (`sft.jsonl`), kept as the "
-        "dictionary of the demo's dictionary tool (`entries.jsonl`, fields renamed) and quoted as that tool's "
+        "dictionary of the demo's dictionary tool (`entries.jsonl`, one JSON record per entry) and quoted as that tool's "
         "results in tool-calling conversations (`tools.jsonl`, `tools_eval.jsonl`). If you "
         "share these files or anything derived from them, share it under the same licence.", "",
         "Header of the source dictionary:", "", "```", *header, "```", ""])
