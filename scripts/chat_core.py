@@ -176,6 +176,24 @@ def render(tokenizer, messages, tools=None, **template_kwargs):
                                          **template_kwargs)
 
 
+@torch.no_grad()
+def greedy_replies(model, tokenizer, prompts, max_new_tokens=32, batch_size=32):
+    """Greedy replies to rendered prompts, generated in left-padded batches on the model's device."""
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    replies = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            inputs = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                               add_special_tokens=False).to(device)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            replies += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = "right"
+    return replies
+
+
 def fit_prompt(tokenizer, messages, budget, tools=None, template_kwargs=None, prefix=""):
     """Token ids of the rendered conversation, at most `budget` of them: whole turns are dropped from
     the oldest (a leading system message stays), never text sliced by characters. tools and

@@ -15,10 +15,9 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chat_core import REPO_ROOT, add_model_arguments, load_chat_model, render, resolve_paths, split_reply  # noqa: E402
+from chat_core import (REPO_ROOT, add_model_arguments, greedy_replies, load_chat_model, render, resolve_paths,  # noqa: E402
+                       split_reply)
 from tools import run_tool  # noqa: E402
 
 DEMO_REQUESTS = [os.path.join(REPO_ROOT, "dataset", "demo", "tools_eval.jsonl"),
@@ -54,26 +53,11 @@ def score_call(text, expected):
     return dict(valid=valid, right_tool=right_tool, right_arguments=right_arguments)
 
 
-@torch.no_grad()
 def tool_call_scores(model, tokenizer, rows, batch_size=16, max_new_tokens=48):
-    """Per row: its kind, the greedy reply and score_call's three answers (batched, left-padded)."""
-    device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    scores = []
-    try:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            prompts = [render(tokenizer, [next(m for m in r["conversations"] if m["role"] == "user")], r["tools"])
-                       for r in batch]
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            scores += [dict(kind=r.get("kind", r["call"]["name"]), reply=t, **score_call(t, r["call"]))
-                       for r, t in zip(batch, texts)]
-    finally:
-        tokenizer.padding_side = "right"
-    return scores
+    """Per row: its kind, the greedy reply to its first user turn (its tools offered) and score_call's answers."""
+    prompts = [render(tokenizer, [next(m for m in r["conversations"] if m["role"] == "user")], r["tools"]) for r in rows]
+    replies = greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return [dict(kind=r.get("kind", r["call"]["name"]), reply=t, **score_call(t, r["call"])) for r, t in zip(rows, replies)]
 
 
 def main():

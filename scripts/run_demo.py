@@ -44,6 +44,7 @@ sys.path.insert(0, REPO_ROOT)
 from dataset.lm_dataset import DPODataset, PretrainDataset, SFTDataset, pad_batch  # noqa: E402
 from model.model_lora import apply_lora, load_lora  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
+from scripts.chat_core import greedy_replies, render  # noqa: E402
 from scripts.eval_toolcall import DEMO_REQUESTS, read_requests, tool_call_scores  # noqa: E402
 from scripts.plot_metrics import plot  # noqa: E402
 
@@ -121,18 +122,9 @@ def stage_result(stage, metric, before, after, higher_is_better, seconds=None, w
 
 @torch.no_grad()
 def answer(model, tokenizer, questions, max_new_tokens=32, batch_size=32):
-    """Greedy answers to single-turn questions, batched with left padding."""
-    tokenizer.padding_side = "left"
-    answers = []
-    for start in range(0, len(questions), batch_size):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                 add_generation_prompt=True) for q in questions[start:start + batch_size]]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    tokenizer.padding_side = "right"
-    return [a.strip() for a in answers]
+    """Greedy answers to single-turn questions."""
+    prompts = [render(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    return [a.strip() for a in greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size)]
 
 
 @torch.no_grad()
