@@ -5,7 +5,7 @@ tokenised in parallel by `datasets.map`; the result is cached on disk, so a seco
 file, tokenizer and settings starts at once. Token ids are stored as uint16 (the vocabulary has 6400).
 
     PretrainDataset  {"text"}                    -> input_ids (truncated, or packed into full rows)
-    SFTDataset       {"conversations": [...]}    -> input_ids, loss_mask (assistant turns only)
+    SFTDataset       {"conversations": [...]}    -> input_ids, loss_mask (assistant turns only); or packed rows
     DPODataset       {"chosen", "rejected"}      -> both sides tokenised with their loss masks
     RLAIFDataset     {"conversations", ...}      -> the prompt text ending in the generation prompt, its messages,
                                                    and every extra field (task, answers, ...)
@@ -264,6 +264,33 @@ def pack_rows(data, max_length: int):
                     new_fingerprint=_fingerprint(data._fingerprint, "pack", max_length))
 
 
+def pack_conversations(data, max_length: int):
+    """Place whole conversations into rows of at most max_length tokens, so batches hold almost no padding.
+
+    First-fit decreasing inside each window of 1,000 conversations: the longest goes first, each into the
+    first row with room. A row keeps position_ids that restart at 0 where a conversation starts; given
+    those, the model keeps attention inside each conversation, so every token's loss is the one it has
+    alone (and the first token of a conversation, never an answer token, carries no loss).
+    """
+    def pack(batch):
+        ids, masks = [list(x) for x in batch["input_ids"]], [list(x) for x in batch["loss_mask"]]
+        rows, room = [], []
+        for i in sorted(range(len(ids)), key=lambda i: -len(ids[i])):
+            row = next((r for r, free in enumerate(room) if len(ids[i]) <= free), None)
+            if row is None:
+                row = len(rows)
+                rows.append([])
+                room.append(max_length)
+            rows[row].append(i)
+            room[row] -= len(ids[i])
+        return {"input_ids": [[t for i in row for t in ids[i]] for row in rows],
+                "loss_mask": [[m for i in row for m in [0] + masks[i][1:]] for row in rows],
+                "position_ids": [[p for i in row for p in range(len(ids[i]))] for row in rows]}
+    features = datasets.Features({**FEATURES["sft"], "position_ids": datasets.List(datasets.Value("uint16"))})
+    return data.map(pack, batched=True, batch_size=1000, remove_columns=data.column_names, features=features,
+                    new_fingerprint=_fingerprint(data._fingerprint, "pack conversations", max_length))
+
+
 # ----------------------------------------------------------------------------------------------
 # torch Datasets
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +316,8 @@ class _ArrowDataset(Dataset):
         """Tokens per row (the longer side of a preference pair), read from the Arrow columns without
         decoding the rows; used by --group_by_length."""
         table = self.data.with_format("arrow")
-        sides = [pc.list_value_length(table[c]).to_numpy() for c in self.data.column_names if c.endswith("_ids")]
+        sides = [pc.list_value_length(table[c]).to_numpy() for c in self.data.column_names
+                 if c.endswith("_ids") and c != "position_ids"]
         if not sides:
             raise ValueError(f"{type(self).__name__} rows hold no tokens to group by length")
         return torch.from_numpy(np.maximum.reduce(sides).astype(np.int64))
@@ -315,13 +343,23 @@ class PretrainDataset(_ArrowDataset):
 
 
 class SFTDataset(_ArrowDataset):
-    """Chat data: the loss covers each assistant turn's content, its <|im_end|> and the newline after."""
+    """Chat data: the loss covers each assistant turn's content, its <|im_end|> and the newline after.
+    packing=True puts several whole conversations in a row (pack_conversations); rows then also carry
+    position_ids, which the trainers pass to the model to keep attention inside each conversation."""
     kind = "sft"
+
+    def __init__(self, data_path, tokenizer, max_length=512, packing=False, **kwargs):
+        super().__init__(data_path, tokenizer, max_length, **kwargs)
+        if packing:
+            self.data = pack_conversations(self.data.with_format(None), max_length).with_format("numpy")
 
     def __getitem__(self, index):
         row = self.data[int(index)]
         ids = _long(row["input_ids"])
-        return dict(input_ids=ids, labels=ids.masked_fill(_long(row["loss_mask"]) == 0, -100))
+        out = dict(input_ids=ids, labels=ids.masked_fill(_long(row["loss_mask"]) == 0, -100))
+        if "position_ids" in row:
+            out["position_ids"] = _long(row["position_ids"])
+        return out
 
 
 class DPODataset(_ArrowDataset):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.varlen import varlen_attn
 from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig,
                           PreTrainedModel)
 from transformers import initialization as init
@@ -201,6 +202,45 @@ def sdpa_needs_repeated_kv(device: torch.device, dtype: torch.dtype, masked: boo
     return not flash
 
 
+def compute_dtype(x):
+    """The dtype matmuls on x run in: autocast's when it is on (embeddings stay fp32 under autocast)."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether packed rows can go through torch's varlen flash attention (torch.nn.attention.varlen).
+
+    varlen_attn calls aten._flash_attention_forward (torch 2.13, varlen.py), which exists on CUDA only,
+    for fp16/bf16 on sm80+ GPUs, and hardcodes dropout 0 - the same conditions as SDPA's flash kernel.
+    Elsewhere packed rows take a block-diagonal causal mask instead (exact, on the CPU's flash kernel too).
+    """
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_properties(device).major >= 8)
+
+
+def document_mask(position_ids):
+    """Causal attention inside each document of a packed row: bool [B, 1, T, T], True = may attend.
+
+    A document starts wherever the position ids restart at 0, so doc[t] = number of restarts up to t, and
+    query t sees key s iff s <= t and doc[s] == doc[t].
+    """
+    doc = (position_ids == 0).cumsum(dim=-1)
+    seq_len = position_ids.shape[-1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=position_ids.device).tril()
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
+def document_offsets(position_ids):
+    """The packed batch as one stream of documents for varlen attention: (cu_seqlens int32 [D + 1] = where
+    each of the D documents starts in the flattened B*T tokens, then B*T; the longest document's length).
+    A row always starts a document (position 0), so no document crosses rows. One host sync (nonzero)."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().squeeze(-1)
+    cu_seqlens = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
 # scripts/gpu_check.py sets this to a function that sees every SDPA call's arguments first (it runs each
 # new kind of call once under the fast kernels only, so a fall to the math kernel fails loudly).
 ATTENTION_PROBE = None
@@ -223,13 +263,19 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.use_sdpa = config.flash_attn
 
-    def forward(self, x, cos, sin, attn_mask=None, past_key_values: Cache | None = None):
-        """x [B, T, H]; attn_mask None (plain causal) or bool [B|1, 1, T, T_past + T], True = may attend."""
+    def forward(self, x, cos, sin, attn_mask=None, past_key_values: Cache | None = None, documents=None):
+        """x [B, T, H]; attn_mask None (plain causal) or bool [B|1, 1, T, T_past + T], True = may attend;
+        documents: (cu_seqlens, longest) of packed rows for varlen flash attention (see document_offsets)."""
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
+        if documents is not None:  # each document attends causally to itself only, over the flattened batch
+            cu_seqlens, longest = documents
+            flat = [t.transpose(1, 2).reshape(batch * seq_len, -1, self.head_dim) for t in (q, k, v)]
+            out = varlen_attn(*flat, cu_seqlens, cu_seqlens, longest, longest, window_size=(-1, 0), enable_gqa=True)
+            return self.resid_dropout(self.o_proj(out.reshape(batch, seq_len, -1)))
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # prepend cached keys/values
         dropout_p = self.dropout if self.training else 0.0
@@ -343,12 +389,6 @@ class MOEFeedForward(nn.Module):
             out = out + expert(x)
         return out
 
-    def _compute_dtype(self, tokens):
-        device_type = tokens.device.type
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return tokens.dtype
-
     def _can_group(self, tokens):
         """grouped_mm needs 16-byte aligned rows, and on CUDA bf16 on an sm90 / sm100 GPU (H100, H200, B200):
         torch 2.13's _grouped_mm_cuda takes its CUTLASS kernel only there (_scaled_mm_allowed_device(sm90,
@@ -356,7 +396,7 @@ class MOEFeedForward(nn.Module):
         to the host (a sync), so the sync-free masked dense path is used instead."""
         if self.training and self.config.dropout > 0:
             return False  # expert dropout only exists on the per-expert path
-        dtype = self._compute_dtype(tokens)
+        dtype = compute_dtype(tokens)
         aligned = all(n * torch.finfo(dtype).bits // 8 % 16 == 0
                       for n in (self.config.hidden_size, self.config.intermediate_size))
         if tokens.device.type == "cpu":
@@ -367,7 +407,7 @@ class MOEFeedForward(nn.Module):
 
     def _grouped_experts(self, tokens, topk_idx, topk_weight):
         num_tokens, k = topk_idx.shape
-        dtype = self._compute_dtype(tokens)
+        dtype = compute_dtype(tokens)
         expert_of_slot = topk_idx.reshape(-1)                            # [N*k]
         order = expert_of_slot.argsort(stable=True)                      # slots grouped by expert
         sorted_tokens = tokens[order // k].to(dtype)                     # [N*k, H]
@@ -406,8 +446,8 @@ class MiniMindBlock(GradientCheckpointingLayer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MOEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, x, cos, sin, attn_mask=None, past_key_values=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, past_key_values)
+    def forward(self, x, cos, sin, attn_mask=None, past_key_values=None, documents=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, past_key_values, documents)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -461,6 +501,9 @@ class MiniMindModel(MiniMindPreTrainedModel):
 
         attention_mask [B, T_past + T] (1 = token, 0 = padding) covers the cached tokens too, as in
         transformers' generate(). position_ids default to the cache offset + 0..T-1.
+        Packed rows (several documents back to back, as with transformers' DataCollatorWithFlattening): pass
+        position_ids that restart at 0 where each document starts, and no attention_mask and no cache;
+        attention then stays inside each document, so every token gets what it would get alone.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -472,16 +515,23 @@ class MiniMindModel(MiniMindPreTrainedModel):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq_len = hidden.shape[:2]
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        packed = position_ids is not None and attention_mask is None and past_len == 0 and seq_len > 1
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=hidden.device).unsqueeze(0)
         cos = self.freqs_cos[position_ids].unsqueeze(1).to(hidden.dtype)  # [B|1, 1, T, head_dim]
         sin = self.freqs_sin[position_ids].unsqueeze(1).to(hidden.dtype)
-        attn_mask = self._attention_mask(attention_mask, batch, seq_len, past_len, hidden.device)
+        attn_mask, documents = None, None
+        if not packed:
+            attn_mask = self._attention_mask(attention_mask, batch, seq_len, past_len, hidden.device)
+        elif varlen_usable(hidden.device, compute_dtype(hidden)) and not (self.training and self.config.dropout):
+            documents = document_offsets(position_ids.expand(batch, seq_len))
+        else:
+            attn_mask = document_mask(position_ids.expand(batch, seq_len))
 
         hidden = self.dropout(hidden)
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, attn_mask, past_key_values=past_key_values)
+            hidden = layer(hidden, cos, sin, attn_mask, past_key_values=past_key_values, documents=documents)
             if output_hidden_states:
                 all_hidden.append(hidden)
         hidden = self.norm(hidden)

@@ -1,13 +1,15 @@
 """Training throughput in real (non-pad) tokens/s: padded vs packed rows, eager vs torch.compile.
 
-    python scripts/bench_train.py                                   # 512x8, batch 8 x 340, this machine
+    python scripts/bench_train.py                                   # pretraining, 512x8, batch 8 x 340
     python scripts/bench_train.py --device cuda --dtype bfloat16     # on a GPU it also prints MFU
-    python scripts/bench_train.py --data sft                         # SFT: random vs length-grouped batches
+    python scripts/bench_train.py --data sft                         # SFT: random vs length-grouped vs packed
 
-Rows come from the bundled demo pretraining data: "padded" batches hold one document per row, padded
-to the longest row of the batch (documents longer than 340 tokens are cut); "packed" rows are filled
-with whole documents. With --data sft the rows are the demo SFT conversations, batched as the trainers
-do: in a random order ("random"), or with --group_by_length 1 ("grouped"). Only real tokens count. Each setting runs warm-up steps, then the mean over the timed steps.
+Rows come from the bundled demo pretraining data (one document per row, cut at 340 tokens) or, with
+--data sft, the demo SFT conversations, batched as the trainers do: a shuffled epoch padded to the longest
+row of each batch ("random", MiniMind's), --group_by_length 1 ("grouped": rows of similar length share a
+batch), or --packing 1 ("packed": pretraining rows filled with whole documents, which see each other as
+in nanoGPT; SFT rows filled with whole conversations, attention kept inside each one).
+Only real tokens count. Each setting runs warm-up steps, then the mean over the timed steps.
 MFU = training FLOPs of the real tokens (6 x active parameters + attention) per second over the GPU's
 dense peak for the dtype (trainer_utils.PEAK_TFLOPS; "-" on CPUs and unlisted GPUs).
 """
@@ -34,10 +36,8 @@ def bench(dataset, args, device, dtype, compile_model, lengths=None):
     model = MiniMindForCausalLM(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_model = torch.compile(model) if compile_model else model
-    if args.data == "sft":  # the trainers' batches: a shuffled epoch, grouped by length or not
-        order = iter(ResumableBatchSampler(len(dataset), args.batch_size, 0, 1, seed=0, epoch=0, lengths=lengths))
-    else:
-        order = (list(range(b * args.batch_size, (b + 1) * args.batch_size)) for b in range(len(dataset)))
+    # the trainers' batches: a shuffled epoch, grouped by length or not
+    order = iter(ResumableBatchSampler(len(dataset), args.batch_size, 0, 1, seed=0, epoch=0, lengths=lengths))
     batches = [pad_batch([dataset[i] for i in next(order)]) for _ in range(args.warmup + args.steps)]
     times, real, padded = [], 0, 0
     for i, batch in enumerate(batches):
@@ -46,9 +46,9 @@ def bench(dataset, args, device, dtype, compile_model, lengths=None):
         synchronize(device)
         start = time.perf_counter()
         # No attention mask, as in the trainers: rows are right-padded, so causal attention alone keeps
-        # real tokens off the padding, and SDPA can take the flash kernel.
+        # real tokens off the padding, and SDPA can take the flash kernel. Packed SFT rows bring position ids.
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = step_model(batch["input_ids"], labels=batch["labels"]).loss
+            loss = step_model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids")).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -83,11 +83,14 @@ def main():
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
     if args.data == "sft":
-        sft = SFTDataset(os.path.join(REPO_ROOT, "dataset", "demo", "sft.jsonl"), tokenizer, args.max_seq_len)
-        data = {"random": (sft, None), "grouped": (sft, sft.lengths())}
+        path = os.path.join(REPO_ROOT, "dataset", "demo", "sft.jsonl")
+        sft = SFTDataset(path, tokenizer, args.max_seq_len)
+        data = {"random": (sft, None), "grouped": (sft, sft.lengths()),
+                "packed": (SFTDataset(path, tokenizer, args.max_seq_len, packing=True), None)}
     else:
         path = os.path.join(REPO_ROOT, "dataset", "demo", "pretrain.jsonl")
-        data = {"padded": (PretrainDataset(path, tokenizer, args.max_seq_len), None),
+        documents = PretrainDataset(path, tokenizer, args.max_seq_len)
+        data = {"random": (documents, None), "grouped": (documents, documents.lengths()),
                 "packed": (PretrainDataset(path, tokenizer, args.max_seq_len, packing=True), None)}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads"

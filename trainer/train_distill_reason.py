@@ -63,14 +63,18 @@ def weighted_next_token_loss(logits, labels, weights):
 def main():
     parser = common_parser("MiniMind reasoning distillation", save_weight="reason", epochs=1, batch_size=8,
                            learning_rate=1e-6, accumulation_steps=1, log_interval=100, save_interval=100,
-                           max_seq_len=720, data_path="../dataset/r1_mix_1024.jsonl", from_weight="dpo")
+                           max_seq_len=720, data_path="../dataset/r1_mix_1024.jsonl", from_weight="dpo",
+                           group_by_length=1)
     parser.add_argument("--tag_weight", type=float, default=10.0, help="loss weight of the tag tokens")
+    parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
+                        help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
     args = parse_args(parser)
 
     run = Run(args)
     tokenizer = load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
-        data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+        data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
+                          on_bad_line="skip" if args.skip_bad_lines else "error")
     tag_sequences = tag_token_sequences(tokenizer)
     model = run.load_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
@@ -81,7 +85,8 @@ def main():
         nonlocal rows_without_tags
         weights = tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)
         rows_without_tags = rows_without_tags + (weights.max(dim=1).values <= 1).sum()  # read once, at the end
-        out = model(batch["input_ids"])  # right-padded rows: causal attention needs no mask (next_token_loss)
+        # right-padded rows need no mask; packed rows bring their position ids (see next_token_loss)
+        out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
         return weighted_next_token_loss(out.logits, batch["labels"], weights), out.aux_loss
 
     def weight_sum(batch):  # each weighted position counts as much as its weight

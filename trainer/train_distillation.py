@@ -34,7 +34,8 @@ def distillation_loss(student_logits, teacher_logits, labels, alpha, temperature
 def main():
     parser = common_parser("MiniMind knowledge distillation", save_weight="full_dist", epochs=6, batch_size=32,
                            learning_rate=5e-6, accumulation_steps=1, log_interval=100, save_interval=100,
-                           max_seq_len=340, data_path="../dataset/sft_mini_512.jsonl", from_weight="full_sft")
+                           max_seq_len=340, data_path="../dataset/sft_mini_512.jsonl", from_weight="full_sft",
+                           group_by_length=1)
     parser.add_argument("--student_hidden_size", type=int, default=512)
     parser.add_argument("--student_num_layers", type=int, default=8)
     parser.add_argument("--teacher_hidden_size", type=int, default=768)
@@ -42,6 +43,8 @@ def main():
     parser.add_argument("--teacher_weight", default="full_sft", help="out/{teacher_weight}_{teacher_hidden}.pth")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE")
     parser.add_argument("--temperature", type=float, default=1.5)
+    parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
+                        help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
     args = parse_args(parser)
     args.hidden_size, args.num_hidden_layers = args.student_hidden_size, args.student_num_layers  # the model we train
 
@@ -51,7 +54,8 @@ def main():
     run.check_from_weight(args.teacher_weight, teacher_config)  # before tokenising
     tokenizer = load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
-        data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+        data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
+                          on_bad_line="skip" if args.skip_bad_lines else "error")
     model = run.load_model()
     teacher_path = weight_path(args.save_dir, args.teacher_weight, teacher_config)
     if os.path.exists(teacher_path):  # peek at the teacher's vocabulary without reading the whole file
@@ -64,9 +68,10 @@ def main():
     model = run.prepare(model, optimizer)
 
     def loss_fn(batch):
-        out = model(batch["input_ids"])  # right-padded rows: causal attention needs no mask (next_token_loss)
+        # right-padded rows need no mask; packed rows bring their position ids (see next_token_loss)
+        out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
         with torch.no_grad():
-            teacher_logits = teacher(batch["input_ids"]).logits
+            teacher_logits = teacher(batch["input_ids"], position_ids=batch.get("position_ids")).logits
         loss, ce, kl = distillation_loss(out.logits, teacher_logits, batch["labels"], args.alpha, args.temperature)
         return loss, out.aux_loss, dict(ce=ce, kl=kl)
 

@@ -70,7 +70,7 @@ def precompute_reference(run, reference, data, reduction, pad_id, batch_size):
 def main():
     parser = common_parser("MiniMind DPO", save_weight="dpo", epochs=1, batch_size=4, learning_rate=4e-8,
                            accumulation_steps=1, log_interval=100, save_interval=100, max_seq_len=1024,
-                           data_path="../dataset/dpo.jsonl", from_weight="full_sft")
+                           data_path="../dataset/dpo.jsonl", from_weight="full_sft", group_by_length=1)
     parser.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
     parser.add_argument("--logp", default="mean", choices=["mean", "sum"],
                         help="answer log-prob: per-token mean (MiniMind) or sum (the paper)")

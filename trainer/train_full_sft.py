@@ -18,13 +18,16 @@ from dataset.lm_dataset import SFTDataset  # noqa: E402
 
 parser = common_parser("MiniMind full SFT", save_weight="full_sft", epochs=2, batch_size=16, learning_rate=5e-7,
                        accumulation_steps=1, log_interval=100, save_interval=100, max_seq_len=340,
-                       data_path="../dataset/sft_mini_512.jsonl", from_weight="pretrain")
+                       data_path="../dataset/sft_mini_512.jsonl", from_weight="pretrain", group_by_length=1)
+parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
+                    help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
 args = parse_args(parser)
 
 run = Run(args)
 tokenizer = load_tokenizer()
 with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
-    data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+    data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
+                      on_bad_line="skip" if args.skip_bad_lines else "error")
 model = run.load_model()
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
 model = run.prepare(model, optimizer)

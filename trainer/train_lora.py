@@ -18,18 +18,21 @@ from model.model_lora import apply_lora  # noqa: E402
 
 parser = common_parser("MiniMind LoRA fine-tuning", save_weight="lora", epochs=50, batch_size=32, learning_rate=1e-4,
                        accumulation_steps=1, log_interval=10, save_interval=100, max_seq_len=340,
-                       data_path="../dataset/lora_identity.jsonl", from_weight="full_sft")
+                       data_path="../dataset/lora_identity.jsonl", from_weight="full_sft", group_by_length=1)
 parser.add_argument("--lora_name", default="lora_identity", help="adapter name: out/lora/{lora_name}_{hidden}.pth")
 parser.add_argument("--lora_rank", type=int, default=8)
 parser.add_argument("--lora_alpha", type=float, default=None, help="scale B A x by alpha / rank (default: no scaling)")
 parser.add_argument("--lora_targets", default=None, help="comma-separated Linear names, e.g. q_proj,v_proj "
                                                          "(default: every square Linear, i.e. q_proj and o_proj)")
+parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
+                    help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
 args = parse_args(parser)
 
 run = Run(args, weight_name=args.lora_name)
 tokenizer = load_tokenizer()
 with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
-    data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+    data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
+                      on_bad_line="skip" if args.skip_bad_lines else "error")
 model = run.load_model()
 lora_params = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha,
                          target_modules=args.lora_targets.split(",") if args.lora_targets else None)

@@ -18,9 +18,9 @@ from dataset.lm_dataset import PretrainDataset  # noqa: E402
 
 parser = common_parser("MiniMind pretraining", save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4,
                        accumulation_steps=8, log_interval=100, save_interval=100, max_seq_len=340,
-                       data_path="../dataset/pretrain_hq.jsonl", from_weight="none")
+                       data_path="../dataset/pretrain_hq.jsonl", from_weight="none", group_by_length=1)
 parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
-                    help="1 = pack whole documents into full rows (no padding at all)")
+                    help="1 = pack whole documents into full rows (no padding; documents see each other)")
 args = parse_args(parser)
 
 run = Run(args)

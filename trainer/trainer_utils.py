@@ -40,8 +40,10 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state
 # ----------------------------------------------------------------------------------------------
 
 def common_parser(description, *, save_weight, epochs, batch_size, learning_rate, accumulation_steps,
-                  log_interval, save_interval, max_seq_len, data_path, from_weight):
-    """The options every stage takes; each script passes its own defaults (MiniMind's) and adds extras."""
+                  log_interval, save_interval, max_seq_len, data_path, from_weight, group_by_length=0):
+    """The options every stage takes; each script passes its own defaults (MiniMind's) and adds extras.
+    group_by_length: 1 for the stages that train on token rows (pretraining, SFT, LoRA, DPO, reasoning, KD),
+    where it trains 2-3x the real tokens per second of MiniMind's random batches (docs/benchmarks.md)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--save_dir", default="../out", help="weights and metrics (relative to trainer/ by default)")
     p.add_argument("--checkpoint_dir", default="../checkpoints", help="resume files for --from_resume 1")
@@ -68,8 +70,9 @@ def common_parser(description, *, save_weight, epochs, batch_size, learning_rate
     p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed lines instead of stopping")
     p.add_argument("--from_weight", default=from_weight, help="weight to start from ('none' = random init)")
     p.add_argument("--from_resume", type=int, default=0, choices=[0, 1], help="1 = continue from checkpoints/")
-    p.add_argument("--group_by_length", type=int, default=0, choices=[0, 1],
-                   help="1 = batch rows of similar length together (less padding; see ResumableBatchSampler)")
+    p.add_argument("--group_by_length", type=int, default=group_by_length, choices=[0, 1],
+                   help="1 = batch rows of similar length together (less padding; see ResumableBatchSampler); "
+                        "0 = MiniMind's random batches")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = all)")
     p.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="torch.compile the model")
     p.add_argument("--seed", type=int, default=42)
@@ -906,8 +909,9 @@ def next_token_loss(model, batch):
     No attention mask, on purpose: pad_batch pads on the right, so under causal attention a real token
     only ever sees earlier real tokens and the padding mask changes nothing that carries loss; without a
     mask SDPA can take the flash kernel (is_causal) instead of the math one. The same holds for every
-    supervised stage (SFT, LoRA, DPO, reasoning, KD) and for packed pretraining rows."""
-    out = model(batch["input_ids"], labels=batch["labels"])
+    supervised stage (SFT, LoRA, DPO, reasoning, KD) and for packed pretraining rows. Packed SFT rows
+    (--packing 1) bring position_ids that restart at each conversation; the model keeps attention inside them."""
+    out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
     return out.loss, out.aux_loss
 
 
