@@ -2,11 +2,13 @@
 
     python scripts/bench_serve.py --load_from out/demo/full_sft_192.pth --clients 1 8 --max_tokens 64
 
+    python scripts/bench_serve.py --load_from out/demo/full_sft_192.pth --max_batch 1   # one request at a time
+
 Starts the server on a free localhost port, sends each batch of clients at once (greedy, fixed
 max_tokens, so every answer has the same length), and prints per client count: time to first token
 (median / worst), whole-request latency (median / worst) and generated tokens per second over all
-clients. Requests take turns on the model (one at a time), so latency grows with the clients while
-the total rate stays near the single-request rate.
+clients. Concurrent requests share the server's decoding steps (scripts/batching.py, up to --max_batch
+rows), so the total rate grows with the clients; with --max_batch 1 they take turns.
 """
 import argparse
 import os
@@ -43,13 +45,15 @@ def main():
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max_batch", type=int, default=16, help="the server's --max_batch")
     args = parser.parse_args()
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, SERVER, "--load_from", args.load_from, "--port", str(port),
-                               "--device", args.device], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--device", args.device, "--max_batch", str(args.max_batch)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         for _ in range(240):
@@ -60,7 +64,8 @@ def main():
                 time.sleep(0.5)
         client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
         one_request(client, 4)  # warm-up
-        print(f"{args.load_from}, {args.max_tokens} new tokens per request, device {args.device}")
+        print(f"{args.load_from}, {args.max_tokens} new tokens per request, device {args.device}, "
+              f"max_batch {args.max_batch}")
         print(f"{'clients':>7} {'first token med/max (s)':>24} {'latency med/max (s)':>20} {'total tok/s':>12}")
         for n in args.clients:
             start = time.perf_counter()

@@ -212,44 +212,71 @@ def fit_prompt(tokenizer, messages, budget, tools=None, template_kwargs=None, pr
     raise PromptTooLong(f"the last message alone needs more than {budget} prompt tokens")
 
 
+class TokenSampler:
+    """One request's next-token choice: greedy at temperature 0, else temperature + nucleus (top-p) sampling
+    from its own generator, so a seeded request draws the same numbers whatever else is being served."""
+
+    def __init__(self, temperature, top_p, seed, device):
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]) \
+            if temperature > 0 else None
+        self.generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+
+    def __call__(self, logits):
+        """logits [1, V] (float) -> the next token id."""
+        if self.warpers is None:
+            return int(logits.argmax(-1))
+        probs = torch.softmax(self.warpers(None, logits), dim=-1)  # these warpers never read the input ids
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class ReplyText:
+    """One reply's tokens turned into text events: {"delta": text} as text becomes final, and last
+    {"delta", "finish_reason" ("stop": end token or a stop string, "length": max_tokens), "completion_tokens"}.
+    A stop string ends the reply and is not part of it; text that could still become one is held back."""
+
+    def __init__(self, tokenizer, max_tokens, stop=()):
+        self.tokenizer, self.max_tokens, self.stop = tokenizer, max_tokens, list(stop)
+        self.end_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.generated, self.text, self.sent, self.finished = [], "", 0, False
+
+    def add(self, token):
+        """Take the next token; return the events it makes (none, one delta, and/or the final event)."""
+        self.generated.append(token)
+        finish = None
+        if token in self.end_ids:
+            finish = "stop"
+        else:
+            self.text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+            cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+            if cuts:
+                self.text, finish = self.text[:min(cuts)], "stop"
+            elif len(self.generated) >= self.max_tokens:
+                finish = "length"
+        if finish:
+            self.finished = True
+            return [{"delta": self.text[self.sent:], "finish_reason": finish, "completion_tokens": len(self.generated)}]
+        ready = len(self.text.rstrip("\ufffd")) - self.hold  # a trailing \ufffd is half of a multi-byte character
+        if ready <= self.sent:
+            return []
+        delta, self.sent = self.text[self.sent:ready], ready
+        return [{"delta": delta}]
+
+
 @torch.no_grad()
 def stream_reply(chat, prompt_ids, max_tokens, temperature=0.85, top_p=0.85, stop=(), seed=None):
     """Sample up to max_tokens new tokens after prompt_ids, one forward of one token per step on the
-    KV cache. Yields {"delta": text} as text becomes final, and last {"delta", "finish_reason"
-    ("stop": end token or a stop string, "length": max_tokens), "completion_tokens"}.
-    A stop string ends the reply and is not part of it. temperature 0 = greedy. Hold chat.lock."""
-    model, tokenizer = chat.model, chat.tokenizer
-    end_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]) \
-        if temperature > 0 else None
-    generator = torch.Generator(chat.device).manual_seed(seed) if seed is not None else None
-    # Text that could still turn into a stop string is held back until it cannot.
-    hold = max((len(s) for s in stop), default=1) - 1
+    KV cache; yields ReplyText's events. temperature 0 = greedy. Hold chat.lock (the server shares the
+    model between requests with scripts/batching.py instead)."""
+    sample = TokenSampler(temperature, top_p, seed, chat.device)
+    reply = ReplyText(chat.tokenizer, max_tokens, stop)
     inputs = torch.tensor([prompt_ids], device=chat.device)
-    cache = DynamicCache(config=model.config)
-    generated, text, sent, finish = [], "", 0, "length"
-    for _ in range(max_tokens):
-        logits = model(inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        if warpers is None:
-            token = int(logits.argmax(-1))
-        else:
-            probs = torch.softmax(warpers(inputs, logits), dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        generated.append(token)
-        if token in end_ids:
-            finish = "stop"
-            break
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
-        if cuts:
-            text, finish = text[:min(cuts)], "stop"
-            break
-        ready = len(text.rstrip("\ufffd")) - hold  # a trailing \ufffd is half of a multi-byte character
-        if ready > sent:
-            yield {"delta": text[sent:ready]}
-            sent = ready
+    cache = DynamicCache(config=chat.model.config)
+    while not reply.finished:
+        logits = chat.model(inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        token = sample(logits)
+        yield from reply.add(token)
         inputs = torch.tensor([[token]], device=chat.device)
-    yield {"delta": text[sent:], "finish_reason": finish, "completion_tokens": len(generated)}
 
 
 THINK, END_THINK, CALL = "<think>", "</think>", "<tool_call>"

@@ -18,23 +18,28 @@ chat_template_kwargs {"enable_thinking": false} asks the template for a reply wi
 
 Binds 127.0.0.1:8998 unless --host / --port say otherwise; --api_key makes every request need
 `Authorization: Bearer KEY`. Bodies over --max_body_mb get 413, JSON nested deeper than 64 levels 400.
-The prompt is fitted to --max_seq_len - max_tokens tokens by dropping the oldest turns. One model answers
-one request at a time (a lock); others wait their turn.
+The prompt is fitted to --max_seq_len - max_tokens tokens by dropping the oldest turns. Concurrent requests
+are batched (scripts/batching.py): up to --max_batch of them share each decoding step, a new one joins at the
+next token and a finished one leaves at once; each keeps its own sampling settings, seed and stop strings.
 """
 import argparse
 import hmac
 import json
 import os
 import sys
+import threading
 import time
 import uuid
+from contextlib import closing
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.serving import make_server
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from batching import Batcher  # noqa: E402
 from chat_core import (PromptTooLong, add_model_arguments, fit_prompt, load_chat_model, resolve_paths,  # noqa: E402
-                       split_reply, stream_reply)
+                       split_reply)
 from trainer.trainer_utils import HelpFormatter, show_defaults  # noqa: E402  (chat_core put the repo on the path)
 
 DEFAULT_MAX_TOKENS = 1024
@@ -205,8 +210,11 @@ def openai_tool_calls(calls):
             for c in calls]
 
 
-def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4):
+def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16, batcher_thread=True):
+    """The Flask app; app.batcher runs the model (in its own thread, or, with batcher_thread=False, wherever
+    the caller runs app.batcher.run_forever())."""
     app = Flask(__name__)
+    app.batcher = batcher = Batcher(chat, max_batch, start_thread=batcher_thread)
     app.config["MAX_CONTENT_LENGTH"] = int(max_body_mb * 2 ** 20)  # werkzeug answers 413 past it
     expected_authorization = f"Bearer {api_key}".encode() if api_key else None
 
@@ -256,8 +264,7 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4):
                     "total_tokens": len(prompt_ids) + completion_tokens}
 
         if not req["stream"]:
-            with chat.lock:
-                events = list(stream_reply(chat, prompt_ids, **settings))
+            events = list(batcher.stream(prompt_ids, **settings))
             # the forced start of the reply (tool_choice) is part of what the model said
             reasoning, content, calls = split_reply(req["prefix"] + "".join(e["delta"] for e in events), tools=tools)
             message = {"role": "assistant", "content": content or (None if calls else "")}
@@ -276,12 +283,12 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4):
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         def events():
-            # The lock is held while this response streams; a client that goes away closes the
-            # generator, which releases it.
+            # A client that goes away closes this generator, and closing the reply's stream takes its
+            # request out of the batch at the next token.
             text, sent_reasoning, sent_content = req["prefix"], "", ""
-            with chat.lock:
+            with closing(batcher.stream(prompt_ids, **settings)) as reply:
                 yield chunk({"role": "assistant", "content": ""})
-                for event in stream_reply(chat, prompt_ids, **settings):
+                for event in reply:
                     text += event["delta"]
                     final = "finish_reason" in event
                     # each part only grows as text arrives, so what is new is what follows the part already sent
@@ -311,6 +318,8 @@ def main():
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (use --api_key)")
     parser.add_argument("--port", type=int, default=8998)
     parser.add_argument("--max_body_mb", type=float, default=4, help="larger request bodies get 413")
+    parser.add_argument("--max_batch", type=int, default=16,
+                        help="requests decoded together (more wait for a free row); 1 = one at a time")
     # The key's default is read after parsing, so that --help never prints a key from the environment.
     parser.add_argument("--api_key", default=None,
                         help="require 'Authorization: Bearer KEY'; when not given, $MINIMIND_API_KEY if set, else no key")
@@ -321,7 +330,13 @@ def main():
     chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling)
     print(f"serving {chat.name} ({os.path.relpath(path)}{' + ' + os.path.relpath(lora_path) if lora_path else ''}) on "
           f"http://{args.host}:{args.port}/v1 ({chat.device})", flush=True)
-    create_app(chat, args.api_key, args.max_seq_len, args.max_body_mb).run(host=args.host, port=args.port, threaded=True)
+    app = create_app(chat, args.api_key, args.max_seq_len, args.max_body_mb, args.max_batch, batcher_thread=False)
+    server = make_server(args.host, args.port, app, threaded=True)  # binds now, so a busy port fails here
+    threading.Thread(target=server.serve_forever, daemon=True, name="http").start()
+    try:
+        app.batcher.run_forever()  # decoding in the thread that loaded the model (see Batcher)
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
 
 
 if __name__ == "__main__":

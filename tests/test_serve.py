@@ -255,16 +255,17 @@ def test_a_converted_folder_serves_the_same_answers(weight, tmp_path):
     assert answers[0] == answers[1]
 
 
-def test_a_failure_inside_the_model_is_a_json_500_and_frees_the_lock(weight):
+def test_a_failure_inside_the_model_is_a_json_500_and_the_server_goes_on(weight):
     from scripts.serve_openai_api import create_app
     chat = load_chat_model(str(weight), device="cpu")
-    app = create_app(chat, max_seq_len=256).test_client()
+    served = create_app(chat, max_seq_len=256)
+    app = served.test_client()
     healthy_forward = chat.model.forward
     chat.model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory"))
     response = app.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
     assert response.status_code == 500
     assert response.get_json()["error"] == {"message": "internal error: RuntimeError: out of memory",
                                             "type": "server_error", "param": None, "code": None}
-    assert not chat.lock.locked()
+    assert served.batcher.rows == []  # the failed request left the batch
     chat.model.forward = healthy_forward
     assert app.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4}).status_code == 200
