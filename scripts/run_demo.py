@@ -235,6 +235,7 @@ def main():
     before = eval_losses(load(config, None), pretrain_eval)
     seconds, cmd_pretrain = train("train_pretrain.py", settings + quick, data_path=shown(os.path.join(DEMO, "pretrain.jsonl")),
                                   epochs=args.pretrain_epochs, batch_size=16, max_seq_len=256, packing=1,
+                                  group_by_length=0,  # packed rows are all full: nothing to group
                                   accumulation_steps=1, learning_rate=2e-3, warmup_steps=20)
     pretrained = load(config, path("pretrain"))
     after = eval_losses(pretrained, pretrain_eval)
