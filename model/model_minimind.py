@@ -219,13 +219,20 @@ def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
             and torch.cuda.get_device_properties(device).major >= 8)
 
 
+def document_starts(position_ids):
+    """bool [B, T]: where a document of a packed row starts - where the position ids restart at 0, and at
+    every row's first token (so a row never continues a document from the row before)."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    return starts
+
+
 def document_mask(position_ids):
     """Causal attention inside each document of a packed row: bool [B, 1, T, T], True = may attend.
 
-    A document starts wherever the position ids restart at 0, so doc[t] = number of restarts up to t, and
-    query t sees key s iff s <= t and doc[s] == doc[t].
+    doc[t] = the number of document starts up to t; query t sees key s iff s <= t and doc[s] == doc[t].
     """
-    doc = (position_ids == 0).cumsum(dim=-1)
+    doc = document_starts(position_ids).cumsum(dim=-1)
     seq_len = position_ids.shape[-1]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=position_ids.device).tril()
     return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
@@ -234,10 +241,9 @@ def document_mask(position_ids):
 def document_offsets(position_ids):
     """The packed batch as one stream of documents for varlen attention: (cu_seqlens int32 [D + 1] = where
     each of the D documents starts in the flattened B*T tokens, then B*T; the longest document's length).
-    A row always starts a document (position 0), so no document crosses rows. One host sync (nonzero)."""
-    flat = position_ids.reshape(-1)
-    starts = (flat == 0).nonzero().squeeze(-1)
-    cu_seqlens = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    One host sync (nonzero)."""
+    starts = document_starts(position_ids).reshape(-1).nonzero().squeeze(-1)
+    cu_seqlens = torch.cat([starts, starts.new_tensor([position_ids.numel()])]).to(torch.int32)
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
@@ -271,13 +277,13 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # prepend cached keys/values
         if documents is not None:  # each document attends causally to itself only, over the flattened batch
-            cu_seqlens, longest = documents
+            cu_seqlens, longest = documents  # (only without earlier cached tokens, so k, v are this call's)
             flat = [t.transpose(1, 2).reshape(batch * seq_len, -1, self.head_dim) for t in (q, k, v)]
             out = varlen_attn(*flat, cu_seqlens, cu_seqlens, longest, longest, window_size=(-1, 0), enable_gqa=True)
             return self.resid_dropout(self.o_proj(out.reshape(batch, seq_len, -1)))
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # prepend cached keys/values
         dropout_p = self.dropout if self.training else 0.0
         # With no mask, queries are the last rows of the causal square: is_causal for a fresh sequence,
         # and nothing to mask for a single new token after the cache.

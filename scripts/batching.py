@@ -98,12 +98,10 @@ class Batcher:
             prompt = torch.tensor([request.prompt_ids], device=self.chat.device)
             try:
                 logits = self.chat.model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-                going_on = self._give(request, request.sample(logits[:, -1].float()))
+                if self._give(request, request.sample(logits[:, -1].float())):
+                    self._join(request, cache)
             except Exception as error:  # e.g. out of memory on a long prompt: this request fails, the batch goes on
                 request.events.put(error)
-                continue
-            if going_on:
-                self._join(request, cache)
 
     def _cache_of(self, layers):
         """A DynamicCache holding these per-layer (keys, values) (made through its public update())."""

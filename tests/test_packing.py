@@ -181,3 +181,15 @@ def test_trainers_run_packed_and_resume(tmp_path, script, extra):
     assert [m["loss"] for m in a] == [m["loss"] for m in b] and len(a) == 4
     # packed rows: every row of a batch is (nearly) full
     assert all(m["tokens_per_s"] > 0 for m in a)
+
+
+def test_every_row_starts_a_document():
+    """A row whose positions do not start at 0 (a document cut at the row's start) is still its own document:
+    nothing crosses from the row before, in the mask and in the varlen offsets."""
+    positions = torch.tensor([[2, 3, 0, 1], [0, 1, 2, 0]])
+    mask = mm.document_mask(positions)[:, 0]
+    assert torch.equal(mask[0].int(), torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]))
+    assert torch.equal(mask[1].int(), torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]]))
+    cu_seqlens, longest = mm.document_offsets(positions)
+    assert cu_seqlens.tolist() == [0, 2, 4, 7, 8] and longest == 3
+    assert positions.tolist() == [[2, 3, 0, 1], [0, 1, 2, 0]]  # the caller's tensor is left as it was
