@@ -1,4 +1,4 @@
-"""Training throughput in real (non-pad) tokens/s: padded vs packed rows, eager vs torch.compile.
+"""Training throughput in real (non-pad) tokens/s: random, length-grouped and packed batches, eager vs torch.compile.
 
     python scripts/bench_train.py                                   # pretraining, 512x8, batch 8 x 340
     python scripts/bench_train.py --device cuda --dtype bfloat16     # on a GPU it also prints MFU

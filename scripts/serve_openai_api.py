@@ -325,6 +325,8 @@ def main():
                         help="require 'Authorization: Bearer KEY'; when not given, $MINIMIND_API_KEY if set, else no key")
     args = show_defaults(parser).parse_args()
     args.api_key = args.api_key or os.environ.get("MINIMIND_API_KEY")
+    if args.max_batch < 1:
+        parser.error(f"--max_batch must be at least 1 (1 = one request at a time), got {args.max_batch}")
 
     path, lora_path = resolve_paths(args)
     chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling)

@@ -1,6 +1,7 @@
 """Continuous batching (scripts/batching.py): concurrent requests share decoding steps, join at token
 boundaries, leave when done, and each gets the answer it would get alone."""
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -140,6 +141,9 @@ def test_a_failing_forward_fails_its_requests_and_the_batcher_goes_on(chat, fail
 def test_max_batch_must_be_positive(chat):
     with pytest.raises(ValueError, match="max_batch"):
         Batcher(chat, max_batch=0)
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "serve_openai_api.py"), "--max_batch", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--max_batch must be at least 1" in result.stderr
 
 
 def test_the_server_batches_concurrent_clients(tmp_path):
