@@ -153,6 +153,126 @@ def test_resume_a_two_process_run_with_one_process(tmp_path):
     assert state["world_size"] == 1 and state["step"] == 4 and state["consumed"] == 8 + 2 * 2
 
 
+def schedule_per_sample(rows, base_lr, run_samples):
+    """Each logged step's lr against MiniMind's cosine at the samples trained before that step."""
+    before = [0] + [row["samples"] for row in rows[:-1]]
+    return [(row["lr"], base_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * p / run_samples)))) for row, p in zip(rows, before)]
+
+
+@pytest.mark.parametrize("first, then, stop_after", [(2, 1, 4), (1, 2, 3)])
+def test_resume_on_another_world_size_runs_to_the_end_of_the_epoch(tmp_path, first, then, stop_after):
+    """96 documents, batch 4: stopped after a few steps on `first` processes and resumed on `then` to the end
+    of the epoch, the run trains every sample once, ends at sample 96 with the final weights and resume file
+    saved there, and its learning rate follows the uninterrupted cosine per sample (a step is 4 samples on one
+    process and 8 on two, so steps are not the unit). 1 -> 2 resumes at sample 12, which leaves a last round
+    of 4 samples that the two processes share."""
+    data = tmp_path / "docs96.jsonl"
+    with open(os.path.join(REPO_ROOT, "dataset", "demo", "pretrain.jsonl"), encoding="utf-8") as f:
+        data.write_text("".join(line for _, line in zip(range(96), f)), encoding="utf-8")
+    common = ["--dtype", "float32", "--accumulation_steps", "1", "--learning_rate", "1e-3", "--save_interval", "1000",
+              "--data_path", str(data)]
+    run_script("train_pretrain.py", *common, "--max_steps", str(stop_after), tmp=tmp_path,
+               torchrun=first if first > 1 else 0)
+    resumed = run_script("train_pretrain.py", *common, "--from_resume", "1", tmp=tmp_path,
+                         torchrun=then if then > 1 else 0)
+    assert f"resuming a {first}-process run on {then}" in resumed.stdout
+    rows = metrics(tmp_path, "pretrain_64_metrics.jsonl")
+    state = torch.load(tmp_path / "ckpt" / "pretrain_64_resume.pth", weights_only=True)
+    assert state["step"] == len(rows) and state["consumed"] == 96 and state["world_size"] == then
+    final = torch.load(tmp_path / "out" / "pretrain_64.pth", weights_only=True)  # saved at the last step
+    assert all(torch.equal(final[k], v.half()) for k, v in state["model"].items())
+    sizes = [b["samples"] - a["samples"] for a, b in zip([dict(samples=0)] + rows, rows)]
+    assert sizes == [4 * first] * stop_after + [4 * then] * ((96 - 4 * first * stop_after) // (4 * then)) + \
+        ([4] if then == 2 and first == 1 else [])  # 1 -> 2: 84 samples = 10 rounds of 8 and one of 4
+    assert rows[-1]["samples"] == 96 and [row["step"] for row in rows] == list(range(1, len(rows) + 1))
+    for logged, expected in schedule_per_sample(rows, 1e-3, 96):
+        assert logged == pytest.approx(expected, rel=1e-5)
+
+
+def test_resume_refuses_settings_that_change_the_sample_order(tmp_path):
+    """Flipping --group_by_length (or, with grouping, --batch_size) between a run and its resume would skip
+    some rows and repeat others: the resume stops and names the setting and its saved value."""
+    common = ["--dtype", "float32", "--save_interval", "1000"]
+    run_script("train_pretrain.py", *common, "--group_by_length", "0", "--max_steps", "2", tmp=tmp_path)
+    result = run_script("train_pretrain.py", *common, "--max_steps", "4", "--from_resume", "1", tmp=tmp_path,
+                        check=False)  # the default is --group_by_length 1
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "was written with --group_by_length 0, and this run has --group_by_length 1" in result.stderr + result.stdout
+    run_script("train_pretrain.py", *common, "--group_by_length", "0", "--batch_size", "8", "--max_steps", "4",
+               "--from_resume", "1", tmp=tmp_path)  # without grouping any batch size continues the order
+
+
+@pytest.mark.parametrize("saved, changed, refused", [
+    (dict(seed=42), dict(seed=1), "--seed 42"),
+    (dict(group_by_length=1, batch_size=4), dict(group_by_length=1, batch_size=8), "--batch_size 4"),
+    (dict(group_by_length=0, batch_size=4), dict(group_by_length=0, batch_size=8), None),
+    (dict(group_by_length=1, max_seq_len=64), dict(group_by_length=1, max_seq_len=128), "--max_seq_len 64"),
+    (dict(group_by_length=0, packing=1, max_seq_len=64), dict(group_by_length=0, packing=1, max_seq_len=128),
+     "--max_seq_len 64"),
+    (dict(group_by_length=0, max_seq_len=64), dict(group_by_length=0, max_seq_len=128), None),
+    (dict(group_by_length=0, packing=0), dict(group_by_length=0, packing=1), "--packing 0"),
+    (dict(), dict(group_by_length=1), "--group_by_length 0"),  # a file from before grouping existed
+    (dict(group_by_length=1, batch_size=4, learning_rate=1e-3), dict(group_by_length=1, batch_size=4,
+                                                                      learning_rate=5e-4), None),
+])
+def test_which_settings_a_resume_compares(saved, changed, refused):
+    args = dict(seed=42, group_by_length=0, packing=0, batch_size=4, max_seq_len=64, learning_rate=1e-3)
+    run = fake_run(**{**args, **changed})
+    if refused is None:
+        run.check_same_order({**args, **saved})
+        return
+    with pytest.raises(SystemExit, match=f"written with {refused}"):
+        run.check_same_order(saved if not saved else {**args, **saved})
+
+
+def test_resume_refuses_data_with_another_number_of_rows():
+    run = fake_run(batch_size=2, accumulation_steps=1, epochs=1)
+    run._resumed_num_samples = 20
+    with pytest.raises(SystemExit, match="written for 20 training rows, but this data gives 22"):
+        next(run.steps(Rows(22)))
+
+
+def test_two_machines_with_the_readme_rendezvous_flags(tmp_path):
+    """The README's two-machine line, as two nodes of one process each on localhost (gloo) that share no disk:
+    each machine tokenises into its own cache, and only global rank 0 writes weights, resume file and metrics."""
+    from conftest import free_port
+    port = str(free_port())
+    nodes = []
+    for node_rank in ("0", "1"):
+        machine = tmp_path / f"machine{node_rank}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", node_rank,
+                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                   os.path.join(REPO_ROOT, "trainer", "train_pretrain.py"), *TINY, "--dtype", "float32",
+                   "--max_steps", "3", "--save_dir", str(machine / "out"), "--checkpoint_dir", str(machine / "ckpt")]
+        env = dict(os.environ, MINIMIND_NO_PROGRESS="1", OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(machine / "cache"))
+        nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    for machine, output in enumerate(outputs):  # one tokenising pass on each machine
+        assert output.count("tokenising pretrain.jsonl (num_proc=1):   0%") == 1, output[-2000:]
+        assert any((tmp_path / f"machine{machine}" / "cache").iterdir())
+    first, second = tmp_path / "machine0", tmp_path / "machine1"
+    assert (first / "out" / "pretrain_64.pth").exists() and (first / "ckpt" / "pretrain_64_resume.pth").exists()
+    assert [row["step"] for row in metrics(first, "pretrain_64_metrics.jsonl")] == [1, 2, 3]
+    assert torch.load(first / "ckpt" / "pretrain_64_resume.pth", weights_only=True)["world_size"] == 2
+    assert not list((second / "out").iterdir()) and not list((second / "ckpt").iterdir())
+
+
+@pytest.mark.parametrize("local_rank, global_rank_0, first", [("0", True, True), ("0", False, True), ("1", False, False)])
+def test_the_first_process_of_each_machine_tokenises_first(monkeypatch, local_rank, global_rank_0, first):
+    """LOCAL_RANK 0 runs the block, then meets the machine's other processes at the barrier; they wait first,
+    then read its cache. The second machine's first process (global rank 1) does not wait for machine one."""
+    events = []
+    run = fake_run()
+    run.ddp = True
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(trainer_utils, "is_main", lambda: global_rank_0)
+    monkeypatch.setattr(trainer_utils.dist, "barrier", lambda *a, **kw: events.append("barrier"))
+    with run.main_process_first():
+        events.append("tokenise")
+    assert events == (["tokenise", "barrier"] if first else ["barrier", "tokenise"])
+
+
 def test_sample_stream_continues_across_world_sizes():
     """Resume a 2-process epoch with 1 process: every sample exactly once."""
     n, batch = 103, 4
@@ -165,10 +285,23 @@ def test_sample_stream_continues_across_world_sizes():
     one = ResumableBatchSampler(n, batch, 0, 1, seed=7, epoch=3, consumed=len(seen))
     for indices in one:
         seen += indices
-    assert len(seen) == len(set(seen)) == n - n % batch  # the last partial batch waits for the next epoch
-    assert set(seen) <= set(range(n))
+    assert sorted(seen) == list(range(n))  # every sample once, the last 3 as a short last round
     order = ResumableBatchSampler(n, batch, 0, 1, seed=7, epoch=3)
     assert [i for b in order for i in b] == seen  # the same order as one process from the start
+
+
+@pytest.mark.parametrize("n, trained", [(103, 103), (97, 96)])
+def test_the_last_round_is_shared_out(n, trained):
+    """103 = 12 rounds of 2 x 4 + 7: the 7 go 4 + 3 to the two processes, so the epoch trains on all of them
+    (both take part in the round, as DDP needs); of 97 = 96 + 1, the one that cannot reach both waits."""
+    samplers = [ResumableBatchSampler(n, 4, rank, 2, seed=7, epoch=0) for rank in range(2)]
+    batches = [list(s) for s in samplers]
+    assert len(batches[0]) == len(batches[1])  # every process takes part in every round
+    flat = [i for k in range(len(batches[0])) for rank in range(2) for i in batches[rank][k]]
+    assert len(set(flat)) == len(flat) == trained == samplers[0].samples()
+    assert flat == [i for b in ResumableBatchSampler(n, 4, 0, 1, seed=7, epoch=0) for i in b][:trained]
+    if n == 103:
+        assert [len(b[-1]) for b in batches] == [4, 3]
 
 
 
@@ -183,7 +316,7 @@ def test_group_by_length_cuts_padding_and_still_resumes(monkeypatch):
         return sum(len(b) * int(lengths[b].max()) for b in sampler)
     grouped = ResumableBatchSampler(n, batch, 0, 1, seed=7, epoch=0, lengths=lengths)
     flat = [i for b in grouped for i in b]
-    assert len(flat) == len(set(flat)) == n - n % batch
+    assert sorted(flat) == list(range(n))
     plain = ResumableBatchSampler(n, batch, 0, 1, seed=7, epoch=0)
     real = int(lengths[flat].sum())
     assert real / padded(grouped) > 0.85 > 0.7 > real / padded(plain)

@@ -312,24 +312,26 @@ def training_flops_per_token(config, seq_len):
 
 def lr_at(step, total_steps, base_lr, warmup_steps=0):
     """MiniMind's schedule: lr * (0.1 + 0.45 * (1 + cos(pi * t / T))), from lr down to 0.1 * lr,
-    after an optional linear warm-up. t counts optimizer steps over all epochs."""
+    after an optional linear warm-up. t counts optimizer steps over all epochs (Run passes it in samples
+    divided by the samples of one step, which may be fractional after a resume on another world size)."""
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return base_lr * min(step + 1, warmup_steps) / warmup_steps
     return base_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, total_steps))))
 
 
 class ResumableBatchSampler(Sampler):
     """This rank's micro-batches of one epoch, starting after `consumed` samples.
 
-    The epoch's order is a permutation fixed by (seed, epoch). Positions are global: micro-batch k of
-    rank r is order[consumed + (k * world + r) * B : ... + B], so after k rounds every rank together has
-    consumed k * world * B samples. Resuming from that count gives the same stream on any world size.
-    A last round with fewer than world * B samples is left for the next epoch's shuffle.
+    The epoch's order is a permutation fixed by (seed, epoch). Positions are global: in round k every rank
+    takes its micro-batch of B from order[consumed + k * world * B : ... + world * B], so after k rounds the
+    ranks together have consumed k * world * B samples. Resuming from that count gives the same stream on
+    any world size. The r < world * B samples left at the end make one short last round, shared out as
+    evenly as they go (every rank needs a row; only r < world samples wait for the next epoch's shuffle).
 
     With `lengths` (--group_by_length 1) the permutation is then cut into groups of GROUP_BATCHES * B
     samples; each group is sorted by length and cut into micro-batches of B, whose order inside the group
     is shuffled. A batch then holds rows of similar length, so little of it is padding (the idea of
-    Hugging Face's LengthGroupedSampler); the order still depends only on (seed, epoch), so resuming works.
+    Hugging Face's LengthGroupedSampler); the order still depends only on (seed, epoch, B), so resuming works.
     """
     GROUP_BATCHES = 64
 
@@ -340,6 +342,13 @@ class ResumableBatchSampler(Sampler):
             order = self.group_by_length(order, lengths, batch_size, generator)
         self.order = order[consumed:].tolist()
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.full_rounds, self.last_round = self.plan(len(self.order), batch_size, world_size)
+
+    @staticmethod
+    def plan(samples, batch_size, world_size):
+        """(full rounds, samples of the short last round or 0) that a stream of this many samples makes."""
+        full, rest = divmod(samples, batch_size * world_size)
+        return full, rest if rest >= world_size else 0
 
     @classmethod
     def group_by_length(cls, order, lengths, batch_size, generator):
@@ -352,12 +361,31 @@ class ResumableBatchSampler(Sampler):
         return torch.cat(grouped)  # so every batch starts at a multiple of batch_size
 
     def __len__(self):
-        return len(self.order) // (self.batch_size * self.world_size)
+        return self.full_rounds + bool(self.last_round)
+
+    def round_samples(self, k):
+        """Samples all ranks together take in round k."""
+        return self.batch_size * self.world_size if k < self.full_rounds else self.last_round
+
+    def samples(self):
+        """Samples this epoch's stream holds from its start position to its end, all ranks together."""
+        return self.full_rounds * self.batch_size * self.world_size + self.last_round
+
+    @classmethod
+    def size(cls, samples, batch_size, world_size):
+        """(rounds, samples they take) of a stream of this many samples."""
+        full, last = cls.plan(samples, batch_size, world_size)
+        return full + bool(last), full * batch_size * world_size + last
 
     def __iter__(self):
-        for k in range(len(self)):
+        for k in range(self.full_rounds):
             start = (k * self.world_size + self.rank) * self.batch_size
             yield self.order[start:start + self.batch_size]
+        if self.last_round:  # rank r gets share_r = last // world (+1 for the first last % world ranks)
+            start = self.full_rounds * self.batch_size * self.world_size
+            share, extra = divmod(self.last_round, self.world_size)
+            start += self.rank * share + min(self.rank, extra)
+            yield self.order[start:start + share + (self.rank < extra)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,7 +416,10 @@ class Run:
         self.resume_path = os.path.join(args.checkpoint_dir, os.path.basename(
             weight_path(args.save_dir, self.weight_name, self.config)).replace(".pth", "_resume.pth"))
         self.metrics_path = weight_path(args.save_dir, self.weight_name, self.config).replace(".pth", "_metrics.jsonl")
+        # step: optimizer steps taken; epoch, consumed: samples (all processes together) into that epoch;
+        # step_start / samples: the run's samples before / after the current step; final_step: it ends the run.
         self.step, self.epoch, self.consumed = 0, 0, 0
+        self.step_start, self.samples, self.run_samples, self.final_step = 0, 0, 0, False
         self.tracker, self.progress, self.step_tokens, self.step_metrics = None, None, 0, {}
         self._last_time, self._tokens_since_log = time.perf_counter(), 0
         # Device-side record of the first step whose loss was not finite (0 = none yet): read on the host
@@ -451,12 +482,15 @@ class Run:
 
     @contextmanager
     def main_process_first(self):
-        """Rank 0 runs the block first (tokenising a dataset into the cache); the others wait at a barrier,
-        then run it and read that cache instead of tokenising the same file again."""
-        if self.ddp and not is_main():
+        """The first process of each machine (LOCAL_RANK 0) runs the block first (tokenising a dataset into
+        that machine's cache); the machine's other processes wait at a barrier, then run it and read that
+        cache instead of tokenising the same file again. Keyed on the local rank, not the global one, so
+        machines that do not share a disk each tokenise once, at the same time."""
+        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        if self.ddp and not first:
             dist.barrier()
         yield
-        if self.ddp and is_main():
+        if self.ddp and first:  # every process enters the barrier once: before the block or after it
             dist.barrier()
 
     def prepare(self, model, optimizer, extras=None):
@@ -508,10 +542,6 @@ class Run:
         return model
 
     # -- data --------------------------------------------------------------------------------
-    def steps_per_epoch(self, dataset):
-        micro_batches = len(dataset) // (self.args.batch_size * self.world_size)
-        return math.ceil(micro_batches / self.args.accumulation_steps)
-
     def steps(self, dataset):
         """Yield (step, micro-batches of one optimizer step), resuming where a checkpoint left off.
 
@@ -519,13 +549,26 @@ class Run:
         and moves each to the device just before its forward. The last window of an epoch may hold fewer
         than accumulation_steps micro-batches: it is still one optimizer step, so no gradient crosses an
         epoch boundary.
+
+        Progress is counted in samples, which mean the same on any number of processes (a step does not:
+        it takes batch_size x processes x accumulation_steps samples): the schedule's position, the end of
+        the run and the resume point are sample counts, so a run resumed on another world size ends where
+        the uninterrupted one ends and follows the same learning rate per sample.
         """
         args = self.args
-        self.total_steps = self.steps_per_epoch(dataset) * args.epochs
-        if self.total_steps == 0:
-            raise SystemExit(f"{len(dataset)} samples cannot fill one batch of {args.batch_size} x {self.world_size} "
-                             "processes: lower --batch_size")
+        self.check_same_data(dataset)
+        self.num_samples = len(dataset)
+        # rounds: one micro-batch on every process; an epoch trains epoch_samples of its rows on this world size
+        epoch_rounds, self.epoch_samples = ResumableBatchSampler.size(len(dataset), args.batch_size, self.world_size)
+        if epoch_rounds == 0:
+            raise SystemExit(f"{len(dataset)} samples cannot give each of {self.world_size} processes a row: "
+                             "use more data or fewer processes")
+        self.run_samples = self.epoch_samples * args.epochs
         start_epoch, start_consumed = self.epoch, self.consumed
+        rounds_left, _ = ResumableBatchSampler.size(len(dataset) - start_consumed, args.batch_size, self.world_size)
+        steps_left = math.ceil(rounds_left / args.accumulation_steps) + \
+            math.ceil(epoch_rounds / args.accumulation_steps) * (args.epochs - start_epoch - 1)
+        self.total_steps = self.step + steps_left  # where this run's last step will be
         lengths = dataset.lengths() if args.group_by_length else None
         self._last_time, self._tokens_since_log = time.perf_counter(), 0
         self.progress = self._progress_bar()
@@ -543,13 +586,25 @@ class Run:
             for i, batch in enumerate(loader):
                 window.append(batch)
                 if len(window) == args.accumulation_steps or i == len(sampler) - 1:
-                    self.consumed += len(window) * args.batch_size * self.world_size
+                    self.step_start = epoch * self.epoch_samples + self.consumed  # the schedule's position
+                    self.consumed += sum(sampler.round_samples(k) for k in range(i + 1 - len(window), i + 1))
+                    self.samples = epoch * self.epoch_samples + self.consumed
+                    self.final_step = epoch == args.epochs - 1 and i == len(sampler) - 1
                     self.step += 1
                     yield self.step, window  # the caller runs the step: forward, backward, update, log, save
                     window = []
                     if args.max_steps and self.step >= args.max_steps:
                         return
                     self._stop_if_asked()
+
+    def check_same_data(self, dataset):
+        """A resumed run continues the saved sample order only over the same rows (see restore)."""
+        saved = getattr(self, "_resumed_num_samples", None)
+        if saved is not None and saved != len(dataset):
+            raise SystemExit(f"{self.resume_path} was written for {saved} training rows, but this data gives "
+                             f"{len(dataset)}: the saved position would point at other rows. Resume on the same "
+                             "data and settings (--data_path, --max_seq_len, --packing), or start afresh without "
+                             "--from_resume.")
 
     def all_reduce(self, tensor):
         """The element-wise sum of a tensor over all processes (itself when there is one process)."""
@@ -590,7 +645,7 @@ class Run:
         real_tokens = sum(int(v.sum()) for b in window for k, v in b.items() if k.endswith("attention_mask"))
         total = self.all_sum(sum(counts))[0].clamp(min=1)
         step_loss = torch.zeros((), dtype=self.sum_dtype, device=self.device)
-        step_metrics = {}
+        step_metrics = {"aux_loss": 0.0} if self.config.use_moe else {}  # logged: the router's balance term
         for i, (cpu_batch, n) in enumerate(zip(window, counts)):
             batch = self.to_device(cpu_batch)
             with ExitStack() as no_sync:
@@ -600,10 +655,12 @@ class Run:
                 with self.autocast():
                     loss, extra, *metrics = loss_fn(batch)
                 share = n / total
+                extra_share = extra / len(window) / self.world_size  # the extra loss is a mean over micro-batches
                 # DDP averages gradients over processes; our terms are shares of the global sum.
-                self.scaler.scale((loss * share.to(loss.dtype) + extra / len(window) / self.world_size)
-                                  * self.world_size).backward()
+                self.scaler.scale((loss * share.to(loss.dtype) + extra_share) * self.world_size).backward()
             step_loss += loss.detach().to(self.sum_dtype) * share
+            if self.config.use_moe:
+                step_metrics["aux_loss"] += torch.as_tensor(extra_share, device=self.device).detach().to(self.sum_dtype)
             for name, value in (metrics[0] if metrics else {}).items():
                 value = torch.as_tensor(value, device=self.device).detach().to(self.sum_dtype)
                 step_metrics[name] = step_metrics.get(name, 0.0) + value * share
@@ -623,8 +680,11 @@ class Run:
         """Set the scheduled lr, unscale, clip, step, zero the gradients; returns the lr used.
         more: further (optimizer, base lr) pairs stepped alongside (e.g. PPO's critic) on the same schedule."""
         lrs = []
+        # The schedule runs over samples (see steps()), here in units of one full step of this run, so a run
+        # resumed on another world size follows the same curve per sample: t = step_start / run_samples.
+        step_samples = self.args.batch_size * self.world_size * self.args.accumulation_steps
         for opt, base_lr in [(optimizer, learning_rate or self.args.learning_rate), *more]:
-            lr = lr_at(self.step - 1, self.total_steps, base_lr, self.args.warmup_steps)
+            lr = lr_at(self.step_start / step_samples, self.run_samples / step_samples, base_lr, self.args.warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             self.scaler.unscale_(opt)
@@ -672,7 +732,8 @@ class Run:
         now = time.perf_counter()
         tokens_per_s = float(self._tokens_since_log) / max(now - self._last_time, 1e-9)
         self._last_time, self._tokens_since_log = now, 0
-        record = dict(step=self.step, epoch=self.epoch, **{k: float(f"{float(v):.6g}") for k, v in metrics.items()},
+        record = dict(step=self.step, epoch=self.epoch, samples=self.samples,
+                      **{k: float(f"{float(v):.6g}") for k, v in metrics.items()},
                       tokens_per_s=round(tokens_per_s, 1), time=round(time.time(), 1))
         if self.progress is not None:
             self.progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()
@@ -721,6 +782,7 @@ class Run:
                 atomic_torch_save({k: v.detach().half().cpu() for k, v in raw.state_dict().items()}, path)
             state = dict(model=trainable_state(raw), optimizer=optimizer.state_dict(), scaler=self.scaler.state_dict(),
                          step=self.step, epoch=self.epoch, consumed=self.consumed, world_size=self.world_size,
+                         num_samples=getattr(self, "num_samples", None),
                          rng=all_rng,
                          extras={k: unwrap(m).state_dict() for k, m in (extras or {}).items()},
                          args={k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool))})
@@ -741,8 +803,8 @@ class Run:
             self.maybe_save(model, optimizer)
 
     def is_last_step(self):
-        """The run's final step: the end of the last epoch, or --max_steps."""
-        return self.step == getattr(self, "total_steps", 0) or bool(self.args.max_steps and self.step >= self.args.max_steps)
+        """The run's final step: the one that ends the last epoch's sample stream, or --max_steps."""
+        return self.final_step or bool(self.args.max_steps and self.step >= self.args.max_steps)
 
     def maybe_save(self, model, optimizer, extras=None):
         if self.step % self.args.save_interval == 0 or self.is_last_step():
@@ -756,6 +818,8 @@ class Run:
             print0(f"--from_resume 1, but there is no {self.resume_path} yet: starting from the beginning")
             return
         state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
+        self.check_same_order(state.get("args", {}))
+        self._resumed_num_samples = state.get("num_samples")
         raw = unwrap(model)
         missing, unexpected = raw.load_state_dict(state["model"], strict=False)
         trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
@@ -791,6 +855,29 @@ class Run:
             with open(self.metrics_path, encoding="utf-8") as f:
                 rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
             atomic_write_text(self.metrics_path, "".join(rows))
+
+    # Settings that fix which rows a resumed position points at, with the value a resume file that predates
+    # the setting was written under. The seed fixes the shuffle; grouping (and with it the batch size and
+    # the row lengths, which --max_seq_len cuts) the order; --max_seq_len and --packing which rows exist.
+    ORDER_SETTINGS = dict(seed=None, group_by_length=0, packing=0, batch_size=None, max_seq_len=None)
+
+    def check_same_order(self, saved):
+        """Refuse to resume with a setting that would change the sample order: the saved position would then
+        skip some rows and repeat others (a changed seed or grouping, or with grouping or packing on a
+        changed --batch_size / --max_seq_len). Other settings (learning rate, steps, ...) may change."""
+        current = vars(self.args)
+        grouped = saved.get("group_by_length", 0) or current.get("group_by_length")
+        packed = saved.get("packing", 0) or current.get("packing")
+        matters = dict(seed=True, group_by_length=True, packing=True, batch_size=grouped, max_seq_len=grouped or packed)
+        for name, before_it_existed in self.ORDER_SETTINGS.items():
+            if name not in current or not matters[name]:
+                continue
+            was = saved.get(name, before_it_existed)
+            if was is not None and was != current[name]:
+                raise SystemExit(f"{self.resume_path} was written with --{name} {was}, and this run has --{name} "
+                                 f"{current[name]}: that changes the sample order, so the saved position would "
+                                 f"skip some rows and repeat others. Resume with --{name} {was}, or start afresh "
+                                 "without --from_resume.")
 
     def _write_gpu_check_report(self, path):
         """What scripts/gpu_check.py tabulates: seconds per step after the first, real tokens/s, peak memory,
