@@ -28,7 +28,7 @@ from scripts.download_data import FILES as DOWNLOADABLE  # the full MiniMind dat
 ASSISTANT_START = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
 ROLES = {"system", "user", "assistant", "tool"}
-CACHE_VERSION = "2"  # bump when the tokenisation logic below changes
+CACHE_VERSION = "3"  # bump when the tokenisation logic below changes
 CUT_OFF = "cut off"  # a well-formed row whose answer lies beyond max_length: left out and counted
 
 # Where the bundled demo stand-ins of the full MiniMind datasets live (relative to dataset/).
@@ -63,14 +63,41 @@ def split_paths(paths) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 def validate_messages(messages, field="conversations"):
-    """A list of {"role", "content"} dicts; returns an error string or None."""
+    """A list of {"role", "content"} dicts; an assistant turn may instead (or as well) carry OpenAI-style
+    "tool_calls" (its content then may be null or ""). Returns an error string or None."""
     if not isinstance(messages, list) or not messages:
         return f'"{field}" must be a non-empty list of messages'
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content", ""), str):
-            return (f'{field}[{i}] must be {{"role": one of {sorted(ROLES)}, "content": string}}, '
-                    f"got {json.dumps(m, ensure_ascii=False)[:100]}")
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        content_ok = isinstance(m, dict) and (isinstance(m.get("content", ""), str) or (m.get("content") is None and calls))
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not content_ok:
+            return (f'{field}[{i}] must be {{"role": one of {sorted(ROLES)}, "content": string}} (or an assistant '
+                    f'turn with "tool_calls" and "content": null), got {json.dumps(m, ensure_ascii=False)[:100]}')
+        if calls is not None:
+            error = validate_tool_calls(calls, m["role"])
+            if error:
+                return f"{field}[{i}]: {error}"
     return None
+
+
+def validate_tool_calls(calls, role):
+    """OpenAI's form [{"type": "function", "function": {"name", "arguments"}}] or the bare {"name", "arguments"}."""
+    if role != "assistant":
+        return f'only assistant turns carry "tool_calls" (this one is a {role} turn)'
+    if not isinstance(calls, list):
+        return f'"tool_calls" must be a list of calls, got {type(calls).__name__}'
+    for j, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), (str, dict))):
+            return (f'tool_calls[{j}] must be {{"function": {{"name": string, "arguments": object or JSON string}}}}, '
+                    f"got {json.dumps(call, ensure_ascii=False)[:100]}")
+    return None
+
+
+def has_answer(message) -> bool:
+    """An assistant turn with something to learn: non-blank content or at least one tool call."""
+    return message["role"] == "assistant" and bool((message.get("content") or "").strip() or message.get("tool_calls"))
 
 
 def assistant_spans(text: str):
@@ -111,8 +138,8 @@ def sft_row(row, tokenizer, max_length):
     error = validate_messages(messages)
     if error:
         return None, error + ' (expected {"conversations": [{"role": ..., "content": ...}, ...]})'
-    if not any(m["role"] == "assistant" and m.get("content") for m in messages):
-        return None, "the conversation has no non-empty assistant turn to learn from"
+    if not any(has_answer(m) for m in messages):
+        return None, "the conversation has no non-empty assistant turn (content or tool calls) to learn from"
     ids, mask = tokenize_with_loss_mask(tokenizer, render(tokenizer, messages, row.get("tools")), max_length)
     if not any(mask):
         return None, CUT_OFF
@@ -138,8 +165,8 @@ def dpo_row(row, tokenizer, max_length):
     if error:
         return None, error
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-            return None, f"{side} has no non-empty assistant turn"
+        if not any(has_answer(m) for m in messages):
+            return None, f"{side} has no non-empty assistant turn (content or tool calls)"
     if chosen == rejected:
         return None, "chosen and rejected are identical: there is no preference to learn"
     out = {}

@@ -190,6 +190,37 @@ def test_sft_row_without_assistant_turn_is_an_error(tok, tmp_path, cache):
         SFTDataset(path, tok, cache_dir=cache)
 
 
+@pytest.mark.parametrize("content", [None, ""])
+def test_a_tool_call_only_assistant_turn_is_learned(tok, tmp_path, cache, content):
+    """OpenAI-style {"content": null or "", "tool_calls": [...]}: the template renders the call inside the
+    assistant turn, and that call (with its <|im_end|>) is what carries the loss."""
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "2+3"}}}
+    row = {"conversations": [{"role": "user", "content": "2+3?"},
+                             {"role": "assistant", "content": content, "tool_calls": [call]},
+                             {"role": "tool", "content": "5"}],
+           "tools": [{"type": "function", "function": {"name": "calculator", "parameters": {}}}]}
+    data = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [row]), tok, cache_dir=cache)
+    item = data[0]
+    learned = tok.decode(item["input_ids"][item["labels"] != -100])
+    assert learned == '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call><|im_end|>\n'
+    dpo = {"chosen": row["conversations"][:2],
+           "rejected": [row["conversations"][0], {"role": "assistant", "content": "7"}]}
+    pairs = DPODataset(write_jsonl(tmp_path / "dpo.jsonl", [dpo]), tok, cache_dir=cache)
+    assert "<tool_call>" in tok.decode(pairs[0]["chosen_input_ids"][pairs[0]["chosen_labels"] != -100])
+
+
+@pytest.mark.parametrize("turn, message", [
+    ({"role": "assistant", "content": None}, r"conversations\[1\] must be"),
+    ({"role": "assistant", "content": None, "tool_calls": "calculator(2+3)"}, '"tool_calls" must be a list'),
+    ({"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": "{}"}}]}, r"tool_calls\[0\] must be"),
+    ({"role": "user", "content": "", "tool_calls": [{"name": "f", "arguments": {}}]}, "only assistant turns"),
+])
+def test_bad_tool_calls_name_what_was_expected(tok, tmp_path, cache, turn, message):
+    row = {"conversations": [{"role": "user", "content": "q"}, turn, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(DataError, match=f"sft.jsonl line 1: .*{message}"):
+        SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [row]), tok, cache_dir=cache)
+
+
 def test_empty_and_missing_files(tok, tmp_path, cache):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
