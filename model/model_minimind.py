@@ -521,7 +521,11 @@ class MiniMindModel(MiniMindPreTrainedModel):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq_len = hidden.shape[:2]
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        packed = position_ids is not None and attention_mask is None and past_len == 0 and seq_len > 1
+        # Packed rows: some row's positions restart at 0 inside it. A row whose positions run on without a
+        # restart is one document, served exactly by plain causal attention - as at every prefill of
+        # generate(), which passes positions and drops an all-ones mask. (One host read of the flag.)
+        packed = (position_ids is not None and attention_mask is None and past_len == 0 and seq_len > 1
+                  and bool((position_ids[:, 1:] == 0).any()))
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=hidden.device).unsqueeze(0)
         cos = self.freqs_cos[position_ids].unsqueeze(1).to(hidden.dtype)  # [B|1, 1, T, head_dim]

@@ -131,7 +131,11 @@ def test_the_varlen_path_flattens_the_documents_as_flash_varlen_expects(datasets
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     first = calls[0]
-    batch = pad_batch([packed[i] for i in range(4)])
+    batches = [pad_batch([packed[i] for i in range(s, min(s + 4, len(packed)))]) for s in range(0, len(packed), 4)]
+    # a batch whose rows hold one conversation each (no restart inside a row) takes plain causal attention
+    with_restarts = [b for b in batches if bool((b["position_ids"][:, 1:] == 0).any())]
+    assert 0 < len(with_restarts) < len(batches)
+    batch = with_restarts[0]
     tokens = batch["input_ids"].numel()
     assert first["q_shape"] == (tokens, config.num_attention_heads, head_dim)
     assert first["k_shape"] == (tokens, config.num_key_value_heads, head_dim)  # GQA heads, not repeated
@@ -139,7 +143,7 @@ def test_the_varlen_path_flattens_the_documents_as_flash_varlen_expects(datasets
     starts = (batch["position_ids"].flatten() == 0).nonzero().squeeze(-1).tolist()
     assert first["cu"].tolist() == starts + [tokens]
     assert first["max_q"] == max(b - a for a, b in zip(starts + [tokens], (starts + [tokens])[1:]))
-    assert len(calls) == config.num_hidden_layers * -(-len(packed) // 4)  # every layer, every batch
+    assert len(calls) == config.num_hidden_layers * len(with_restarts)  # every layer, every packed batch
 
 
 @pytest.mark.parametrize("device,dtype,major,expected", [
@@ -165,6 +169,29 @@ def test_sdpa_gets_a_block_diagonal_mask_on_the_cpu(monkeypatch):
     with torch.no_grad():  # without position ids, a training row stays on the plain causal kernel
         model(torch.tensor([[5, 6, 7, 8, 9, 10]]))
     assert seen[0]["attn_mask"] is None and seen[0]["is_causal"]
+
+
+def test_a_generate_prefill_takes_the_causal_fast_path(monkeypatch):
+    """generate() passes position ids 0..T-1 and drops an all-ones mask at every prefill: that is one document
+    per row, so SDPA gets is_causal and no mask (a dense [B, 1, T, T] mask would cost the fast kernel).
+    Positions that run on without restarting (a row cut mid-document) are one document too, and give the
+    logits the block-diagonal mask gives."""
+    seen = []
+    monkeypatch.setattr(mm, "ATTENTION_PROBE", lambda q, k, v, **kw: seen.append((q.shape[2], kw)))
+    model = tiny_model(seed=0).eval()
+    prompt = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 9, 8, 7, 6, 5]])
+    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    prefill = [kw for length, kw in seen if length == prompt.shape[1]]
+    assert len(prefill) == model.config.num_hidden_layers
+    assert all(kw["attn_mask"] is None and kw["is_causal"] for kw in prefill)
+    seen.clear()
+    ids, positions = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        fast = model(ids, position_ids=positions).logits
+        masked = model(ids, attention_mask=torch.ones_like(ids), position_ids=positions).logits
+    assert seen[0][1]["attn_mask"] is None and seen[0][1]["is_causal"]
+    assert torch.allclose(fast, masked, atol=1e-5)
+    assert mm.document_mask(positions)[0, 0].equal(torch.ones(4, 4, dtype=torch.bool).tril())
 
 
 @pytest.mark.parametrize("script,extra", [
