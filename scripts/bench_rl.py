@@ -67,8 +67,8 @@ def main():
             rewards = rule_rewards(rollout.texts, [{"answers": ["85"]}] * len(rollout.texts), True).to(device)
             advantages = group_advantages(rewards, args.num_generations)
             with torch.no_grad():
-                ref_logps, t_ref = timed(lambda: completion_logprobs(reference, rollout))
-            logps, t_policy = timed(lambda: completion_logprobs(model, rollout))
+                (ref_logps, _), t_ref = timed(lambda: completion_logprobs(reference, rollout))
+            (logps, _), t_policy = timed(lambda: completion_logprobs(model, rollout))
             mask = rollout.completion_mask
             loss = masked_mean(clipped_objective(logps, logps.detach(), advantages, 0.2) + 0.02 * k3_kl(logps, ref_logps),
                                mask)

@@ -131,6 +131,14 @@ def test_tag_weights_with_a_tokenizer_that_splits_the_tags(tmp_path):
                                      train_distill_reason.TAGS) + int(((labels != -100) & (weights == 1)).sum())
 
 
+def test_conversations_without_tags_are_counted_inside_packed_rows():
+    # row 0 packs three conversations (tagged, untagged, untagged), row 1 one tagged and padding (position 0s)
+    weights = torch.tensor([[0, 1, 10, 0, 1, 1, 0, 1, 1], [0, 10, 1, 1, 0, 0, 0, 0, 0]], dtype=torch.float)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 0, 0, 0, 0]])
+    assert int(train_distill_reason.conversations_without_tags(weights, positions)) == 2
+    assert int(train_distill_reason.conversations_without_tags(weights)) == 0  # as rows: both have a tag
+
+
 def test_weighted_loss_normalises_by_the_weight_sum():
     torch.manual_seed(0)
     logits = torch.randn(1, 4, 5)
@@ -182,6 +190,14 @@ def test_dpo_runs_from_trainer_dir_and_logs_preference_metrics(sft_weights):
     assert {"reward_chosen", "reward_rejected", "margin", "accuracy"} <= set(first)
 
 
+def test_dpo_with_moe_keeps_the_balancing_loss(tmp_path):
+    run_script("train_dpo.py", "--max_steps", "2", "--max_seq_len", "128", "--from_weight", "none", "--use_moe", "1",
+               "--dtype", "float32", tmp=tmp_path)
+    rows = metrics(tmp_path, "dpo_64_moe_metrics.jsonl")
+    assert len(rows) == 2 and all(row["aux_loss"] > 0 for row in rows)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # the DPO term itself, logged apart
+
+
 def test_dpo_precomputed_reference_under_two_processes_equals_one(tmp_path, sft_weights):
     # MiniMind's random batches: grouping by length sorts within each process's batches (see test_train)
     common = ["--max_steps", "2", "--max_seq_len", "128", "--dtype", "float32", "--precompute_ref", "1",
@@ -211,7 +227,9 @@ def test_dpo_resumes_exactly(tmp_path, sft_weights):
         [(m["step"], m["loss"]) for m in metrics(tmp_path / "resumed", "dpo_64_metrics.jsonl")]
 
 
-def test_reasoning_distillation_counts_rows_without_tags(tmp_path, sft_weights):
+@pytest.mark.parametrize("packing", ["0", "1"])
+def test_reasoning_distillation_counts_conversations_without_tags(tmp_path, sft_weights, packing):
+    """Packed, the 8 conversations share two rows of 64 tokens: each is still counted on its own."""
     rows = [{"conversations": [{"role": "user", "content": f"q{i}"},
                                {"role": "assistant", "content": f"<think>\nt{i}\n</think>\n<answer>\na{i}\n</answer>"}]}
             for i in range(7)]
@@ -221,8 +239,8 @@ def test_reasoning_distillation_counts_rows_without_tags(tmp_path, sft_weights):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "dpo_64.pth").write_bytes((sft_weights / "out" / "full_sft_64.pth").read_bytes())
     result = run_script("train_distill_reason.py", "--data_path", str(path), "--batch_size", "8", "--max_steps", "1",
-                        tmp=tmp_path)
-    assert "1 rows seen in training had no <think>/<answer> tag" in result.stdout
+                        "--packing", packing, tmp=tmp_path)
+    assert "1 conversations seen in training had no <think>/<answer> tag" in result.stdout
     assert (tmp_path / "out" / "reason_64.pth").exists()
 
 

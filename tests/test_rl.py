@@ -57,12 +57,12 @@ def test_log_probs_do_not_depend_on_padding(tok):
     torch.manual_seed(0)
     batch = rollout.sample(model, tok, prompts, 64, 8, samples_per_prompt=2)
     assert batch.input_ids.shape[0] == 4 and batch.completion_mask.shape == (4, 8)
-    together = rollout.completion_logprobs(model, batch)
+    together, _ = rollout.completion_logprobs(model, batch)
     # the short prompt's answers scored without any left padding
     alone_ids = batch.input_ids[2:][:, batch.attention_mask[2, :batch.prompt_length].argmax():]
     alone = rollout.Rollout(alone_ids, batch.attention_mask[2:, -alone_ids.shape[1]:], batch.completion_mask[2:],
                             alone_ids.shape[1] - 8, batch.texts[2:])
-    assert torch.allclose(rollout.completion_logprobs(model, alone), together[2:], atol=1e-5)
+    assert torch.allclose(rollout.completion_logprobs(model, alone)[0], together[2:], atol=1e-5)
     assert (together[batch.completion_mask == 0] == 0).all()
 
 
@@ -237,6 +237,28 @@ def test_rl_script_trains_and_resumes_exactly(tmp_path, rl_setup, script, name, 
         assert {"critic", "critic_optimizer", "old_actor"} <= set(state["extras"])
     if script == "train_spo.py":
         assert set(state["extras"]["tracker"]) == {"alpha", "beta", "last_logp"}
+
+
+@pytest.mark.parametrize("script, name, extra", [
+    ("train_grpo.py", "grpo_64_moe", ["--num_generations", "2"]),
+    ("train_ppo.py", "ppo_actor_64_moe", []),
+    ("train_spo.py", "spo_64_moe", []),
+])
+def test_moe_router_keeps_its_balancing_loss_in_rl(tmp_path, script, name, extra):
+    """With --use_moe 1 the trained forward's load-balancing loss is part of the step's loss (logged as
+    aux_loss, the share that went into the backward): without it the router would train unbalanced."""
+    args = [a for a in RL_ARGS if a != "full_sft"]
+    args[args.index("--from_weight") + 1:args.index("--from_weight") + 1] = ["none"]
+    run_script(script, *args, *extra, "--use_moe", "1", "--max_steps", "2", tmp=tmp_path)
+    rows = metrics(tmp_path, f"{name}_metrics.jsonl")
+    assert len(rows) == 2 and all(row["aux_loss"] > 0 for row in rows)
+
+
+def test_grpo_with_one_generation_is_a_usage_error(tmp_path):
+    result = run_script("train_grpo.py", *RL_ARGS, "--num_generations", "1", "--max_steps", "1", tmp=tmp_path,
+                        check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--num_generations 1: GRPO judges each answer against its siblings" in result.stderr
 
 
 def test_rule_rewards_only_without_a_reward_model(tmp_path, rl_setup):

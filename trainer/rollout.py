@@ -68,13 +68,14 @@ def positions(attention_mask):
 
 
 def completion_logprobs(model, rollout: Rollout):
-    """[N, C] log-probs of the sampled answer tokens under `model` (0 where the completion mask is 0)."""
-    logits = model(rollout.input_ids, attention_mask=rollout.attention_mask,
-                   position_ids=positions(rollout.attention_mask)).logits
-    logits = logits[:, rollout.prompt_length - 1:-1].float() / rollout.temperature  # those predicting the answer
+    """([N, C] log-probs of the sampled answer tokens under `model`, 0 where the completion mask is 0;
+    the forward's MoE load-balancing loss, 0 for a dense model). A trained MoE policy adds that loss to its
+    own, or its router trains without the balancing term; frozen models (reference, old policy) ignore it."""
+    out = model(rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=positions(rollout.attention_mask))
+    logits = out.logits[:, rollout.prompt_length - 1:-1].float() / rollout.temperature  # those predicting the answer
     answer = rollout.input_ids[:, rollout.prompt_length:]
     logps = torch.gather(logits.log_softmax(-1), 2, answer.unsqueeze(-1)).squeeze(-1)
-    return logps * rollout.completion_mask
+    return logps * rollout.completion_mask, out.aux_loss
 
 
 def masked_mean(values, mask, dim=None):

@@ -8,7 +8,8 @@ inside the answer weigh --tag_weight (10) times more, so a small model learns th
     loss = sum_t w_t * CE_t / sum_t w_t  over answer tokens t,  w_t = 10 on tag tokens, 1 elsewhere
 Positions outside the answers never get weight. With this project's tokenizer each tag is one token;
 with a tokenizer that splits tags into sub-words, every sub-word of the tag is weighted.
-Rows whose answers contain no tag are counted and reported at the end. Writes out/reason_{hidden}[_moe].pth.
+Conversations whose answers contain no tag are counted (inside packed rows too) and reported at the end.
+Writes out/reason_{hidden}[_moe].pth.
 """
 import os
 import sys
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer_utils import Run, common_parser, data_file, load_tokenizer, parse_args, print0  # noqa: E402
 from dataset.lm_dataset import SFTDataset  # noqa: E402
+from model.model_minimind import document_starts  # noqa: E402
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 
@@ -52,6 +54,18 @@ def tag_loss_weights(input_ids, labels, tag_sequences, tag_weight):
     return in_answer.float() * torch.where(is_tag, tag_weight, 1.0)
 
 
+def conversations_without_tags(weights, position_ids=None):
+    """How many conversations have answer tokens (weight > 0) but no tag (weight > 1): one per row, or each
+    conversation of a packed row (position ids restart at 0 where one starts; padding holds no answer)."""
+    rows, length = weights.shape
+    conversation = torch.zeros_like(weights, dtype=torch.long) if position_ids is None else \
+        document_starts(position_ids).cumsum(dim=1) - 1
+    slot = (torch.arange(rows, device=weights.device)[:, None] * length + conversation).flatten()
+    answer = torch.zeros(rows * length, device=weights.device).index_add_(0, slot, (weights > 0).float().flatten())
+    tags = torch.zeros(rows * length, device=weights.device).index_add_(0, slot, (weights > 1).float().flatten())
+    return ((answer > 0) & (tags == 0)).sum()
+
+
 def weighted_next_token_loss(logits, labels, weights):
     """sum w_t * CE_t / sum w_t over the shifted positions (w = 0 outside the answers)."""
     targets, w = labels[:, 1:], weights[:, 1:]
@@ -79,12 +93,12 @@ def main():
     model = run.load_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     model = run.prepare(model, optimizer)
-    rows_without_tags = 0
+    untagged = 0
 
     def loss_fn(batch):
-        nonlocal rows_without_tags
+        nonlocal untagged
         weights = tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)
-        rows_without_tags = rows_without_tags + (weights.max(dim=1).values <= 1).sum()  # read once, at the end
+        untagged = untagged + conversations_without_tags(weights, batch.get("position_ids"))  # read at the end
         # right-padded rows need no mask; packed rows bring their position ids (see next_token_loss)
         out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
         return weighted_next_token_loss(out.logits, batch["labels"], weights), out.aux_loss
@@ -94,8 +108,8 @@ def main():
 
     # per step: loss_fn on each micro-batch (positions count by their weight), AdamW step, log, save
     run.train(model, optimizer, data, loss_fn, count=weight_sum)
-    total = int(run.all_sum(rows_without_tags)[0])  # over all processes
-    print0(f"{total} rows seen in training had no <think>/<answer> tag in their answers")
+    total = int(run.all_sum(untagged)[0])  # over all processes
+    print0(f"{total} conversations seen in training had no <think>/<answer> tag in their answers")
     run.finish()
 
 

@@ -96,7 +96,8 @@ def main():
     def loss_fn(batch):
         ids, _, labels = stack_pairs(batch, pad_id)
         n = len(batch["index"])
-        logps = sequence_logps(model(ids).logits, labels, args.logp)
+        out = model(ids)
+        logps = sequence_logps(out.logits, labels, args.logp)
         if reference_table is not None:
             ref = reference_table[batch["index"]].float()
             ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
@@ -108,7 +109,7 @@ def main():
         metrics = dict(reward_chosen=chosen_reward.mean(), reward_rejected=rejected_reward.mean(),
                        margin=(chosen_reward - rejected_reward).mean(),
                        accuracy=(chosen_reward > rejected_reward).float().mean())
-        return losses.mean(), 0.0, metrics
+        return losses.mean(), out.aux_loss, metrics  # + the MoE load-balancing loss (0 for dense models)
 
     # per step: loss_fn on each micro-batch (every pair weighs the same), AdamW step, log, save
     run.train(model, optimizer, data, loss_fn, count=lambda batch: len(batch["index"]))

@@ -70,6 +70,9 @@ def main():
                         help="grpo: PPO-clip on the ratio; cispo: clipped importance weight times log-prob")
     parser.add_argument("--epsilon_high", type=float, default=0.28, help="cispo: the weight is at most 1 + this")
     args = parse_args(parser)
+    if args.num_generations < 2:  # the group's std of one answer is undefined: every advantage would be nan
+        parser.error(f"--num_generations {args.num_generations}: GRPO judges each answer against its siblings, so it "
+                     "needs at least 2 answers per prompt (for one answer per prompt use train_spo.py)")
 
     run, tokenizer, data, reward_model = start_rl_run(args)
     model = run.load_model()
@@ -85,8 +88,8 @@ def main():
         rewards = rewards_for(rollout.texts, batch, G, reward_model, args.reasoning).to(run.device)
         advantages = group_advantages(rewards, G)
         with torch.no_grad():
-            ref_logps = completion_logprobs(reference, rollout)
-        logps = completion_logprobs(model, rollout)
+            ref_logps, _ = completion_logprobs(reference, rollout)
+        logps, aux_loss = completion_logprobs(model, rollout)
         # One update per rollout: pi_old is the sampling policy, numerically logps.detach(); the ratio is 1
         # here but its gradient (and the clip, with more updates per rollout) is the PPO-clip one.
         if args.loss_type == "cispo":
@@ -97,7 +100,7 @@ def main():
         mask = rollout.completion_mask
         metrics = dict(reward=rewards.mean(), kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask),
                        answer_length=mask.sum(1).float().mean())
-        return masked_mean(per_token, mask), 0.0, metrics
+        return masked_mean(per_token, mask), aux_loss, metrics
 
     run.train(model, optimizer, data, loss_fn, count=lambda batch: len(batch["prompt"]))  # prompts weigh alike
     run.finish()

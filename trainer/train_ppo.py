@@ -6,6 +6,10 @@ as used for RLHF by Ouyang et al., 2022).
 
 Models: the actor (trained), an old actor (a copy refreshed every --update_old_actor_freq steps, the
 pi_old of the ratio), a frozen reference, and a critic (a MiniMind decoder with a value head, trained).
+As in MiniMind, answers are sampled from the current actor but the ratio is taken against that lagging
+copy: rho_t measures how far the actor moved since the last refresh (up to --update_old_actor_freq - 1
+updates), not the distance to the sampling policy of textbook PPO (there rho = 1 at the first update of a
+rollout). --update_old_actor_freq 1 makes pi_old the sampling policy, as each rollout gets one update.
 Per-token PPO (default, --gae 1), for each answer token t:
     reward     r_t = -kl_coef * (logp_old_t - ref_t), plus the answer's reward R on its last token
     GAE        delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1};  returns G_t = A_t + V_t
@@ -41,14 +45,15 @@ class Critic(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, attention_mask, position_ids):
-        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        return self.value_head(hidden).squeeze(-1).float()
+        """(values [B, T], the decoder's MoE load-balancing loss)"""
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.value_head(out.last_hidden_state).squeeze(-1).float(), out.aux_loss
 
 
 def completion_values(critic, rollout):
-    """[N, C] value of the state from which each answer token is produced."""
-    values = critic(rollout.input_ids, rollout.attention_mask, positions(rollout.attention_mask))
-    return values[:, rollout.prompt_length - 1:-1] * rollout.completion_mask
+    """([N, C] value of the state from which each answer token is produced, the MoE balancing loss)."""
+    values, aux_loss = critic(rollout.input_ids, rollout.attention_mask, positions(rollout.attention_mask))
+    return values[:, rollout.prompt_length - 1:-1] * rollout.completion_mask, aux_loss
 
 
 def gae(token_rewards, values, mask, gamma, lam):
@@ -110,11 +115,11 @@ def main():
         rewards = rewards_for(rollout.texts, batch, 1, reward_model, args.reasoning).to(run.device)
         mask = rollout.completion_mask.float()
         with torch.no_grad():
-            old_logps = completion_logprobs(old_actor, rollout)
-            ref_logps = completion_logprobs(reference, rollout)
-            old_values = completion_values(critic, rollout)
-        logps = completion_logprobs(actor, rollout)
-        values = completion_values(critic, rollout)
+            old_logps, _ = completion_logprobs(old_actor, rollout)
+            ref_logps, _ = completion_logprobs(reference, rollout)
+            old_values, _ = completion_values(critic, rollout)
+        logps, actor_aux = completion_logprobs(actor, rollout)
+        values, critic_aux = completion_values(critic, rollout)
         kl = masked_mean(logps.detach() - ref_logps, mask)
         if args.gae:
             advantages, returns = gae(token_rewards(rewards, old_logps, ref_logps, mask, args.kl_coef), old_values,
@@ -134,7 +139,7 @@ def main():
             loss = actor_loss + args.vf_coef * critic_loss + args.kl_coef * masked_mean(logps - ref_logps, mask)
         metrics = dict(reward=rewards.mean(), kl=kl, actor_loss=actor_loss.detach(), critic_loss=critic_loss.detach(),
                        answer_length=mask.sum(1).mean())
-        return loss, 0.0, metrics
+        return loss, actor_aux + critic_aux, metrics  # both MoE routers keep their balancing term
 
     for step, window in run.steps(data):
         # both trained models wait for the window's last micro-batch before DDP reduces their gradients

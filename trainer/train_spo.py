@@ -79,15 +79,15 @@ def main():
         rewards = rescale(rewards_for(rollout.texts, batch, 1, reward_model, args.reasoning), low, high).to(run.device)
         advantages = rewards - tracker.baseline()
         with torch.no_grad():
-            ref_logps = completion_logprobs(reference, rollout)
-        logps = completion_logprobs(model, rollout)
+            ref_logps, _ = completion_logprobs(reference, rollout)
+        logps, aux_loss = completion_logprobs(model, rollout)
         mask = rollout.completion_mask
         answer_logp = masked_mean(logps, mask, dim=1)  # mean log-prob of each answer
         kl = masked_mean(k3_kl(logps, ref_logps), mask, dim=1)
         step_rewards.append(rewards.mean())
         step_logps.append(answer_logp.detach().mean())
         metrics = dict(reward=rewards.mean(), baseline=torch.tensor(tracker.baseline()), kl=kl.detach().mean())
-        return (-advantages * answer_logp + args.beta * kl).mean(), 0.0, metrics
+        return (-advantages * answer_logp + args.beta * kl).mean(), aux_loss, metrics
 
     for step, window in run.steps(data):
         loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))
