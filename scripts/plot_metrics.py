@@ -3,8 +3,10 @@
     python scripts/plot_metrics.py out/pretrain_512_metrics.jsonl out/full_sft_512_metrics.jsonl -o out/loss.png
     python scripts/plot_metrics.py out/*_metrics.jsonl
 
-Each file becomes one curve of loss against optimizer step. When a run was resumed, a step logged twice
-keeps its latest value.
+Each file becomes one panel of loss against optimizer step: the logged points faint, and over them a
+smoothed curve (a bias-corrected exponential moving average, as TensorBoard draws), so that a stage whose
+batches differ a lot in loss (length-grouped SFT batches) still shows its trend. When a run was resumed,
+a step logged twice keeps its latest value.
 """
 import argparse
 import json
@@ -29,7 +31,19 @@ def load_series(path, key="loss"):
     return dict(sorted(series.items()))
 
 
-def plot(paths, output, key="loss", title="MiniMind training"):
+def smooth(values, weight=None):
+    """Bias-corrected EMA: s_t = w s_(t-1) + (1 - w) x_t, divided by 1 - w^t so the start is not pulled to 0.
+    weight None: 1 - 20 / len(values), i.e. about a twentieth of the run per smoothing window (0 up to 20 points)."""
+    if weight is None:
+        weight = max(0.0, 1 - 20 / max(len(values), 1))
+    smoothed, average = [], 0.0
+    for t, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        smoothed.append(average / (1 - weight ** t) if weight < 1 else value)
+    return smoothed
+
+
+def plot(paths, output, key="loss", title="MiniMind training", smoothing=None):
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -40,7 +54,11 @@ def plot(paths, output, key="loss", title="MiniMind training"):
         ax.set_visible(False)
     for number, (ax, path) in enumerate(zip(axes.flat, paths), 1):
         series = load_series(path, key)
-        ax.plot(list(series), list(series.values()), linewidth=1.5)
+        steps, values = list(series), list(series.values())
+        ax.plot(steps, values, linewidth=0.8, alpha=0.3, color="tab:blue", label="logged")
+        ax.plot(steps, smooth(values, smoothing), linewidth=1.8, color="tab:blue", label="smoothed (EMA)")
+        if number == 1:
+            ax.legend(fontsize="small")
         ax.set_title(f"{number}. {os.path.basename(path).replace('_metrics.jsonl', '')}")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(key)
@@ -58,8 +76,12 @@ def main():
     parser.add_argument("paths", nargs="+", help="metrics JSONL files")
     parser.add_argument("-o", "--output", default="out/loss_curves.png")
     parser.add_argument("--key", default="loss", help="which metric to plot")
+    parser.add_argument("--smoothing", type=float, default=None,
+                        help="EMA weight in [0, 1) (0 = none; default: about a twentieth of each run)")
     args = parser.parse_args()
-    print(plot(args.paths, args.output, args.key))
+    if args.smoothing is not None and not 0 <= args.smoothing < 1:
+        parser.error(f"--smoothing {args.smoothing}: expected a weight in [0, 1)")
+    print(plot(args.paths, args.output, args.key, smoothing=args.smoothing))
 
 
 if __name__ == "__main__":

@@ -146,6 +146,18 @@ def test_plot_metrics(tmp_path):
         plot_metrics.load_series(str(bad))
 
 
+def test_smoothed_curve_shows_the_trend_of_noisy_losses():
+    """Length-grouped batches: losses alternate far around a falling trend; the smoothed curve follows the
+    trend, starts at the first point (bias-corrected) and keeps a constant constant."""
+    trend = [5 - 3 * t / 400 for t in range(400)]
+    noisy = [v + (1.5 if t % 2 else -1.5) for t, v in enumerate(trend)]
+    smoothed = plot_metrics.smooth(noisy)
+    assert smoothed[0] == noisy[0]
+    assert max(abs(s - v) for s, v in zip(smoothed[50:], trend[50:])) < 0.2  # the raw points are 1.5 away
+    assert plot_metrics.smooth([2.0] * 30) == pytest.approx([2.0] * 30)
+    assert plot_metrics.smooth([1.0, 3.0], weight=0) == [1.0, 3.0]
+
+
 def test_paired_bootstrap_interval():
     from scripts.run_demo import paired_interval, stage_result
     low, high = paired_interval([0] * 50, [1] * 40 + [0] * 10)  # 40 of 50 items newly right
