@@ -25,8 +25,21 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 
 
+# The two generations of MiniMind. MiniMind2 (2025): 2 key-value heads, SwiGLU width 8/3 of the hidden size,
+# MoE with a shared expert and a per-sequence balance loss. minimind-3 (2026, Qwen3's layout): an RMSNorm on each
+# query and key head before RoPE, 4 key-value heads, width pi times the hidden size, MoE of 4 routed experts with
+# top-1 routing and a batch-level balance loss. The values a config takes unless it sets them:
+GENERATIONS = {
+    "minimind2": dict(num_key_value_heads=2, rms_norm_eps=1e-5, qk_norm=False, num_experts_per_tok=2,
+                      n_shared_experts=1, aux_loss_alpha=0.01, seq_aux=True, width=lambda h: int(h * 8 / 3)),
+    "minimind-3": dict(num_key_value_heads=4, rms_norm_eps=1e-6, qk_norm=True, num_experts_per_tok=1,
+                       n_shared_experts=0, aux_loss_alpha=5e-4, seq_aux=False, width=lambda h: h * math.pi),
+}
+
+
 class MiniMindConfig(PretrainedConfig):
-    """Hyper-parameters of a MiniMind model. Defaults are MiniMind2-Small (512 hidden x 8 layers)."""
+    """Hyper-parameters of a MiniMind model. Defaults are MiniMind2-Small (512 hidden x 8 layers);
+    generation="minimind-3" gives that generation's defaults (GENERATIONS) for whatever is not set."""
 
     model_type = "minimind"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -42,20 +55,23 @@ class MiniMindConfig(PretrainedConfig):
         max_position_embeddings: int = 32768,
         num_attention_heads: int = 8,
         num_hidden_layers: int = 8,
-        num_key_value_heads: int = 2,
+        num_key_value_heads: int | None = None,
         vocab_size: int = 6400,
-        rms_norm_eps: float = 1e-5,
+        rms_norm_eps: float | None = None,
         rope_theta: float = 1e6,
         inference_rope_scaling: bool = False,
         flash_attn: bool = True,
+        generation: str = "minimind2",
+        head_dim: int | None = None,
+        qk_norm: bool | None = None,
         # mixture of experts
         use_moe: bool = False,
-        num_experts_per_tok: int = 2,
+        num_experts_per_tok: int | None = None,
         n_routed_experts: int = 4,
-        n_shared_experts: int = 1,
+        n_shared_experts: int | None = None,
         scoring_func: str = "softmax",
-        aux_loss_alpha: float = 0.01,
-        seq_aux: bool = True,
+        aux_loss_alpha: float | None = None,
+        seq_aux: bool | None = None,
         norm_topk_prob: bool = True,
         tie_word_embeddings: bool = True,
         **kwargs,
@@ -63,17 +79,24 @@ class MiniMindConfig(PretrainedConfig):
         # MiniMind2 config files carry `rope_scaling`; here it is derived from inference_rope_scaling.
         kwargs.pop("rope_scaling", None)
         kwargs.pop("rope_parameters", None)
+        if generation not in GENERATIONS:
+            raise ValueError(f"generation {generation!r} is unknown; use one of {sorted(GENERATIONS)}")
+        defaults = GENERATIONS[generation]
+        self.generation = generation
         self.dropout = dropout
         self.hidden_act = hidden_act
         self.hidden_size = hidden_size
-        # SwiGLU width: 8/3 of the hidden size, rounded up to a multiple of 64 (512 -> 1408).
-        self.intermediate_size = intermediate_size or 64 * math.ceil(int(hidden_size * 8 / 3) / 64)
+        # SwiGLU width, rounded up to a multiple of 64: 8/3 of the hidden size in MiniMind2 (512 -> 1408),
+        # pi times it in minimind-3 (768 -> 2432).
+        self.intermediate_size = intermediate_size or 64 * math.ceil(defaults["width"](hidden_size) / 64)
         self.max_position_embeddings = max_position_embeddings
         self.num_attention_heads = num_attention_heads
         self.num_hidden_layers = num_hidden_layers
-        self.num_key_value_heads = num_key_value_heads
+        self.num_key_value_heads = num_key_value_heads or defaults["num_key_value_heads"]
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.qk_norm = defaults["qk_norm"] if qk_norm is None else qk_norm
         self.vocab_size = vocab_size
-        self.rms_norm_eps = rms_norm_eps
+        self.rms_norm_eps = rms_norm_eps or defaults["rms_norm_eps"]
         self.rope_theta = rope_theta
         self.inference_rope_scaling = inference_rope_scaling
         # Static YaRN: stretch a model trained at 2048 positions 16x at inference time.
@@ -83,19 +106,19 @@ class MiniMindConfig(PretrainedConfig):
             if inference_rope_scaling else dict(rope_type="default", rope_theta=rope_theta))
         self.flash_attn = flash_attn
         self.use_moe = use_moe
-        self.num_experts_per_tok = num_experts_per_tok
+        self.num_experts_per_tok = num_experts_per_tok or defaults["num_experts_per_tok"]
         self.n_routed_experts = n_routed_experts
-        self.n_shared_experts = n_shared_experts
+        self.n_shared_experts = defaults["n_shared_experts"] if n_shared_experts is None else n_shared_experts
         self.scoring_func = scoring_func
-        self.aux_loss_alpha = aux_loss_alpha
-        self.seq_aux = seq_aux
+        self.aux_loss_alpha = defaults["aux_loss_alpha"] if aux_loss_alpha is None else aux_loss_alpha
+        self.seq_aux = defaults["seq_aux"] if seq_aux is None else seq_aux
         self.norm_topk_prob = norm_topk_prob
         self.tie_word_embeddings = tie_word_embeddings
         self._check_consistency()
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 
     def _check_consistency(self):
-        if self.hidden_size % self.num_attention_heads:
+        if self.hidden_size % self.num_attention_heads and self.head_dim == self.hidden_size // self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads}): change one of them, e.g. num_attention_heads="
@@ -105,10 +128,10 @@ class MiniMindConfig(PretrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
                 f"({self.num_key_value_heads}) for grouped-query attention: change num_key_value_heads to one of "
                 f"{[d for d in range(1, self.num_attention_heads + 1) if self.num_attention_heads % d == 0]}.")
-        if (self.hidden_size // self.num_attention_heads) % 2:
+        if self.head_dim % 2:
             raise ValueError(
-                f"head size hidden_size/num_attention_heads = {self.hidden_size // self.num_attention_heads} "
-                "must be even for rotary embeddings: change hidden_size or num_attention_heads.")
+                f"head size head_dim = {self.head_dim} (default hidden_size/num_attention_heads) "
+                "must be even for rotary embeddings: change hidden_size, num_attention_heads or head_dim.")
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"hidden_act {self.hidden_act!r} is unknown; use one of {sorted(ACT2FN)[:8]}...")
         if self.use_moe:
@@ -166,8 +189,7 @@ def rope_inverse_frequencies(head_dim: int, rope_theta: float, rope_parameters: 
 
 def rope_tables(config: MiniMindConfig):
     """cos / sin tables [max_position_embeddings, head_dim] in the rotate-half layout (both halves equal)."""
-    head_dim = config.hidden_size // config.num_attention_heads
-    inv_freq, attention_factor = rope_inverse_frequencies(head_dim, config.rope_theta, config.rope_parameters)
+    inv_freq, attention_factor = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_parameters)
     angles = torch.outer(torch.arange(config.max_position_embeddings).float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos() * attention_factor, angles.sin() * attention_factor
@@ -253,18 +275,24 @@ ATTENTION_PROBE = None
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped key/value heads (GQA, Ainslie et al., 2023) and a KV cache."""
+    """Multi-head attention with grouped key/value heads (GQA, Ainslie et al., 2023) and a KV cache.
+    minimind-3 (config.qk_norm) normalises each query and key head with an RMSNorm before RoPE (QK-norm, as in
+    Qwen3), which keeps the attention logits bounded."""
 
     def __init__(self, config: MiniMindConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.head_dim = config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.use_sdpa = config.flash_attn
@@ -276,6 +304,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # prepend cached keys/values
@@ -332,13 +362,18 @@ class MoEGate(nn.Module):
     aux = alpha * sum_e f_e * P_e (Switch Transformer / DeepSeekMoE), where P_e is the mean router
     probability of expert e and f_e the share of routed slots that went to e, scaled so that a uniform
     load gives f_e = 1. With seq_aux both are taken per sequence and the loss is averaged over the batch.
+    minimind-3 (Qwen3-MoE style) renormalises the top-k weights even for k = 1 (each token's weight is then 1)
+    and counts f_e per token over the whole batch (the sum of its k slots: k times the share of slots).
     """
 
     def __init__(self, config: MiniMindConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.n_routed_experts = config.n_routed_experts
-        self.norm_topk_prob = config.norm_topk_prob
+        qwen3_style = config.generation == "minimind-3"
+        # MiniMind2 renormalises only for k > 1 (at k = 1 a token keeps its router probability)
+        self.renormalise = config.norm_topk_prob and (self.top_k > 1 or qwen3_style)
+        self.slots_per_token = self.top_k if qwen3_style else 1
         self.alpha = config.aux_loss_alpha
         self.seq_aux = config.seq_aux
         self.weight = nn.Parameter(torch.empty(self.n_routed_experts, config.hidden_size))
@@ -348,7 +383,7 @@ class MoEGate(nn.Module):
         batch, seq_len, hidden = x.shape
         scores = F.linear(x.reshape(-1, hidden), self.weight).float().softmax(dim=-1)  # [N, E]
         topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.renormalise:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         return topk_idx, topk_weight, self.aux_loss(scores, topk_idx, batch, seq_len)
 
@@ -362,7 +397,7 @@ class MoEGate(nn.Module):
             load = chosen.sum(dim=1) / (seq_len * self.top_k / num_experts)   # f [B, E]
             importance = scores.view(batch, seq_len, num_experts).mean(dim=1)  # P [B, E]
             return (load * importance).sum(dim=1).mean() * self.alpha
-        load = chosen.view(-1, num_experts).mean(dim=0) * num_experts          # f [E]
+        load = chosen.view(-1, num_experts).mean(dim=0) * num_experts * self.slots_per_token  # f [E]
         return (load * scores.mean(dim=0)).sum() * self.alpha
 
 
@@ -613,6 +648,28 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=logits,
                                          past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+
+
+def config_from_state_dict(state, **overrides):
+    """The MiniMindConfig of a native checkpoint, read off its keys and shapes, never its file name (MiniMind2
+    768x16 and minimind-3 768x8 both save as *_768.pth). minimind-3 has per-head q/k norms (self_attn.q_norm
+    [head_dim]), from which its head count follows; MiniMind2's shapes cannot show its 8 query heads."""
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    embed = state["model.embed_tokens.weight"]
+    hidden = embed.shape[1]
+    layers = len({k.split(".")[2] for k in state if k.startswith("model.layers.")})
+    q_norm = state.get("model.layers.0.self_attn.q_norm.weight")
+    head_dim = q_norm.shape[0] if q_norm is not None else hidden // MiniMindConfig().num_attention_heads
+    experts = {k.split(".")[5] for k in state if ".mlp.experts." in k}
+    shared = {k.split(".")[5] for k in state if ".mlp.shared_experts." in k}
+    up = next(v for k, v in state.items() if k.endswith("up_proj.weight"))
+    return MiniMindConfig(generation="minimind-3" if q_norm is not None else "minimind2", hidden_size=hidden,
+                          num_hidden_layers=layers, vocab_size=embed.shape[0], intermediate_size=up.shape[0],
+                          head_dim=head_dim,
+                          num_attention_heads=state["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim,
+                          num_key_value_heads=state["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim,
+                          use_moe=bool(experts), n_routed_experts=len(experts) or 4,
+                          n_shared_experts=len(shared) if experts else None, **overrides)
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "checkpoint"):

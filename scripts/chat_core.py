@@ -22,7 +22,9 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, Log
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from model.model_lora import apply_lora, load_lora, lora_layout  # noqa: E402
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
+from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, config_from_state_dict,  # noqa: E402
+                                  load_state_dict_strict)
+from model.qwen3_format import is_qwen3_folder, load_qwen3_folder  # noqa: E402
 from trainer.trainer_utils import inference_dtype, pick_device, ready_device  # noqa: E402
 
 # out/{weight}_{hidden}[_moe].pth, the names the training stages write
@@ -40,23 +42,6 @@ class ChatModel:
 
 class PromptTooLong(ValueError):
     pass
-
-
-def config_from_state_dict(state, **overrides):
-    """MiniMindConfig of a native checkpoint, read off its tensor shapes (heads keep MiniMind's 8 / 2)."""
-    embed = state["model.embed_tokens.weight"]
-    hidden = embed.shape[1]
-    layers = len({k.split(".")[2] for k in state if k.startswith("model.layers.")})
-    experts = {k.split(".")[5] for k in state if ".mlp.experts." in k}
-    shared = {k.split(".")[5] for k in state if ".mlp.shared_experts." in k}
-    up = next(v for k, v in state.items() if k.endswith("up_proj.weight"))
-    heads = MiniMindConfig().num_attention_heads
-    kv_dim = state["model.layers.0.self_attn.k_proj.weight"].shape[0]
-    return MiniMindConfig(hidden_size=hidden, num_hidden_layers=layers, vocab_size=embed.shape[0],
-                          intermediate_size=up.shape[0], num_attention_heads=heads,
-                          num_key_value_heads=kv_dim // (hidden // heads), use_moe=bool(experts),
-                          n_routed_experts=len(experts) or MiniMindConfig().n_routed_experts,
-                          n_shared_experts=len(shared) or MiniMindConfig().n_shared_experts, **overrides)
 
 
 def add_model_arguments(parser):
@@ -125,7 +110,10 @@ def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inferenc
         if not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"{path}: a model folder needs config.json (make one with scripts/convert_model.py)")
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+        if is_qwen3_folder(path):  # a released minimind-3 folder: loaded as our own model, same logits
+            model = load_qwen3_folder(path, inference_rope_scaling=inference_rope_scaling)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
     elif os.path.isfile(path):
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -3,6 +3,7 @@
     python scripts/convert_model.py to_transformers out/full_sft_512.pth MiniMind2-Small
     python scripts/convert_model.py to_native MiniMind2-Small out/full_sft_512.pth
     python scripts/convert_model.py to_llama out/full_sft_512.pth MiniMind2-Small-llama
+    python scripts/convert_model.py to_qwen3 out/full_sft_768.pth minimind-3-qwen3 --tokenizer_dir minimind-3
     python scripts/convert_model.py to_gguf out/full_sft_512.pth minimind.gguf --outtype q8_0
     python scripts/convert_model.py merge_lora out/full_sft_512.pth out/lora/lora_identity_512.pth out/identity_512.pth
     (any size: depth, width and MoE layout are read off the checkpoint's tensors)
@@ -12,6 +13,8 @@ to_transformers: a folder with config.json (model_type "minimind" and an auto_ma
 to_native: the half-precision state_dict that --from_weight / eval_llm.py --weight load.
 to_llama: a dense model as transformers' own LlamaForCausalLM (no remote code), which vLLM and other
     transformers-format engines load. MoE models have no Llama equivalent and are refused.
+to_qwen3: a minimind-3 weight (dense or MoE) as transformers' own Qwen3ForCausalLM / Qwen3MoeForCausalLM, the
+    format upstream releases minimind-3 in; --tokenizer_dir names the tokenizer it was trained with.
 to_gguf: a dense model as one GGUF file for llama.cpp (llama-cli, llama-server) and Ollama, written with the
     gguf package: Llama architecture, the byte-level BPE vocabulary with its merges and pre-tokenizer, the special
     tokens and the chat template; NAME.Modelfile for `ollama create` is written beside NAME.gguf.
@@ -27,10 +30,11 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from model.model_lora import apply_lora, atomic_torch_save, load_lora, lora_layout, merge_lora  # noqa: E402
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
+from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, config_from_state_dict,  # noqa: E402
+                                  load_state_dict_strict)
+from model.qwen3_format import qwen3_config, to_qwen3_state_dict  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-from chat_core import config_from_state_dict  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -45,9 +49,9 @@ def load_native(path):
     return model.eval()
 
 
-def copy_tokenizer(out_dir):
+def copy_tokenizer(out_dir, tokenizer_dir=os.path.join(REPO_ROOT, "model")):
     for name in TOKENIZER_FILES:
-        shutil.copy(os.path.join(REPO_ROOT, "model", name), os.path.join(out_dir, name))
+        shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
 
 
 def to_transformers(pth, out_dir, dtype=torch.float16):
@@ -87,10 +91,27 @@ def to_llama(pth, out_dir, dtype=torch.float16):
     if model.config.use_moe:
         raise SystemExit("to_llama: a MoE MiniMind has no Llama equivalent (Llama has no experts); "
                          "use to_transformers for MoE models")
+    if model.config.qk_norm:
+        raise SystemExit(f"to_llama: {pth} is a minimind-3 weight, whose per-head q/k norms Llama does not have; "
+                         "export it with to_qwen3")
     llama = LlamaForCausalLM(llama_config(model.config))
     llama.load_state_dict(model.state_dict(), strict=True)
     llama.to(dtype).save_pretrained(out_dir)
     copy_tokenizer(out_dir)
+    return out_dir
+
+
+def to_qwen3(pth, out_dir, dtype=torch.float16, tokenizer_dir=os.path.join(REPO_ROOT, "model")):
+    """A minimind-3 weight is a Qwen3 (or Qwen3-MoE): a folder transformers loads with no remote code."""
+    from transformers import AutoModelForCausalLM
+    model = load_native(pth)
+    if model.config.generation != "minimind-3":
+        raise SystemExit(f"to_qwen3: {pth} is a MiniMind2 weight (no per-head q/k norms); export it with to_llama "
+                         "(dense) or to_transformers")
+    qwen3 = AutoModelForCausalLM.from_config(qwen3_config(model.config))
+    qwen3.load_state_dict(to_qwen3_state_dict(model.state_dict(), model.config), strict=True)
+    qwen3.to(dtype).save_pretrained(out_dir)
+    copy_tokenizer(out_dir, tokenizer_dir)
     return out_dir
 
 
@@ -163,6 +184,9 @@ def to_gguf(pth, out_path, outtype="f16", tokenizer_dir=None):
     if config.use_moe:
         raise SystemExit("to_gguf: a MoE MiniMind has no llama.cpp architecture here (exported as Llama, which has "
                          "no experts); use to_transformers for MoE models")
+    if config.qk_norm:
+        raise SystemExit(f"to_gguf: {pth} is a minimind-3 weight; its GGUF (llama.cpp's qwen3 architecture) is not "
+                         "written yet. Export it with to_qwen3 and convert that folder with llama.cpp's own converter.")
     if outtype not in GGUF_OUTTYPES:
         raise SystemExit(f"to_gguf: --outtype must be one of {', '.join(GGUF_OUTTYPES)}, not {outtype}")
     quant_name, file_type = GGUF_OUTTYPES[outtype]
@@ -248,11 +272,15 @@ def main():
     commands = parser.add_subparsers(dest="direction", required=True)
     for name, source, target in (("to_transformers", "a native .pth", "the model folder to write"),
                                  ("to_llama", "a native .pth of a dense model", "the model folder to write"),
+                                 ("to_qwen3", "a native .pth of a minimind-3 model", "the model folder to write"),
                                  ("to_native", "a transformers model folder", "the .pth file to write")):
         command = commands.add_parser(name, help=f"{source} -> {target}")
         command.add_argument("source", help=source)
         command.add_argument("target", help=target)
         command.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+        if name == "to_qwen3":
+            command.add_argument("--tokenizer_dir", default=os.path.join(REPO_ROOT, "model"),
+                                 help="the tokenizer the weight was trained with (default: the repository's)")
     command = commands.add_parser("to_gguf", help="a native .pth of a dense model -> one GGUF file and a Modelfile")
     command.add_argument("source", help="a native .pth of a dense model")
     command.add_argument("target", help="the .gguf file to write (NAME.Modelfile for Ollama is written beside NAME.gguf)")
@@ -271,6 +299,8 @@ def main():
         print(to_transformers(args.source, args.target, getattr(torch, args.dtype)))
     elif args.direction == "to_llama":
         print(to_llama(args.source, args.target, getattr(torch, args.dtype)))
+    elif args.direction == "to_qwen3":
+        print(to_qwen3(args.source, args.target, getattr(torch, args.dtype), args.tokenizer_dir))
     elif args.direction == "to_native":
         print(to_native(args.source, args.target, getattr(torch, args.dtype)))
     elif args.direction == "to_gguf":

@@ -49,7 +49,7 @@ def main():
     args.hidden_size, args.num_hidden_layers = args.student_hidden_size, args.student_num_layers  # the model we train
 
     run = Run(args)
-    teacher_config = MiniMindConfig(hidden_size=args.teacher_hidden_size, num_hidden_layers=args.teacher_num_layers,
+    teacher_config = MiniMindConfig(generation=args.generation, hidden_size=args.teacher_hidden_size, num_hidden_layers=args.teacher_num_layers,
                                     use_moe=bool(args.use_moe))
     run.check_from_weight(args.teacher_weight, teacher_config)  # before tokenising
     tokenizer = load_tokenizer()

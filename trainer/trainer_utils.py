@@ -32,7 +32,8 @@ if REPO_ROOT not in sys.path:
 
 from dataset.lm_dataset import DEMO_STAND_INS, pad_batch  # noqa: E402
 from model.model_lora import atomic_torch_save, save_lora  # noqa: E402
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
+from model.model_minimind import (GENERATIONS, MiniMindConfig, MiniMindForCausalLM,  # noqa: E402
+                                  config_from_state_dict, load_state_dict_strict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +63,9 @@ def common_parser(description, *, save_weight, epochs, batch_size, learning_rate
     p.add_argument("--grad_clip", type=float, default=1.0)
     p.add_argument("--log_interval", type=int, default=log_interval, help="optimizer steps between log lines")
     p.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between saves")
-    p.add_argument("--hidden_size", type=int, default=512)
+    p.add_argument("--generation", default="minimind2", choices=sorted(GENERATIONS),
+                   help="architecture: MiniMind2, or minimind-3 (per-head q/k norms, Qwen3-MoE experts)")
+    p.add_argument("--hidden_size", type=int, default=None, help="default 512 (MiniMind2-Small), 768 for minimind-3")
     p.add_argument("--num_hidden_layers", type=int, default=8)
     p.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
     p.add_argument("--max_seq_len", type=int, default=max_seq_len)
@@ -95,6 +98,8 @@ def parse_args(parser, argv=None):
     """Parse, then turn path options into absolute paths: a default written relative to trainer/ (as in
     MiniMind, e.g. ../out) resolves against trainer/; a path the user typed resolves against the cwd."""
     args = show_defaults(parser).parse_args(argv)
+    if getattr(args, "hidden_size", 0) is None:  # each generation's default size: MiniMind2-Small, minimind-3
+        args.hidden_size = 768 if args.generation == "minimind-3" else 512
     for name in ("save_dir", "checkpoint_dir", "data_path", "reward_model_path"):
         value = getattr(args, name, None)
         if isinstance(value, str) and value and value.lower() != "none":
@@ -302,12 +307,12 @@ def training_flops_per_token(config, seq_len):
     2020; active parameters for MoE, the embedding lookup excluded but the tied lm_head counted) plus
     the attention scores and mixing, 12 * layers * hidden * seq_len (PaLM appendix B)."""
     hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    kv = hidden // config.num_attention_heads * config.num_key_value_heads
-    attention = 2 * hidden * hidden + 2 * hidden * kv
+    q, kv = config.head_dim * config.num_attention_heads, config.head_dim * config.num_key_value_heads
+    attention = 2 * hidden * q + 2 * hidden * kv
     experts = (config.num_experts_per_tok + config.n_shared_experts) if config.use_moe else 1
     mlp = 3 * hidden * inter * experts + (hidden * config.n_routed_experts if config.use_moe else 0)
     active = layers * (attention + mlp) + hidden * config.vocab_size
-    return 6 * active + 12 * layers * hidden * seq_len
+    return 6 * active + 12 * layers * q * seq_len
 
 
 def lr_at(step, total_steps, base_lr, warmup_steps=0):
@@ -408,8 +413,8 @@ class Run:
         self.dtype = choose_dtype(args.dtype, self.device)
         use_tf32(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.config = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                                     use_moe=bool(args.use_moe))
+        self.config = MiniMindConfig(generation=getattr(args, "generation", "minimind2"), hidden_size=args.hidden_size,
+                                     num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe))
         self.weight_name = weight_name or args.save_weight
         os.makedirs(args.save_dir, exist_ok=True)
         os.makedirs(args.checkpoint_dir, exist_ok=True)
@@ -459,10 +464,15 @@ class Run:
         model = MiniMindForCausalLM(config)
         path = self.check_from_weight(from_weight, config)
         if path:
-            load_state_dict_strict(model, torch.load(path, map_location="cpu", weights_only=True), source=path)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            generation = config_from_state_dict(state).generation  # read off the keys, never the file name
+            if generation != config.generation:
+                raise SystemExit(f"{path} holds a {generation} model, and this run builds a {config.generation} one: "
+                                 f"pass --generation {generation}")
+            load_state_dict_strict(model, state, source=path)
             print0(f"loaded {path}")
         params = sum(p.numel() for p in model.parameters())
-        print0(f"model: {config.hidden_size}x{config.num_hidden_layers}{' MoE' if config.use_moe else ''}, "
+        print0(f"model: {config.generation} {config.hidden_size}x{config.num_hidden_layers}{' MoE' if config.use_moe else ''}, "
                f"{params / 1e6:.2f}M parameters; device {self.device}, {str(self.dtype).removeprefix('torch.')}, "
                f"{self.world_size} process(es)")
         if os.environ.get(GPU_CHECK_ENV):

@@ -1,0 +1,211 @@
+"""The minimind-3 generation beside MiniMind2: its architecture (per-head q/k RMSNorm, explicit head_dim, Qwen3-MoE
+style experts) matches transformers' Qwen3ForCausalLM / Qwen3MoeForCausalLM, which is what upstream exports
+minimind-3 to, so those classes are the specification here."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, Qwen3ForCausalLM, Qwen3MoeForCausalLM
+
+from conftest import REPO_ROOT
+from model.model_minimind import GENERATIONS, MiniMindConfig, MiniMindForCausalLM, config_from_state_dict
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+import convert_model  # noqa: E402
+
+# minimind-3's shape at hidden 64: 8 query heads of 8, 4 key-value heads (as upstream's 768 x 8 has 96-wide heads)
+TINY3 = dict(generation="minimind-3", hidden_size=64, num_hidden_layers=2, max_position_embeddings=256)
+
+
+def upstream_style_weight(path, seed=0, **overrides):
+    """A minimind-3 state dict as upstream saves it (fp16), from a randomly initialised model whose matrices
+    are scaled up so that attention is far from uniform and any difference in the maths shows in the logits."""
+    torch.manual_seed(seed)
+    model = MiniMindForCausalLM(MiniMindConfig(**{**TINY3, **overrides}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.mul_(6)
+            elif name.endswith("norm.weight"):  # norms away from 1, so a missing q/k norm would show
+                param.uniform_(0.5, 1.5)
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def both_models(path):
+    """(ours, transformers' Qwen3) holding the weights of one upstream-style .pth, in fp32."""
+    state = {k: v.float() for k, v in torch.load(path, weights_only=True).items()}
+    config = config_from_state_dict(state)
+    ours = MiniMindForCausalLM(config).eval()
+    ours.load_state_dict(state, strict=True)
+    qwen3 = AutoModelForCausalLM.from_config(convert_model.qwen3_config(config)).eval()
+    qwen3.load_state_dict(convert_model.to_qwen3_state_dict(state, config), strict=True)
+    return ours, qwen3
+
+
+def test_named_sizes_have_upstreams_parameter_counts():
+    for use_moe, expected in ((False, 63_912_192), (True, 198_416_640)):
+        with torch.device("meta"):
+            model = MiniMindForCausalLM(MiniMindConfig(generation="minimind-3", hidden_size=768, num_hidden_layers=8,
+                                                       use_moe=use_moe))
+        assert sum(p.numel() for p in model.parameters()) == expected
+    config = MiniMindConfig(generation="minimind-3", hidden_size=768, num_hidden_layers=8)
+    assert (config.intermediate_size, config.num_key_value_heads, config.head_dim, config.rms_norm_eps) == \
+        (2432, 4, 96, 1e-6) == (64 * math.ceil(768 * math.pi / 64), 4, 768 // 8, 1e-6)
+    assert MiniMindConfig().num_key_value_heads == 2 and MiniMindConfig().intermediate_size == 1408  # MiniMind2 as before
+
+
+def test_keys_are_upstreams():
+    """The parameter names upstream's minimind-3 model.py gives (so its .pth files load as they are)."""
+    dense = MiniMindForCausalLM(MiniMindConfig(**TINY3)).state_dict()
+    layer = "model.layers.0."
+    assert {k for k in dense if k.startswith(layer)} == {layer + k for k in (
+        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+        "self_attn.q_norm.weight", "self_attn.k_norm.weight", "input_layernorm.weight",
+        "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")}
+    assert dense[layer + "self_attn.q_norm.weight"].shape == (8,)
+    moe = MiniMindForCausalLM(MiniMindConfig(**TINY3, use_moe=True)).state_dict()
+    assert {k for k in moe if k.startswith(layer + "mlp.")} == {layer + "mlp.gate.weight"} | {
+        f"{layer}mlp.experts.{e}.{p}_proj.weight" for e in range(4) for p in ("gate", "up", "down")}
+    assert moe[layer + "mlp.gate.weight"].shape == (4, 64)  # no shared expert
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_logits_equal_transformers_qwen3(tmp_path, use_moe):
+    """fp32 logits of the same weights in our model and in Qwen3ForCausalLM / Qwen3MoeForCausalLM: a full
+    forward, and a prefill followed by KV-cached steps of one and of several tokens."""
+    ours, qwen3 = both_models(upstream_style_weight(tmp_path / "w.pth", use_moe=use_moe))
+    assert isinstance(qwen3, Qwen3MoeForCausalLM if use_moe else Qwen3ForCausalLM)
+    ids = torch.randint(0, 6400, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(ids).logits, qwen3(ids).logits
+        assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+        layer = ours.model.layers[0].self_attn
+        saved = layer.q_norm.weight.detach().clone()
+        layer.q_norm.weight.fill_(1.0)  # control: one q-norm left out is a difference the comparison sees
+        assert (ours(ids).logits - b).abs().max() > 1e-2
+        layer.q_norm.weight.copy_(saved)
+        caches = [DynamicCache(config=ours.config), DynamicCache(config=qwen3.config)]
+        for start, end in ((0, 20), (20, 21), (21, 27), (27, 28)):
+            step = [m(ids[:, start:end], past_key_values=c, use_cache=True).logits for m, c in zip((ours, qwen3), caches)]
+            assert (step[0] - step[1]).abs().max() < 1e-5 * max(1.0, step[1].abs().max().item())
+            assert (step[0] - a[:, start:end]).abs().max() < 1e-4 * max(1.0, a.abs().max().item())
+
+
+def test_moe_routes_like_qwen3_moe():
+    """Top-1 routing renormalised (every token's weight is 1, as in Qwen3-MoE) and a batch-level balance loss
+    0.0005 * E * sum_e f_e P_e; MiniMind2's MoE keeps its shared expert, 2 experts per token and per-sequence loss."""
+    config = MiniMindConfig(**TINY3, use_moe=True)
+    assert (config.num_experts_per_tok, config.n_shared_experts, config.aux_loss_alpha, config.seq_aux) == \
+        (1, 0, 5e-4, False)
+    model = MiniMindForCausalLM(config)
+    gate = model.model.layers[0].mlp.gate
+    x = torch.randn(2, 5, 64)
+    idx, weight, aux = gate(x)
+    assert torch.equal(weight, torch.ones_like(weight))
+    scores = torch.softmax(x.reshape(-1, 64) @ gate.weight.T, dim=-1)
+    load = torch.nn.functional.one_hot(idx.view(-1), 4).float().mean(0)
+    assert aux.item() == pytest.approx((load * scores.mean(0)).sum().item() * 4 * 5e-4, rel=1e-5)
+    minimind2 = MiniMindConfig(hidden_size=64, num_hidden_layers=2, use_moe=True)
+    assert (minimind2.num_experts_per_tok, minimind2.n_shared_experts, minimind2.seq_aux) == (2, 1, True)
+
+
+def test_the_architecture_is_read_off_the_keys_not_the_file_name():
+    """MiniMind2 768x16 and minimind-3 768x8 both save as *_768.pth: the config comes from keys and shapes."""
+    for config in (MiniMindConfig(hidden_size=768, num_hidden_layers=16),
+                   MiniMindConfig(generation="minimind-3", hidden_size=768, num_hidden_layers=8),
+                   MiniMindConfig(generation="minimind-3", hidden_size=768, num_hidden_layers=8, use_moe=True),
+                   MiniMindConfig(hidden_size=640, num_hidden_layers=8, use_moe=True)):
+        with torch.device("meta"):
+            state = MiniMindForCausalLM(config).state_dict()
+        read = config_from_state_dict(state)
+        for name in ("generation", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "head_dim", "intermediate_size", "qk_norm", "use_moe", "n_routed_experts",
+                     "n_shared_experts", "num_experts_per_tok", "rms_norm_eps"):
+            assert getattr(read, name) == getattr(config, name), name
+
+
+def test_to_qwen3_writes_a_folder_transformers_loads_without_remote_code(tmp_path):
+    pth = upstream_style_weight(tmp_path / "full_sft_64.pth", seed=2)
+    folder = convert_model.to_qwen3(str(pth), str(tmp_path / "qwen3"), dtype=torch.float32)
+    assert "auto_map" not in open(os.path.join(folder, "config.json")).read()
+    exported = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ours, _ = both_models(pth)
+    ids = torch.randint(0, 6400, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(ids).logits - exported(ids).logits).abs().max() < 1e-4
+    minimind2 = tmp_path / "minimind2.pth"
+    torch.save(MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)).state_dict(), minimind2)
+    with pytest.raises(SystemExit, match="is a MiniMind2 weight"):
+        convert_model.to_qwen3(str(minimind2), str(tmp_path / "no"))
+    with pytest.raises(SystemExit, match="is a minimind-3 weight"):
+        convert_model.to_llama(str(pth), str(tmp_path / "no"))
+
+
+def test_generations_are_named():
+    assert set(GENERATIONS) == {"minimind2", "minimind-3"}
+    with pytest.raises(ValueError, match="generation 'minimind3' is unknown"):
+        MiniMindConfig(generation="minimind3")
+
+
+# --------------------------------------------------------------------------------------------
+# Training with --generation minimind-3
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("moe", ["0", "1"])
+def test_stages_train_and_resume_as_minimind3(tmp_path, moe):
+    """Pretraining resumes to the same losses; SFT, DPO and GRPO start from the previous stage's weight, which
+    holds per-head q/k norms (and, for MoE, no shared expert)."""
+    from test_train import metrics, run_script
+    common = ["--generation", "minimind-3", "--use_moe", moe, "--dtype", "float32"]
+    suffix = "_moe" if moe == "1" else ""
+    run_script("train_pretrain.py", *common, "--max_steps", "4", tmp=tmp_path / "straight")
+    run_script("train_pretrain.py", *common, "--max_steps", "2", tmp=tmp_path)
+    run_script("train_pretrain.py", *common, "--max_steps", "4", "--from_resume", "1", tmp=tmp_path)
+    name = f"pretrain_64{suffix}_metrics.jsonl"
+    assert [m["loss"] for m in metrics(tmp_path, name)] == [m["loss"] for m in metrics(tmp_path / "straight", name)]
+    state = torch.load(tmp_path / "out" / f"pretrain_64{suffix}.pth", weights_only=True)
+    assert "model.layers.0.self_attn.q_norm.weight" in state and not any("shared_experts" in k for k in state)
+    run_script("train_full_sft.py", *common, "--max_steps", "2", "--from_weight", "pretrain", tmp=tmp_path)
+    run_script("train_dpo.py", *common, "--max_steps", "1", "--max_seq_len", "128", tmp=tmp_path)
+    run_script("train_grpo.py", *common, "--max_steps", "1", "--reasoning", "0", "--num_generations", "2",
+               "--max_gen_len", "8", "--batch_size", "2", tmp=tmp_path)
+    for stage in ("full_sft", "dpo", "grpo"):
+        rows = metrics(tmp_path, f"{stage}_64{suffix}_metrics.jsonl")
+        assert rows and all(math.isfinite(row["loss"]) for row in rows)
+        assert moe == "0" or all(row["aux_loss"] > 0 for row in rows)
+
+
+def test_a_weight_of_the_other_generation_is_named(tmp_path):
+    from test_train import run_script
+    run_script("train_pretrain.py", "--max_steps", "1", "--dtype", "float32", tmp=tmp_path)  # MiniMind2
+    result = run_script("train_full_sft.py", "--generation", "minimind-3", "--max_steps", "1", "--from_weight",
+                        "pretrain", tmp=tmp_path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "holds a minimind2 model, and this run builds a minimind-3 one: pass --generation minimind2" in \
+        result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_a_qwen3_folder_loads_as_our_model(tmp_path, use_moe):
+    """A released minimind-3 folder (Qwen3 format) loads back into MiniMindForCausalLM with the same logits, also
+    through the chat loader that eval_llm.py, the server and the web chat use."""
+    from chat_core import load_chat_model
+    from model.qwen3_format import from_qwen3_state_dict, load_qwen3_folder
+    pth = upstream_style_weight(tmp_path / "w.pth", seed=4, use_moe=use_moe)
+    folder = convert_model.to_qwen3(str(pth), str(tmp_path / "released"), dtype=torch.float32)
+    ours, qwen3 = both_models(pth)
+    loaded = load_qwen3_folder(folder).eval()
+    chat = load_chat_model(folder, device="cpu")
+    ids = torch.randint(0, 6400, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = ours(ids).logits
+        assert torch.equal(loaded(ids).logits, expected)
+        assert isinstance(chat.model, MiniMindForCausalLM) and torch.equal(chat.model(ids).logits, expected)
+    assert loaded.config.use_moe == use_moe and loaded.config.generation == "minimind-3"
+    # in memory transformers 5 holds Qwen3-MoE experts stacked: that layout converts back too
+    back = from_qwen3_state_dict(qwen3.state_dict(), ours.config)
+    assert back.keys() == ours.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
