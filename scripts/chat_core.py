@@ -22,8 +22,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, Log
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from model.model_lora import apply_lora, load_lora, lora_layout  # noqa: E402
-from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, config_from_state_dict,  # noqa: E402
-                                  load_state_dict_strict)
+from model.model_minimind import MiniMindForCausalLM, config_from_state_dict, load_state_dict_strict  # noqa: E402
 from model.qwen3_format import is_qwen3_folder, load_qwen3_folder  # noqa: E402
 from trainer.trainer_utils import inference_dtype, pick_device, ready_device  # noqa: E402
 
