@@ -185,8 +185,8 @@ def to_gguf(pth, out_path, outtype="f16", tokenizer_dir=None):
         raise SystemExit("to_gguf: a MoE MiniMind has no llama.cpp architecture here (exported as Llama, which has "
                          "no experts); use to_transformers for MoE models")
     if config.qk_norm:
-        raise SystemExit(f"to_gguf: {pth} is a minimind-3 weight; its GGUF (llama.cpp's qwen3 architecture) is not "
-                         "written yet. Export it with to_qwen3 and convert that folder with llama.cpp's own converter.")
+        raise SystemExit(f"to_gguf: {pth} is a minimind-3 weight; writing its GGUF (llama.cpp's qwen3 architecture) "
+                         "is not supported yet. Export it with to_qwen3 for transformers-format engines.")
     if outtype not in GGUF_OUTTYPES:
         raise SystemExit(f"to_gguf: --outtype must be one of {', '.join(GGUF_OUTTYPES)}, not {outtype}")
     quant_name, file_type = GGUF_OUTTYPES[outtype]
