@@ -4,8 +4,8 @@
     python scripts/plot_metrics.py out/*_metrics.jsonl
 
 Each file becomes one panel of loss against optimizer step: the logged points faint, and over them a
-smoothed curve (a bias-corrected exponential moving average, as TensorBoard draws), so that a stage whose
-batches differ a lot in loss (length-grouped SFT batches) still shows its trend. When a run was resumed,
+smoothed curve (a centred moving mean over a tenth of the points), so that a stage whose batches differ a lot
+in loss (length-grouped SFT batches) still shows its trend. When a run was resumed,
 a step logged twice keeps its latest value.
 """
 import argparse
@@ -31,19 +31,19 @@ def load_series(path, key="loss"):
     return dict(sorted(series.items()))
 
 
-def smooth(values, weight=None):
-    """Bias-corrected EMA: s_t = w s_(t-1) + (1 - w) x_t, divided by 1 - w^t so the start is not pulled to 0.
-    weight None: 1 - 20 / len(values), i.e. about a twentieth of the run per smoothing window (0 up to 20 points)."""
-    if weight is None:
-        weight = max(0.0, 1 - 20 / max(len(values), 1))
-    smoothed, average = [], 0.0
-    for t, value in enumerate(values, 1):
-        average = weight * average + (1 - weight) * value
-        smoothed.append(average / (1 - weight ** t) if weight < 1 else value)
+def smooth(values, window=None):
+    """Centred moving mean: each point becomes the mean of the `window` points around it, fewer at the two ends
+    but always as many on each side, so a straight trend stays straight (no lag, unlike an EMA).
+    window None: a tenth of the points (at least 1)."""
+    window = max(1, len(values) // 10) if window is None else max(1, window)
+    smoothed = []
+    for i in range(len(values)):
+        half = min(window // 2, i, len(values) - 1 - i)
+        smoothed.append(sum(values[i - half:i + half + 1]) / (2 * half + 1))
     return smoothed
 
 
-def plot(paths, output, key="loss", title="MiniMind training", smoothing=None):
+def plot(paths, output, key="loss", title="MiniMind training", window=None):
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -56,7 +56,7 @@ def plot(paths, output, key="loss", title="MiniMind training", smoothing=None):
         series = load_series(path, key)
         steps, values = list(series), list(series.values())
         ax.plot(steps, values, linewidth=0.8, alpha=0.3, color="tab:blue", label="logged")
-        ax.plot(steps, smooth(values, smoothing), linewidth=1.8, color="tab:blue", label="smoothed (EMA)")
+        ax.plot(steps, smooth(values, window), linewidth=1.8, color="tab:blue", label="moving mean")
         if number == 1:
             ax.legend(fontsize="small")
         ax.set_title(f"{number}. {os.path.basename(path).replace('_metrics.jsonl', '')}")
@@ -76,12 +76,12 @@ def main():
     parser.add_argument("paths", nargs="+", help="metrics JSONL files")
     parser.add_argument("-o", "--output", default="out/loss_curves.png")
     parser.add_argument("--key", default="loss", help="which metric to plot")
-    parser.add_argument("--smoothing", type=float, default=None,
-                        help="EMA weight in [0, 1) (0 = none; default: about a twentieth of each run)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="points in the moving mean (1 = none; default: a tenth of each run's points)")
     args = parser.parse_args()
-    if args.smoothing is not None and not 0 <= args.smoothing < 1:
-        parser.error(f"--smoothing {args.smoothing}: expected a weight in [0, 1)")
-    print(plot(args.paths, args.output, args.key, smoothing=args.smoothing))
+    if args.window is not None and args.window < 1:
+        parser.error(f"--window {args.window}: expected at least 1 point")
+    print(plot(args.paths, args.output, args.key, window=args.window))
 
 
 if __name__ == "__main__":
