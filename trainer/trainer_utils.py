@@ -65,7 +65,9 @@ def common_parser(description, *, save_weight, epochs, batch_size, learning_rate
     p.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between saves")
     p.add_argument("--generation", default="minimind2", choices=sorted(GENERATIONS),
                    help="architecture: MiniMind2, or minimind-3 (per-head q/k norms, Qwen3-MoE experts)")
-    p.add_argument("--hidden_size", type=int, default=None, help="default 512 (MiniMind2-Small), 768 for minimind-3")
+    # "%(default).0s" prints nothing: it only stops the help formatter from adding "(default: None)"
+    p.add_argument("--hidden_size", type=int, default=None,
+                   help="(default: 512, MiniMind2-Small; 768 with --generation minimind-3)%(default).0s")
     p.add_argument("--num_hidden_layers", type=int, default=8)
     p.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
     p.add_argument("--max_seq_len", type=int, default=max_seq_len)
