@@ -23,12 +23,13 @@ import torch
 from torch.utils.data import Dataset
 
 import datasets
+from jinja2 import TemplateError
 from scripts.download_data import FILES as DOWNLOADABLE  # the full MiniMind data files, by name
 
 ASSISTANT_START = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
 ROLES = {"system", "user", "assistant", "tool"}
-CACHE_VERSION = "3"  # bump when the tokenisation logic below changes
+CACHE_VERSION = "4"  # bump when the tokenisation logic below changes
 CUT_OFF = "cut off"  # a well-formed row whose answer lies beyond max_length: left out and counted
 
 # Where the bundled demo stand-ins of the full MiniMind datasets live (relative to dataset/).
@@ -95,6 +96,51 @@ def validate_tool_calls(calls, role):
     return None
 
 
+def normalise_messages(messages, field="conversations"):
+    """minimind-3's row forms -> the ones the chat template renders. Returns (messages, tools, error):
+    - a system message's "tools" (a JSON string or a list) become the conversation's tools;
+    - "tool_calls" given as a JSON string (one call or a list of calls) become a list;
+    - an assistant turn's "reasoning_content" goes before its content as "<think>\n...\n</think>\n\n", the layout
+      minimind-3's template gives it (this project's template has no such field, so it would be lost).
+    Anything else is left for validate_messages to judge."""
+    if not isinstance(messages, list):
+        return messages, None, None
+    normalised, tools = [], None
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            normalised.append(message)
+            continue
+        message = dict(message)
+        for key in ("tools", "tool_calls"):
+            value = message.get(key)
+            if isinstance(value, str):
+                try:
+                    message[key] = json.loads(value) if value.strip() else None
+                except json.JSONDecodeError as err:
+                    return None, None, f"{field}[{i}].{key} is a string but not valid JSON ({err.msg})"
+        if isinstance(message.get("tool_calls"), dict):
+            message["tool_calls"] = [message["tool_calls"]]
+        if message.get("tool_calls") is None:
+            message.pop("tool_calls", None)
+        if "tools" in message:
+            if message.get("role") != "system":
+                return None, None, f'{field}[{i}]: only a system message carries "tools"'
+            tools = message.pop("tools") or None
+        reasoning = message.pop("reasoning_content", None)
+        if reasoning:
+            message["content"] = f"<think>\n{reasoning}\n</think>\n\n{message.get('content') or ''}"
+        normalised.append(message)
+    return normalised, tools, None
+
+
+def read_conversation(row, field="conversations"):
+    """(messages, tools, error) of a row's conversation: normalised (normalise_messages), then validated; the
+    tools come from the row's "tools" field or a system message."""
+    messages, tools, error = normalise_messages(row.get(field), field)
+    error = error or validate_messages(messages, field)
+    return messages, row.get("tools") or tools, error
+
+
 def has_answer(message) -> bool:
     """An assistant turn with something to learn: non-blank content or at least one tool call."""
     return message["role"] == "assistant" and bool((message.get("content") or "").strip() or message.get("tool_calls"))
@@ -134,13 +180,12 @@ def pretrain_row(row, tokenizer, max_length):
 
 
 def sft_row(row, tokenizer, max_length):
-    messages = row.get("conversations")
-    error = validate_messages(messages)
+    messages, tools, error = read_conversation(row)
     if error:
         return None, error + ' (expected {"conversations": [{"role": ..., "content": ...}, ...]})'
     if not any(has_answer(m) for m in messages):
         return None, "the conversation has no non-empty assistant turn (content or tool calls) to learn from"
-    ids, mask = tokenize_with_loss_mask(tokenizer, render(tokenizer, messages, row.get("tools")), max_length)
+    ids, mask = tokenize_with_loss_mask(tokenizer, render(tokenizer, messages, tools), max_length)
     if not any(mask):
         return None, CUT_OFF
     return dict(input_ids=ids, loss_mask=mask), None
@@ -152,12 +197,14 @@ def dpo_messages(row):
         prompt = [dict(role="user", content=row["prompt"])]
         return (prompt + [dict(role="assistant", content=row["chosen"])],
                 prompt + [dict(role="assistant", content=row["rejected"])], None)
+    sides = []
     for side in ("chosen", "rejected"):
-        error = validate_messages(row.get(side), side)
+        messages, _, error = read_conversation(row, side)
         if error:
             return None, None, error + ' (expected {"chosen": [messages], "rejected": [messages]} or ' \
                                        '{"prompt": str, "chosen": str, "rejected": str})'
-    return row["chosen"], row["rejected"], None
+        sides.append(messages)
+    return sides[0], sides[1], None
 
 
 def dpo_row(row, tokenizer, max_length):
@@ -179,8 +226,9 @@ def dpo_row(row, tokenizer, max_length):
 
 
 def rlaif_row(row, tokenizer, max_length):
-    messages = row.get("conversations")
-    error = validate_messages(messages)
+    """RL prompts (rlaif.jsonl) and minimind-3's agent_rl rows ({"conversations": [system with tools, user,
+    assistant placeholder], "gt": [strings the final answer must contain]}): extra fields are kept."""
+    messages, tools, error = read_conversation(row)
     if error:
         return None, error + ' (expected {"conversations": [..., {"role": "assistant", "content": ""}]})'
     if messages[-1]["role"] == "assistant":  # the placeholder the policy will fill
@@ -189,7 +237,9 @@ def rlaif_row(row, tokenizer, max_length):
         return None, "the prompt must end with a user (or tool) turn before the assistant placeholder"
     extras = {k: v for k, v in row.items() if k != "conversations"}
     extras["conversation"] = messages  # the prompt as messages, for reward models
-    return dict(prompt=render(tokenizer, messages, row.get("tools"), add_generation_prompt=True),
+    if tools and not row.get("tools"):
+        extras["tools"] = tools  # offered in the prompt: a tool-use reward can check the calls against them
+    return dict(prompt=render(tokenizer, messages, tools, add_generation_prompt=True),
                 extras=json.dumps(extras, ensure_ascii=False)), None
 
 
@@ -219,7 +269,10 @@ def _parse_batch(batch, indices, kind, tokenizer, max_length, path):
                 row, error = None, f"not valid JSON ({err.msg} at column {err.colno})"
             if row is not None:
                 if isinstance(row, dict):
-                    built, error = ROW_BUILDERS[kind](row, tokenizer, max_length)
+                    try:
+                        built, error = ROW_BUILDERS[kind](row, tokenizer, max_length)
+                    except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as err:
+                        error = f"the chat template cannot render this row ({type(err).__name__}: {err})"
                 else:
                     error = f"expected a JSON object, got {type(row).__name__}"
         for name in FEATURES[kind]:

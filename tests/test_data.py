@@ -211,7 +211,7 @@ def test_a_tool_call_only_assistant_turn_is_learned(tok, tmp_path, cache, conten
 
 @pytest.mark.parametrize("turn, message", [
     ({"role": "assistant", "content": None}, r"conversations\[1\] must be"),
-    ({"role": "assistant", "content": None, "tool_calls": "calculator(2+3)"}, '"tool_calls" must be a list'),
+    ({"role": "assistant", "content": None, "tool_calls": 42}, '"tool_calls" must be a list of calls, got int'),
     ({"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": "{}"}}]}, r"tool_calls\[0\] must be"),
     ({"role": "user", "content": "", "tool_calls": [{"name": "f", "arguments": {}}]}, "only assistant turns"),
 ])
@@ -219,6 +219,74 @@ def test_bad_tool_calls_name_what_was_expected(tok, tmp_path, cache, turn, messa
     row = {"conversations": [{"role": "user", "content": "q"}, turn, {"role": "assistant", "content": "a"}]}
     with pytest.raises(DataError, match=f"sft.jsonl line 1: .*{message}"):
         SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [row]), tok, cache_dir=cache)
+
+
+CALCULATOR = {"type": "function", "function": {"name": "calculator", "description": "evaluate arithmetic",
+                                               "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}}
+
+
+def test_minimind3_sft_rows_with_json_strings_and_reasoning(tok, tmp_path, cache):
+    """An sft_t2t row: tools as a JSON string on the system message, tool_calls as a JSON string of
+    {name, arguments}, a tool message and reasoning_content. The schemas reach the prompt, the call and the
+    reasoning (as <think>...</think>) carry the loss, and nothing is silently dropped."""
+    row = {"conversations": [
+        {"role": "system", "content": "", "tools": json.dumps([CALCULATOR])},
+        {"role": "user", "content": "12*7?"},
+        {"role": "assistant", "content": "", "reasoning_content": "I should use the calculator.",
+         "tool_calls": json.dumps({"name": "calculator", "arguments": {"expression": "12*7"}})},
+        {"role": "tool", "content": "84"},
+        {"role": "assistant", "content": "84", "reasoning_content": "The tool says 84."}]}
+    data = SFTDataset(write_jsonl(tmp_path / "sft_t2t.jsonl", [row]), tok, 1024, cache_dir=cache)
+    item = data[0]
+    text = tok.decode(item["input_ids"])
+    learned = tok.decode(item["input_ids"][item["labels"] != -100])
+    assert '"description": "evaluate arithmetic"' in text and "<tool_response>\n84\n</tool_response>" in text
+    assert learned == ('<think>\nI should use the calculator.\n</think>\n\n\n<tool_call>\n{"name": "calculator", '
+                       '"arguments": {"expression": "12*7"}}\n</tool_call><|im_end|>\n'
+                       "<think>\nThe tool says 84.\n</think>\n\n84<|im_end|>\n")
+
+
+def test_agent_rl_rows_load_for_rl(tok, tmp_path, cache):
+    row = {"conversations": [{"role": "system", "content": "", "tools": json.dumps([CALCULATOR])},
+                             {"role": "user", "content": "What is 12*7?"}, {"role": "assistant", "content": ""}],
+           "gt": ["84"]}
+    data = RLAIFDataset(write_jsonl(tmp_path / "agent_rl.jsonl", [row]), tok, 1024, cache_dir=cache)
+    item = data[0]
+    assert "# Tools" in item["prompt"] and '"name": "calculator"' in item["prompt"]
+    assert item["prompt"].endswith("<|im_start|>assistant\n")
+    assert item["gt"] == ["84"] and item["tools"] == [CALCULATOR]
+
+
+@pytest.mark.parametrize("turn, message", [
+    ({"role": "assistant", "content": "", "tool_calls": "{not json"}, r"conversations\[1\].tool_calls is a string but not valid JSON"),
+    ({"role": "user", "content": "x", "tools": "[]"}, r'conversations\[1\]: only a system message carries "tools"'),
+])
+def test_unreadable_minimind3_fields_are_bad_rows(tok, tmp_path, cache, turn, message):
+    rows = [{"conversations": [{"role": "user", "content": "q"}, turn, {"role": "assistant", "content": "a"}]},
+            {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    with pytest.raises(DataError, match=f"sft.jsonl line 1: {message}"):
+        SFTDataset(path, tok, cache_dir=cache)
+    data = SFTDataset(path, tok, on_bad_line="skip", cache_dir=cache)  # the rest of the file loads
+    assert len(data) == 1 and data.report["skipped"] == 1
+
+
+def test_a_row_the_template_cannot_render_is_a_bad_row(tok, tmp_path, cache, monkeypatch):
+    import jinja2
+
+    def render(tokenizer, messages, tools=None, add_generation_prompt=False):
+        if messages[0]["content"] == "breaks":
+            raise jinja2.exceptions.UndefinedError("'str object' has no attribute 'name'")
+        return original(tokenizer, messages, tools, add_generation_prompt)
+    original = lm_dataset.render
+    monkeypatch.setattr(lm_dataset, "render", render)
+    rows = [{"conversations": [{"role": "user", "content": "breaks"}, {"role": "assistant", "content": "a"}]},
+            {"conversations": [{"role": "user", "content": "fine"}, {"role": "assistant", "content": "a"}]}]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    with pytest.raises(DataError, match="sft.jsonl line 1: the chat template cannot render this row "
+                                        "\\(UndefinedError: 'str object' has no attribute 'name'\\)"):
+        SFTDataset(path, tok, cache_dir=cache)
+    assert len(SFTDataset(path, tok, on_bad_line="skip", cache_dir=cache + "2")) == 1
 
 
 def test_empty_and_missing_files(tok, tmp_path, cache):
