@@ -2,6 +2,7 @@
 
     python scripts/download_data.py --list                                   # known files, sizes, stages
     python scripts/download_data.py pretrain_hq.jsonl sft_mini_512.jsonl      # from Hugging Face
+    python scripts/download_data.py pretrain_t2t_mini.jsonl sft_t2t_mini.jsonl  # minimind-3's files
     python scripts/download_data.py dpo.jsonl --source modelscope             # from ModelScope
     python scripts/download_data.py sft_512.jsonl --endpoint https://MIRROR   # through a Hugging Face mirror
     python scripts/download_data.py pretrain_hq.jsonl --force                 # download again
@@ -11,6 +12,8 @@ gongjy/minimind_dataset, through each hub's own client library, which shows prog
 command again after an interruption and the Hugging Face client resumes the partial file (as do recent
 ModelScope clients). ModelScope needs `pip install modelscope`; HF_ENDPOINT works like --endpoint.
 A file already in the output folder (non-empty) is skipped unless --force is given.
+The hubs now hold minimind-3's files; MiniMind2's names stay listed for copies and mirrors that still have them.
+dpo.jsonl is one name for both generations: the hub's file is minimind-3's (53 MB; MiniMind2's was 909 MB).
 Exit status: 0 if every file is present afterwards, 1 if any download failed, 2 for bad arguments.
 """
 import argparse
@@ -23,18 +26,25 @@ HF_REPO = "jingyaogong/minimind_dataset"
 MS_REPO = "gongjy/minimind_dataset"
 SOURCES = ("huggingface", "modelscope")
 
-# name -> (approximate size, training stage that reads it)
+# name -> (approximate size, training stage that reads it); MiniMind2's files, then minimind-3's
 FILES = {
     "pretrain_hq.jsonl": ("1.6 GB", "pretrain"),
     "sft_mini_512.jsonl": ("1.2 GB", "full SFT"),
     "sft_512.jsonl": ("7.5 GB", "full SFT"),
     "sft_1024.jsonl": ("5.6 GB", "full SFT"),
     "sft_2048.jsonl": ("9 GB", "full SFT"),
-    "dpo.jsonl": ("909 MB", "DPO"),
+    "dpo.jsonl": ("53 MB", "DPO (the hub's file is now minimind-3's; MiniMind2's was 909 MB)"),
     "r1_mix_1024.jsonl": ("340 MB", "reasoning distillation"),
     "rlaif-mini.jsonl": ("1 MB", "PPO/GRPO/SPO"),
     "lora_identity.jsonl": ("22.8 KB", "LoRA"),
     "lora_medical.jsonl": ("34 MB", "LoRA"),
+    "pretrain_t2t_mini.jsonl": ("1.2 GB", "pretrain, minimind-3 (max_seq_len about 768)"),
+    "pretrain_t2t.jsonl": ("10 GB", "pretrain, minimind-3 (max_seq_len about 380)"),
+    "sft_t2t_mini.jsonl": ("1.6 GB", "full SFT with tool calls, minimind-3 (max_seq_len about 768)"),
+    "sft_t2t.jsonl": ("14 GB", "full SFT with tool calls, minimind-3"),
+    "rlaif.jsonl": ("24 MB", "PPO/GRPO/SPO, minimind-3"),
+    "agent_rl.jsonl": ("86 MB", "agentic RL (tool use, gt answers), minimind-3"),
+    "agent_rl_math.jsonl": ("18 MB", "agentic RL on maths, minimind-3"),
 }
 
 
@@ -76,8 +86,8 @@ def check_names(names, allow_unknown=False):
 
 
 def format_list():
-    lines = [f"{'file':<22}{'size (approx.)':>15}  stage"]
-    lines += [f"{name:<22}{size:>15}  {stage}" for name, (size, stage) in FILES.items()]
+    lines = [f"{'file':<25}{'size (approx.)':>15}  stage"]
+    lines += [f"{name:<25}{size:>15}  {stage}" for name, (size, stage) in FILES.items()]
     return "\n".join(lines)
 
 

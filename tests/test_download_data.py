@@ -49,7 +49,8 @@ def fake_fetcher(calls, content=b"data\n", error=None):
 
 
 def test_known_files_table():
-    assert len(dd.FILES) == 10
+    assert len(dd.FILES) == 17  # MiniMind2's ten files and minimind-3's seven new names
+    assert dd.FILES["sft_t2t_mini.jsonl"][0] == "1.6 GB" and "minimind-3" in dd.FILES["agent_rl.jsonl"][1]
     assert dd.FILES["pretrain_hq.jsonl"] == ("1.6 GB", "pretrain")
     assert dd.FILES["rlaif-mini.jsonl"][1] == "PPO/GRPO/SPO"
     assert dd.check_names(["pretrain_hq.jsonl", "sft_mini_512.jsonl"]) == ["pretrain_hq.jsonl", "sft_mini_512.jsonl"]
