@@ -654,7 +654,7 @@ def config_from_state_dict(state, **overrides):
     """The MiniMindConfig of a native checkpoint, read off its keys and shapes, never its file name (MiniMind2
     768x16 and minimind-3 768x8 both save as *_768.pth). minimind-3 has per-head q/k norms (self_attn.q_norm
     [head_dim]), from which its head count follows; MiniMind2's shapes cannot show its 8 query heads."""
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = without_wrapper_prefixes(state)
     embed = state["model.embed_tokens.weight"]
     hidden = embed.shape[1]
     layers = len({k.split(".")[2] for k in state if k.startswith("model.layers.")})
@@ -672,17 +672,23 @@ def config_from_state_dict(state, **overrides):
                           n_shared_experts=len(shared) if experts else None, **overrides)
 
 
+def without_wrapper_prefixes(state_dict: dict) -> dict:
+    """The state dict with the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes taken off its keys."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        cleaned[key] = value
+    return cleaned
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "checkpoint"):
     """Load weights, failing loudly: every missing, unexpected or mis-shaped key is named.
 
     Accepts the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes. Tied weights may appear
     under either or both names. `source` names the file in the error message.
     """
-    cleaned = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        cleaned[key] = value
+    cleaned = without_wrapper_prefixes(state_dict)
     expected = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         # Tied weights: a checkpoint holding the matrix under either name is complete.

@@ -374,10 +374,6 @@ class ResumableBatchSampler(Sampler):
         """Samples all ranks together take in round k."""
         return self.batch_size * self.world_size if k < self.full_rounds else self.last_round
 
-    def samples(self):
-        """Samples this epoch's stream holds from its start position to its end, all ranks together."""
-        return self.full_rounds * self.batch_size * self.world_size + self.last_round
-
     @classmethod
     def size(cls, samples, batch_size, world_size):
         """(rounds, samples they take) of a stream of this many samples."""
@@ -427,6 +423,8 @@ class Run:
         # step_start / samples: the run's samples before / after the current step; final_step: it ends the run.
         self.step, self.epoch, self.consumed = 0, 0, 0
         self.step_start, self.samples, self.run_samples, self.final_step = 0, 0, 0, False
+        # rows of the training data (saved in the resume file) and the count a resume file was written for
+        self.num_samples, self._resumed_num_samples = None, None
         self.tracker, self.progress, self.step_tokens, self.step_metrics = None, None, 0, {}
         self._last_time, self._tokens_since_log = time.perf_counter(), 0
         # Device-side record of the first step whose loss was not finite (0 = none yet): read on the host
@@ -611,7 +609,7 @@ class Run:
 
     def check_same_data(self, dataset):
         """A resumed run continues the saved sample order only over the same rows (see restore)."""
-        saved = getattr(self, "_resumed_num_samples", None)
+        saved = self._resumed_num_samples
         if saved is not None and saved != len(dataset):
             raise SystemExit(f"{self.resume_path} was written for {saved} training rows, but this data gives "
                              f"{len(dataset)}: the saved position would point at other rows. Resume on the same "
@@ -794,7 +792,7 @@ class Run:
                 atomic_torch_save({k: v.detach().half().cpu() for k, v in raw.state_dict().items()}, path)
             state = dict(model=trainable_state(raw), optimizer=optimizer.state_dict(), scaler=self.scaler.state_dict(),
                          step=self.step, epoch=self.epoch, consumed=self.consumed, world_size=self.world_size,
-                         num_samples=getattr(self, "num_samples", None),
+                         num_samples=self.num_samples,
                          rng=all_rng,
                          extras={k: unwrap(m).state_dict() for k, m in (extras or {}).items()},
                          args={k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool))})
