@@ -12,6 +12,10 @@ tokens per second. --historys N keeps the last N messages of the conversation as
 --tools 1 offers the tools of scripts/tools.py (calculator, dictionary, calendar): when the answer is a
 <tool_call>, the call is run, its result goes back as a tool message and the model answers again (at most
 --tool_rounds times per prompt).
+
+--open_thinking 1 lets a reasoning model think first (minimind-3's template then opens the <think> block in the
+prompt), 0 asks for an answer without it. A minimind-3 weight needs the tokenizer it was trained with: a released
+folder ships it (--load_from minimind-3), a .pth takes --tokenizer_dir minimind-3.
 """
 import argparse
 import json
@@ -24,7 +28,8 @@ from transformers import TextStreamer
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO_ROOT)
-from scripts.chat_core import add_model_arguments, load_chat_model, resolve_paths, split_reply  # noqa: E402
+from scripts.chat_core import (add_model_arguments, load_chat_model, opened_think, resolve_paths,  # noqa: E402
+                               split_reply, thinking_kwargs)
 from scripts.tools import TOOLS, run_tool  # noqa: E402
 from trainer.trainer_utils import HelpFormatter, show_defaults  # noqa: E402
 
@@ -32,7 +37,8 @@ from trainer.trainer_utils import HelpFormatter, show_defaults  # noqa: E402
 def load_model(args):
     """(model, tokenizer) from a native .pth (--weight) or a transformers folder (--load_from), + LoRA."""
     path, lora_path = resolve_paths(args)
-    chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling)
+    chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling,
+                           args.tokenizer_dir)
     print(f"loaded {os.path.relpath(path)}{' + LoRA ' + os.path.relpath(lora_path) if lora_path else ''} "
           f"on {chat.device} ({str(next(chat.model.parameters()).dtype).removeprefix('torch.')})", flush=True)
     return chat.model, chat.tokenizer
@@ -104,6 +110,9 @@ def main():
     parser.add_argument("--tools", type=int, default=0, choices=[0, 1],
                         help="1 = offer calculator, dictionary and calendar, and run the calls the model makes")
     parser.add_argument("--tool_rounds", type=int, default=3, help="tool calls run per prompt, at most")
+    parser.add_argument("--open_thinking", type=int, default=None, choices=[0, 1],
+                        help="1 = let the model reason first (minimind-3's template opens <think>), 0 = an empty "
+                             "think block; default: the chat template's own")
     args = show_defaults(parser).parse_args()
 
     model, tokenizer = load_model(args)
@@ -111,9 +120,12 @@ def main():
     tools = TOOLS if args.tools else None
 
     def generate(messages):
-        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                             **thinking_kwargs(None if args.open_thinking is None else bool(args.open_thinking)))
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(args.device)
-        print("🤖: ", end="", flush=True)
+        # a prompt that opened <think> leaves the reply without it: put it back, so the reply reads whole
+        opened = opened_think(tokenizer, inputs["input_ids"][0].tolist())
+        print("🤖: " + opened, end="", flush=True)
         streamer.new_tokens = 0
         start = time.perf_counter()
         with torch.no_grad():
@@ -124,7 +136,7 @@ def main():
         seconds = time.perf_counter() - start
         if args.show_speed:
             print(f"[{streamer.new_tokens} tokens, {streamer.new_tokens / seconds:.1f} tokens/s]")
-        return tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return opened + tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
     history = []
     for prompt in prompts_from(args):

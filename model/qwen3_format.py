@@ -96,3 +96,24 @@ def load_qwen3_folder(folder, **overrides):
     load_state_dict_strict(model, {k: v.float() for k, v in from_qwen3_state_dict(state, config).items()},
                            source=folder)
     return model
+
+
+def read_weights(path):
+    """The state dict (this project's parameter names) of a weight in any form it comes in: a native .pth file,
+    a released minimind-3 Qwen3 / Qwen3-MoE folder, or a transformers MiniMind folder (convert_model.py
+    to_transformers). Only tensors are read: torch.load with weights_only, or safetensors."""
+    if os.path.isfile(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.isdir(path):
+        raise SystemExit(f"{path}: no such weight file or model folder")
+    if is_qwen3_folder(path):
+        return load_qwen3_folder(path).state_dict()
+    from safetensors.torch import load_file
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not os.path.isfile(os.path.join(path, "config.json")) or not files:
+        raise SystemExit(f"{path}: a model folder needs config.json and *.safetensors weights "
+                         "(scripts/convert_model.py writes them)")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    return state

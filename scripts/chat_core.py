@@ -24,7 +24,8 @@ sys.path.insert(0, REPO_ROOT)
 from model.model_lora import apply_lora, load_lora, lora_layout  # noqa: E402
 from model.model_minimind import MiniMindForCausalLM, config_from_state_dict, load_state_dict_strict  # noqa: E402
 from model.qwen3_format import is_qwen3_folder, load_qwen3_folder  # noqa: E402
-from trainer.trainer_utils import inference_dtype, pick_device, ready_device  # noqa: E402
+from trainer.trainer_utils import (PROJECT_TOKENIZER, check_tokenizer_fits, has_tokenizer, inference_dtype,  # noqa: E402
+                                   load_tokenizer, pick_device, ready_device, tokenizer_difference)
 
 # out/{weight}_{hidden}[_moe].pth, the names the training stages write
 WEIGHT_NAME = re.compile(r"^(?P<weight>.+)_(?P<hidden>\d+)(?P<moe>_moe)?\.pth$")
@@ -56,6 +57,8 @@ def add_model_arguments(parser):
                         help="accepted for MiniMind's command lines; the depth is read off the checkpoint")
     parser.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
     parser.add_argument("--inference_rope_scaling", action="store_true", help="YaRN: 16x longer context")
+    parser.add_argument("--tokenizer_dir", default=None,
+                        help="tokenizer folder (default: the one a model folder ships, else model/, this project's)")
     parser.add_argument("--device", default=pick_device(), help="cuda / cuda:1 / mps / cpu (default: the best available)")
 
 
@@ -100,26 +103,38 @@ def demo_hint(args):
             f"--hidden_size {found['hidden']}{' --use_moe 1' if found['moe'] else ''}")
 
 
-def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inference_rope_scaling=False):
+def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inference_rope_scaling=False,
+                    tokenizer_dir=None):
     """A ChatModel from a native .pth (any size: the config is read off the tensors) or a transformers
     folder, with an optional from-scratch LoRA file applied on top. Weights are held in inference_dtype:
-    bf16 (fp16 before sm80, and on MPS) on a GPU, fp32 on a CPU."""
+    bf16 (fp16 before sm80, and on MPS) on a GPU, fp32 on a CPU.
+
+    The tokenizer: tokenizer_dir, else the one the folder ships, else model/ (this project's). A tokenizer the
+    weight was not trained with stops the load with the reason (check_tokenizer_fits; a warning when tokenizer_dir
+    names it), as does a tokenizer_dir that differs from the one the folder ships."""
     device = ready_device(device or pick_device())  # --device cuda:1 becomes the current device, as in training
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"{path}: a model folder needs config.json (make one with scripts/convert_model.py)")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(tokenizer_dir or (path if has_tokenizer(path) else PROJECT_TOKENIZER))
+        if tokenizer_dir and has_tokenizer(path):
+            difference = tokenizer_difference(AutoTokenizer.from_pretrained(path), tokenizer)
+            if difference:
+                raise SystemExit(f"{path} ships its own tokenizer, and --tokenizer_dir {tokenizer_dir} is another one: "
+                                 f"{difference}. Leave out --tokenizer_dir to use the folder's.")
         if is_qwen3_folder(path):  # a released minimind-3 folder: loaded as our own model, same logits
             model = load_qwen3_folder(path, inference_rope_scaling=inference_rope_scaling)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
     elif os.path.isfile(path):
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
+        tokenizer = load_tokenizer(tokenizer_dir or PROJECT_TOKENIZER)
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = MiniMindForCausalLM(config_from_state_dict(state, inference_rope_scaling=inference_rope_scaling))
         load_state_dict_strict(model, state, source=path)
     else:
         raise SystemExit(f"{path} is neither a .pth file nor a model folder")
+    if tokenizer_dir or not has_tokenizer(path):  # a folder's own tokenizer is the one it was trained with
+        check_tokenizer_fits(model, tokenizer, tokenizer_dir or PROJECT_TOKENIZER, path, chosen=bool(tokenizer_dir))
     name = os.path.basename(os.path.normpath(path)).removesuffix(".pth")
     if lora_path:
         if not os.path.isfile(lora_path):
@@ -157,6 +172,20 @@ def newest_chat_model(paths):
     return paths.index(max(chat, key=os.path.getmtime)) if chat else 0
 
 
+def thinking_kwargs(thinking):
+    """The chat-template switches for thinking on (True) / off (False) / the template's default (None). Both names
+    are passed: this project's template reads enable_thinking (false = an empty think block), minimind-3's reads
+    open_thinking (true = the reply starts inside <think>, else an empty think block); each ignores the other."""
+    return {} if thinking is None else {"enable_thinking": thinking, "open_thinking": thinking}
+
+
+def opened_think(tokenizer, prompt_ids):
+    """"<think>\n" when the prompt ends inside an open think block (minimind-3's template with open_thinking): the
+    reply then holds only the reasoning's rest and "</think>", and this is what goes before it to read it whole."""
+    tail = tokenizer.decode(prompt_ids[-4:])
+    return THINK + "\n" if tail.rstrip().endswith(THINK) else ""
+
+
 def render(tokenizer, messages, tools=None, **template_kwargs):
     """The chat template's text for the conversation, ending in the assistant's generation prompt."""
     return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True,
@@ -184,7 +213,7 @@ def greedy_replies(model, tokenizer, prompts, max_new_tokens=32, batch_size=32):
 def fit_prompt(tokenizer, messages, budget, tools=None, template_kwargs=None, prefix=""):
     """Token ids of the rendered conversation, at most `budget` of them: whole turns are dropped from
     the oldest (a leading system message stays), never text sliced by characters. tools and
-    template_kwargs (enable_thinking) go to the chat template; prefix is appended after the generation
+    template_kwargs (thinking_kwargs) go to the chat template; prefix is appended after the generation
     prompt (the start of the reply, which the model continues). Returns (ids, the messages kept)."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = list(messages[len(system):])

@@ -101,7 +101,8 @@ def main():
         raise SystemExit(f"{args.data_dir}: no .csv files (expected one C-Eval / CMMLU CSV per subject)")
     subjects = {subject_of(f): read_questions(f)[:args.limit or None] for f in files}
     path, lora_path = resolve_paths(args)
-    chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling)
+    chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling,
+                           args.tokenizer_dir)
 
     results = {}
     for subject, questions in subjects.items():

@@ -75,7 +75,8 @@ def main():
             raise SystemExit(f"{path} does not exist")
     rows = read_requests(paths)[:args.limit or None]
     path, lora_path = resolve_paths(args)
-    chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling)
+    chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling,
+                           args.tokenizer_dir)
     scores = tool_call_scores(chat.model, chat.tokenizer, rows, args.batch_size)
     kinds = sorted({s["kind"] for s in scores})
     print(f"{'requests':24s} {'n':>5s} {'valid call':>11s} {'right tool':>11s} {'right arguments':>16s}")

@@ -16,6 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 
+# The project's tokenizer, named explicitly wherever a test loads a talkative_weight: a random weight reads no
+# tokenizer's text, so the loaders' tokenizer probe would stop it; naming the tokenizer makes that a warning.
+PROJECT_TOKENIZER = os.path.join(REPO_ROOT, "model")
+
 # hidden 64, 2 layers: every test model builds and runs in milliseconds on a CPU.
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=512)
@@ -38,7 +42,8 @@ def repo_root():
 def talkative_weight(path, seed: int = 0):
     """A native .pth of a random 64x2 model (MiniMind's default 8 / 2 heads) whose matrices are scaled
     up 20x, so greedy answers are varied text instead of one repeated token: what the serving tests need
-    to tell answers apart. Saved in half precision like the trainers' weights."""
+    to tell answers apart. Saved in half precision like the trainers' weights. It reads no tokenizer (random), so
+    whatever loads it names the tokenizer (PROJECT_TOKENIZER)."""
     torch.manual_seed(seed)
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2))
     with torch.no_grad():
@@ -78,5 +83,7 @@ def start_server(tmp_path, *args, env=None):
     port = free_port()
     command = [sys.executable, os.path.join(REPO_ROOT, "scripts", "serve_openai_api.py"), "--port", str(port),
                "--device", "cpu", *args]
+    if "--tokenizer_dir" not in args:
+        command += ["--tokenizer_dir", PROJECT_TOKENIZER]
     url = f"http://127.0.0.1:{port}"
     return start_process(command, url + "/v1/models", tmp_path / f"server_{port}.log", env=env), url

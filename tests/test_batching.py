@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from openai import OpenAI
 
-from conftest import REPO_ROOT, start_server, talkative_weight
+from conftest import PROJECT_TOKENIZER, REPO_ROOT, start_server, talkative_weight
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 from batching import Batcher  # noqa: E402
@@ -23,7 +23,7 @@ QUESTIONS = ["你好", "请介绍一下你自己。", "What is 2 + 3?", "讲一�
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
     weight = talkative_weight(tmp_path_factory.mktemp("batching") / "full_sft_64.pth", seed=5)
-    return load_chat_model(str(weight), device="cpu")
+    return load_chat_model(str(weight), device="cpu", tokenizer_dir=PROJECT_TOKENIZER)
 
 
 def prompt(chat, question):

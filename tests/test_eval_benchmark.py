@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import PROJECT_TOKENIZER, REPO_ROOT
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from scripts.chat_core import load_chat_model, render
 from scripts.eval_benchmark import PROMPT, predict, prompt_text, read_questions
@@ -59,7 +59,7 @@ def one_by_one(chat, subject, rows, style="chat"):
 
 @pytest.mark.parametrize("style", ["chat", "plain"])
 def test_batched_predictions_equal_one_prompt_at_a_time(weight, style):
-    chat = load_chat_model(str(weight), device="cpu")
+    chat = load_chat_model(str(weight), device="cpu", tokenizer_dir=PROJECT_TOKENIZER)
     rows = MATH + HISTORY
     items = [dict(question=q, A=a, B=b, C=c, D=d) for q, a, b, c, d in rows]
     prompts = [prompt_text(chat.tokenizer, "math", item, style) for item in items]
@@ -67,7 +67,7 @@ def test_batched_predictions_equal_one_prompt_at_a_time(weight, style):
 
 
 def test_scores_per_subject_and_overall(weight, tmp_path):
-    chat = load_chat_model(str(weight), device="cpu")
+    chat = load_chat_model(str(weight), device="cpu", tokenizer_dir=PROJECT_TOKENIZER)
     math_answers = one_by_one(chat, "math", MATH)  # the model's own picks: 3/3 right
     history_answers = ["ABCD"[("ABCD".index(x) + 1) % 4] for x in one_by_one(chat, "history", HISTORY)]  # 0/2
     data = tmp_path / "val"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, Qwen3ForCausalLM, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
 from conftest import REPO_ROOT
 from model.model_minimind import GENERATIONS, MiniMindConfig, MiniMindForCausalLM, config_from_state_dict
@@ -218,3 +218,143 @@ def test_a_qwen3_folder_loads_as_our_model(tmp_path, use_moe):
     back = from_qwen3_state_dict(qwen3.state_dict(), ours.config)
     assert back.keys() == ours.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------
+# A weight and its tokenizer: --tokenizer_dir, and the checks that they belong together
+# --------------------------------------------------------------------------------------------
+
+PROJECT_TOKENIZER = os.path.join(REPO_ROOT, "model")
+
+
+def other_tokenizer(folder, seed=0):
+    """Another vocabulary, as minimind-3's is: the project's tokenizer with the ids of its ordinary tokens shuffled
+    (the same text splits into the same pieces, which get other ids). Returns the folder."""
+    import json
+    import random
+    import shutil
+    with open(os.path.join(PROJECT_TOKENIZER, "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    added = {t["id"] for t in spec["added_tokens"]}
+    ordinary = sorted(i for i in spec["model"]["vocab"].values() if i not in added)
+    shuffled = random.Random(seed).sample(ordinary, len(ordinary))
+    new_id = dict(zip(ordinary, shuffled))
+    spec["model"]["vocab"] = {token: new_id.get(i, i) for token, i in spec["model"]["vocab"].items()}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    shutil.copy(os.path.join(PROJECT_TOKENIZER, "tokenizer_config.json"), folder)
+    return str(folder)
+
+
+def weight_that_reads(tokenizer_dir, path, steps=40):
+    """A tiny minimind-3 weight trained on the probe sentence as tokenizer_dir encodes it: it reads that
+    tokenizer's ids, as a released weight reads the tokenizer it was trained with."""
+    from trainer.trainer_utils import PROBE_TEXT, load_tokenizer
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(**TINY3))
+    ids = torch.tensor([tokenizer(tokenizer.bos_token + PROBE_TEXT).input_ids])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def other_pair(tmp_path_factory):
+    """(a tokenizer folder other than the project's, a minimind-3 .pth trained with it)."""
+    tmp = tmp_path_factory.mktemp("tokenizers")
+    other = other_tokenizer(tmp / "other")
+    return other, weight_that_reads(other, tmp / "full_sft_64.pth")
+
+
+def test_the_probe_tells_the_tokenizer_a_weight_reads(other_pair):
+    from trainer.trainer_utils import load_tokenizer, probe_loss
+    other, weight = other_pair
+    state = {k: v.float() for k, v in torch.load(weight, weights_only=True).items()}
+    model = MiniMindForCausalLM(config_from_state_dict(state))
+    model.load_state_dict(state)
+    uniform = math.log(6400)
+    assert probe_loss(model, load_tokenizer(other)) < uniform - 3
+    assert probe_loss(model, load_tokenizer(PROJECT_TOKENIZER)) > uniform + 1
+    # a fresh random weight is close to uniform with any tokenizer: it cannot tell, and is let through
+    assert abs(probe_loss(MiniMindForCausalLM(MiniMindConfig(**TINY3)), load_tokenizer(PROJECT_TOKENIZER)) - uniform) < 0.1
+
+
+def test_the_chat_loader_refuses_a_tokenizer_the_weight_does_not_read(other_pair, tmp_path, capsys):
+    from chat_core import load_chat_model
+    other, weight = other_pair
+    with pytest.raises(SystemExit, match=r"does not read the token ids of the tokenizer in .*model: .*--tokenizer_dir"):
+        load_chat_model(weight, device="cpu")  # the default tokenizer (model/) is not the one it was trained with
+    chat = load_chat_model(weight, device="cpu", tokenizer_dir=other)
+    assert chat.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(other).get_vocab()
+    load_chat_model(weight, device="cpu", tokenizer_dir=PROJECT_TOKENIZER)  # named: a warning, not a stop
+    assert "warning:" in capsys.readouterr().err
+    # a released folder ships its tokenizer: it is used, and another one named beside it is refused
+    folder = convert_model.to_qwen3(weight, str(tmp_path / "released"), dtype=torch.float32, tokenizer_dir=other)
+    chat = load_chat_model(folder, device="cpu")
+    assert chat.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(other).get_vocab()
+    with pytest.raises(SystemExit, match=r"ships its own tokenizer, and --tokenizer_dir .* is another one: \d+ of its"):
+        load_chat_model(folder, device="cpu", tokenizer_dir=PROJECT_TOKENIZER)
+
+
+def test_trainers_take_the_tokenizer_and_a_released_folder(other_pair, tmp_path):
+    from test_train import run_script
+    other, weight = other_pair
+    common = ["--generation", "minimind-3", "--dtype", "float32", "--max_steps", "1"]
+    refused = run_script("train_full_sft.py", *common, "--from_weight", weight, tmp=tmp_path, check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "does not read the token ids of the tokenizer" in refused.stdout + refused.stderr
+    run_script("train_full_sft.py", *common, "--from_weight", weight, "--tokenizer_dir", other, tmp=tmp_path)
+    # --from_weight of a released folder: its weights, and the tokenizer it ships
+    folder = convert_model.to_qwen3(weight, str(tmp_path / "released"), dtype=torch.float32, tokenizer_dir=other)
+    result = run_script("train_lora.py", *common, "--from_weight", folder, tmp=tmp_path)
+    assert f"tokenizer: {folder}" in result.stdout and f"loaded {folder}" in result.stdout
+    # a resume file remembers its tokenizer
+    run_script("train_pretrain.py", *common, "--tokenizer_dir", other, tmp=tmp_path / "resume")
+    result = run_script("train_pretrain.py", *common[:-1], "2", "--from_resume", "1", tmp=tmp_path / "resume",
+                        check=False)
+    assert result.returncode != 0 and "was trained with another tokenizer" in result.stdout + result.stderr
+
+
+RL = ["--max_gen_len", "8", "--batch_size", "2", "--reasoning", "0", "--learning_rate", "1e-3"]
+
+
+@pytest.mark.parametrize("use_moe", ["0", "1"])
+def test_lora_ppo_spo_reasoning_and_distillation_run_as_minimind3(tmp_path, use_moe):
+    """The stages the tests above leave out, dense and MoE, each from a minimind-3 SFT weight: every loss finite,
+    MoE steps with their balance loss; a minimind-3-moe PPO run (actor, critic, old actor) resumes to the same
+    metrics as an uninterrupted one."""
+    import shutil
+    from test_train import metrics, run_script
+    common = ["--generation", "minimind-3", "--use_moe", use_moe, "--dtype", "float32"]
+    moe = "_moe" if use_moe == "1" else ""
+    run_script("train_full_sft.py", *common, "--max_steps", "1", "--from_weight", "none", tmp=tmp_path)
+    run_script("train_lora.py", *common, "--max_steps", "1", tmp=tmp_path)
+    run_script("train_distill_reason.py", *common, "--max_steps", "1", "--from_weight", "full_sft", tmp=tmp_path)
+    run_script("train_spo.py", *common, *RL, "--max_steps", "1", tmp=tmp_path)
+    run_script("train_distillation.py", *common, "--student_hidden_size", "32", "--student_num_layers", "1",
+               "--teacher_hidden_size", "64", "--teacher_num_layers", "2", "--from_weight", "none", "--max_steps", "1",
+               tmp=tmp_path)
+    run_script("train_ppo.py", *common, *RL, "--max_steps", "2", tmp=tmp_path)
+    for name in ["lora_identity", "reason", "spo", "full_dist", "ppo_actor"]:
+        size = 32 if name == "full_dist" else 64
+        rows = metrics(tmp_path, f"{name}_{size}{moe}_metrics.jsonl")
+        assert rows and all(math.isfinite(row["loss"]) for row in rows), name
+        if moe and name != "lora_identity":  # LoRA's adapters sit on attention: the frozen router is not trained
+            assert all(row["aux_loss"] > 0 for row in rows), name
+    assert "model.layers.0.self_attn.q_norm.weight" in torch.load(tmp_path / "out" / f"ppo_actor_64{moe}.pth",
+                                                                  weights_only=True)
+    if moe:
+        resumed = tmp_path / "resumed"
+        (resumed / "out").mkdir(parents=True)
+        shutil.copy(tmp_path / "out" / "full_sft_64_moe.pth", resumed / "out")
+        run_script("train_ppo.py", *common, *RL, "--max_steps", "1", tmp=resumed)
+        run_script("train_ppo.py", *common, *RL, "--max_steps", "2", "--from_resume", "1", tmp=resumed)
+        drop = ("time", "tokens_per_s")
+        assert [{k: v for k, v in m.items() if k not in drop} for m in metrics(resumed, "ppo_actor_64_moe_metrics.jsonl")] \
+            == [{k: v for k, v in m.items() if k not in drop} for m in metrics(tmp_path, "ppo_actor_64_moe_metrics.jsonl")]

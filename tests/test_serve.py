@@ -13,7 +13,7 @@ import torch
 from openai import AuthenticationError, BadRequestError, OpenAI
 from transformers import AutoTokenizer
 
-from conftest import REPO_ROOT, start_server, talkative_weight
+from conftest import PROJECT_TOKENIZER, REPO_ROOT, start_server, talkative_weight
 from model.model_lora import apply_lora, load_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from scripts.chat_core import PromptTooLong, fit_prompt, load_chat_model, render, stream_reply
@@ -172,7 +172,7 @@ def test_api_key_and_lora_on_top(weight, tmp_path):
         process.terminate()
         process.wait(timeout=30)
     # the same answer as the base weight with the LoRA applied by hand, different from the base alone
-    chat = load_chat_model(str(weight), device="cpu")
+    chat = load_chat_model(str(weight), device="cpu", tokenizer_dir=PROJECT_TOKENIZER)
     tokenizer = chat.tokenizer
     ids = tokenizer(render(tokenizer, HELLO), add_special_tokens=False).input_ids
     base = "".join(e["delta"] for e in stream_reply(chat, ids, 8, temperature=0))
@@ -231,7 +231,7 @@ def test_fit_prompt_drops_whole_oldest_turns_and_keeps_the_system_message():
 
 
 def test_stream_reply_never_sends_part_of_a_stop_string(weight):
-    chat = load_chat_model(str(weight), device="cpu")
+    chat = load_chat_model(str(weight), device="cpu", tokenizer_dir=PROJECT_TOKENIZER)
     ids = chat.tokenizer(render(chat.tokenizer, HELLO), add_special_tokens=False).input_ids
     full = "".join(e["delta"] for e in stream_reply(chat, ids, 16, temperature=0))
     stop = full[6:9]
@@ -247,7 +247,7 @@ def test_a_converted_folder_serves_the_same_answers(weight, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     answers = []
     for path in (str(weight), str(tmp_path / "hf")):
-        app = create_app(load_chat_model(path, device="cpu"), max_seq_len=256)
+        app = create_app(load_chat_model(path, device="cpu", tokenizer_dir=PROJECT_TOKENIZER), max_seq_len=256)
         response = app.test_client().post("/v1/chat/completions",
                                           json={"messages": HELLO, "temperature": 0, "max_tokens": 10})
         assert response.status_code == 200
@@ -257,7 +257,7 @@ def test_a_converted_folder_serves_the_same_answers(weight, tmp_path):
 
 def test_a_failure_inside_the_model_is_a_json_500_and_the_server_goes_on(weight):
     from scripts.serve_openai_api import create_app
-    chat = load_chat_model(str(weight), device="cpu")
+    chat = load_chat_model(str(weight), device="cpu", tokenizer_dir=PROJECT_TOKENIZER)
     served = create_app(chat, max_seq_len=256)
     app = served.test_client()
     healthy_forward = chat.model.forward

@@ -101,10 +101,10 @@ def start_rl_run(args):
     """The set-up the RL stages share: (run, tokenizer, prompts, reward model or None)."""
     from dataset.lm_dataset import RLAIFDataset
     from rewards import load_reward_model
-    from trainer_utils import Run, data_file, load_tokenizer
+    from trainer_utils import Run, data_file
     args.from_weight = args.from_weight or ("reason" if args.reasoning else "full_sft")
     run = Run(args)
-    tokenizer = load_tokenizer()
+    tokenizer = run.load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
         data = RLAIFDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
     return run, tokenizer, data, load_reward_model(args, run)

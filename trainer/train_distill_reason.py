@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, load_tokenizer, parse_args, print0  # noqa: E402
+from trainer_utils import Run, common_parser, data_file, parse_args, print0  # noqa: E402
 from dataset.lm_dataset import SFTDataset  # noqa: E402
 from model.model_minimind import document_starts  # noqa: E402
 
@@ -85,7 +85,7 @@ def main():
     args = parse_args(parser)
 
     run = Run(args)
-    tokenizer = load_tokenizer()
+    tokenizer = run.load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
         data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
                           on_bad_line="skip" if args.skip_bad_lines else "error")

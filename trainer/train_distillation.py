@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, load_tokenizer, parse_args, weight_path  # noqa: E402
+from trainer_utils import Run, common_parser, data_file, parse_args, weight_path  # noqa: E402
 from dataset.lm_dataset import SFTDataset  # noqa: E402
 from model.model_minimind import MiniMindConfig  # noqa: E402
 
@@ -52,7 +52,7 @@ def main():
     teacher_config = MiniMindConfig(generation=args.generation, hidden_size=args.teacher_hidden_size, num_hidden_layers=args.teacher_num_layers,
                                     use_moe=bool(args.use_moe))
     run.check_from_weight(args.teacher_weight, teacher_config)  # before tokenising
-    tokenizer = load_tokenizer()
+    tokenizer = run.load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
         data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
                           on_bad_line="skip" if args.skip_bad_lines else "error")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import (Run, common_parser, data_file, load_tokenizer, parse_args, print0,  # noqa: E402
+from trainer_utils import (Run, common_parser, data_file, parse_args, print0,  # noqa: E402
                            token_logprobs)
 from dataset.lm_dataset import DPODataset, pad_batch  # noqa: E402
 
@@ -79,7 +79,7 @@ def main():
     args = parse_args(parser)
 
     run = Run(args)
-    tokenizer = load_tokenizer()
+    tokenizer = run.load_tokenizer()
     pad_id = tokenizer.pad_token_id
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
         data = DPODataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")

@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, load_tokenizer, next_token_loss, parse_args, print0  # noqa: E402
+from trainer_utils import Run, common_parser, data_file, next_token_loss, parse_args, print0  # noqa: E402
 from dataset.lm_dataset import SFTDataset  # noqa: E402
 from model.model_lora import apply_lora  # noqa: E402
 
@@ -29,7 +29,7 @@ parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
 args = parse_args(parser)
 
 run = Run(args, weight_name=args.lora_name)
-tokenizer = load_tokenizer()
+tokenizer = run.load_tokenizer()
 with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
     data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
                       on_bad_line="skip" if args.skip_bad_lines else "error")

@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, load_tokenizer, next_token_loss, parse_args  # noqa: E402
+from trainer_utils import Run, common_parser, data_file, next_token_loss, parse_args  # noqa: E402
 from dataset.lm_dataset import PretrainDataset  # noqa: E402
 
 parser = common_parser("MiniMind pretraining", save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4,
@@ -24,7 +24,7 @@ parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
 args = parse_args(parser)
 
 run = Run(args)
-tokenizer = load_tokenizer()
+tokenizer = run.load_tokenizer()
 with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
     data = PretrainDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
                            on_bad_line="skip" if args.skip_bad_lines else "error")

@@ -10,6 +10,7 @@
 """
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from dataset.lm_dataset import DEMO_STAND_INS, pad_batch  # noqa: E402
 from model.model_lora import atomic_torch_save, save_lora  # noqa: E402
 from model.model_minimind import (GENERATIONS, MiniMindConfig, MiniMindForCausalLM,  # noqa: E402
                                   config_from_state_dict, load_state_dict_strict)
+from model.qwen3_format import read_weights  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,7 +75,11 @@ def common_parser(description, *, save_weight, epochs, batch_size, learning_rate
     p.add_argument("--max_seq_len", type=int, default=max_seq_len)
     p.add_argument("--data_path", default=data_path)
     p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed lines instead of stopping")
-    p.add_argument("--from_weight", default=from_weight, help="weight to start from ('none' = random init)")
+    p.add_argument("--from_weight", default=from_weight,
+                   help="weight to start from: a name (out/{name}_{hidden}[_moe].pth), a .pth file, a model folder "
+                        "(a released minimind-3 Qwen3 folder included), or 'none' = random init")
+    p.add_argument("--tokenizer_dir", default=None,
+                   help="tokenizer folder (default: the one a --from_weight folder ships, else model/, this project's)")
     p.add_argument("--from_resume", type=int, default=0, choices=[0, 1], help="1 = continue from checkpoints/")
     p.add_argument("--group_by_length", type=int, default=group_by_length, choices=[0, 1],
                    help="1 = batch rows of similar length together (less padding; see ResumableBatchSampler); "
@@ -102,7 +108,7 @@ def parse_args(parser, argv=None):
     args = show_defaults(parser).parse_args(argv)
     if getattr(args, "hidden_size", 0) is None:  # each generation's default size: MiniMind2-Small, minimind-3
         args.hidden_size = 768 if args.generation == "minimind-3" else 512
-    for name in ("save_dir", "checkpoint_dir", "data_path", "reward_model_path"):
+    for name in ("save_dir", "checkpoint_dir", "data_path", "reward_model_path", "tokenizer_dir"):
         value = getattr(args, name, None)
         if isinstance(value, str) and value and value.lower() != "none":
             base = TRAINER_DIR if value == parser.get_default(name) else os.getcwd()
@@ -426,6 +432,7 @@ class Run:
         # rows of the training data (saved in the resume file) and the count a resume file was written for
         self.num_samples, self._resumed_num_samples = None, None
         self.tracker, self.progress, self.step_tokens, self.step_metrics = None, None, 0, {}
+        self.tokenizer, self.tokenizer_dir = None, None  # load_tokenizer() sets them; weights are checked against them
         self._last_time, self._tokens_since_log = time.perf_counter(), 0
         # Device-side record of the first step whose loss was not finite (0 = none yet): read on the host
         # only at log and save steps, so training never waits on the GPU just to check the loss.
@@ -438,11 +445,14 @@ class Run:
         self.check_from_weight()
 
     def check_from_weight(self, from_weight=None, config=None):
-        """The path of out/{from_weight}_{hidden}[_moe].pth (None for 'none'), failing clearly if it is not
-        there; Run calls it for --from_weight at once, before any tokenising."""
+        """The path of --from_weight: out/{from_weight}_{hidden}[_moe].pth for a name, or the .pth file / model
+        folder it names (None for 'none'), failing clearly if it is not there; Run calls it at once, before any
+        tokenising."""
         from_weight = getattr(self.args, "from_weight", None) if from_weight is None else from_weight
         if not from_weight or from_weight.lower() == "none":
             return None
+        if os.path.isdir(from_weight) or (from_weight.endswith(".pth") and os.path.isfile(from_weight)):
+            return os.path.abspath(from_weight)
         path = weight_path(self.args.save_dir, from_weight, config or self.config)
         if not os.path.exists(path):
             present = sorted(f for f in os.listdir(self.args.save_dir) if f.endswith(".pth")) \
@@ -458,18 +468,35 @@ class Run:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     # -- model -----------------------------------------------------------------------------
+    def load_tokenizer(self):
+        """--tokenizer_dir; else the tokenizer a --from_weight model folder ships (a released minimind-3 folder
+        does); else model/, this project's. Weights loaded later are checked against it (check_tokenizer_fits)."""
+        path = getattr(self.args, "tokenizer_dir", None)
+        if not path:
+            weight = self.check_from_weight()
+            path = weight if weight and has_tokenizer(weight) else PROJECT_TOKENIZER
+        self.tokenizer, self.tokenizer_dir = load_tokenizer(path), path
+        if path != PROJECT_TOKENIZER:
+            print0(f"tokenizer: {path}")
+        return self.tokenizer
+
     def load_model(self, from_weight=None, config=None):
-        """A MiniMind model, initialised randomly or from out/{from_weight}_{hidden}[_moe].pth (strictly)."""
+        """A MiniMind model, initialised randomly or from --from_weight (a name under --save_dir, a .pth file or a
+        model folder), loaded strictly and checked against the run's tokenizer."""
         config = config or self.config
         model = MiniMindForCausalLM(config)
         path = self.check_from_weight(from_weight, config)
         if path:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_weights(path)
             generation = config_from_state_dict(state).generation  # read off the keys, never the file name
             if generation != config.generation:
                 raise SystemExit(f"{path} holds a {generation} model, and this run builds a {config.generation} one: "
                                  f"pass --generation {generation}")
             load_state_dict_strict(model, state, source=path)
+            # a folder's own tokenizer is the one it was trained with; any other is checked
+            if self.tokenizer is not None and self.tokenizer_dir != path:
+                check_tokenizer_fits(model, self.tokenizer, self.tokenizer_dir, path,
+                                     chosen=bool(getattr(self.args, "tokenizer_dir", None)))
             print0(f"loaded {path}")
         params = sum(p.numel() for p in model.parameters())
         print0(f"model: {config.generation} {config.hidden_size}x{config.num_hidden_layers}{' MoE' if config.use_moe else ''}, "
@@ -793,6 +820,7 @@ class Run:
             state = dict(model=trainable_state(raw), optimizer=optimizer.state_dict(), scaler=self.scaler.state_dict(),
                          step=self.step, epoch=self.epoch, consumed=self.consumed, world_size=self.world_size,
                          num_samples=self.num_samples,
+                         tokenizer=tokenizer_id(self.tokenizer),
                          rng=all_rng,
                          extras={k: unwrap(m).state_dict() for k, m in (extras or {}).items()},
                          args={k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool))})
@@ -829,6 +857,11 @@ class Run:
             return
         state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
         self.check_same_order(state.get("args", {}))
+        saved_tokenizer, tokenizer = state.get("tokenizer"), tokenizer_id(self.tokenizer)
+        if saved_tokenizer and tokenizer and saved_tokenizer != tokenizer:
+            raise SystemExit(f"{self.resume_path} was trained with another tokenizer than {self.tokenizer_dir} (the "
+                             f"resume file's {state.get('args', {}).get('tokenizer_dir') or 'model/'}): the token "
+                             "ids would change meaning. Resume with that --tokenizer_dir.")
         self._resumed_num_samples = state.get("num_samples")
         raw = unwrap(model)
         missing, unexpected = raw.load_state_dict(state["model"], strict=False)
@@ -992,12 +1025,84 @@ def trainable_state(model):
     return {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k in names}
 
 
-def load_tokenizer(path=os.path.join(REPO_ROOT, "model")):
+PROJECT_TOKENIZER = os.path.join(REPO_ROOT, "model")
+
+
+def load_tokenizer(path=PROJECT_TOKENIZER):
     from transformers import AutoTokenizer
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise SystemExit(f"no tokenizer at {path}: expected tokenizer.json and tokenizer_config.json "
-                         "(python scripts/train_tokenizer.py writes them)")
+                         "(python scripts/train_tokenizer.py writes them; a released model folder ships its own)")
     return AutoTokenizer.from_pretrained(path)
+
+
+def tokenizer_id(tokenizer):
+    """A short hash of the token -> id mapping (None without a tokenizer), which a resume file keeps."""
+    if tokenizer is None:
+        return None
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+def has_tokenizer(folder):
+    return os.path.isdir(folder) and os.path.isfile(os.path.join(folder, "tokenizer.json"))
+
+
+def tokenizer_difference(a, b):
+    """How two tokenizers differ, in words: None when every token has the same id in both."""
+    vocab_a, vocab_b = a.get_vocab(), b.get_vocab()
+    if vocab_a == vocab_b:
+        return None
+    moved = sum(vocab_b.get(token) != i for token, i in vocab_a.items())
+    tags = ("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>")
+    tags = ", ".join(f"{t} {vocab_a.get(t)} vs {vocab_b.get(t)}" for t in tags if vocab_a.get(t) != vocab_b.get(t))
+    return (f"{moved} of its {len(vocab_a)} tokens have another id or none in the other ({len(vocab_b)} tokens)"
+            + (f"; special tokens: {tags}" if tags else ""))
+
+
+# Plain Chinese and English, the languages every MiniMind is trained on: a weight read with the tokenizer it was
+# trained with predicts it better than uniform guessing; read with another, it confidently predicts the wrong ids.
+PROBE_TEXT = ("人工智能是计算机科学的一个分支，它研究如何让机器像人一样思考和学习。今天天气很好，我们一起去公园散步吧。"
+              "The sun rises in the east and sets in the west. Reading books is a good way to learn new things.")
+
+
+@torch.no_grad()
+def probe_loss(model, tokenizer):
+    """Mean next-token cross-entropy of the model on PROBE_TEXT as the tokenizer encodes it (bos first, as in
+    pretraining)."""
+    ids = tokenizer((tokenizer.bos_token or "") + PROBE_TEXT, add_special_tokens=False).input_ids
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(torch.tensor([ids], device=device)).logits.float()
+    finally:
+        model.train(was_training)
+    return torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(ids[1:], device=device)).item()
+
+
+def check_tokenizer_fits(model, tokenizer, tokenizer_dir, weight, chosen=False):
+    """Say so when a weight is paired with a tokenizer it was not trained with (the ids would mean other text and
+    every answer would be garbage): a tokenizer larger than the weight's vocabulary stops the load; so does one whose
+    encoding of PROBE_TEXT the weight predicts worse than uniform guessing by a nat, unless the tokenizer was chosen
+    (--tokenizer_dir), which turns that into a warning: a weight that reads no text at all (random, or barely
+    trained and confident) looks the same, and the one who names the tokenizer knows which it is."""
+    vocab_size = model.config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise SystemExit(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens and {weight} only "
+                         f"{vocab_size} embedding rows: they do not belong together")
+    loss, uniform = probe_loss(model, tokenizer), math.log(vocab_size)
+    if loss <= uniform + 1.0:
+        return
+    message = (f"{weight} does not read the token ids of the tokenizer in {tokenizer_dir}: on a plain sentence its "
+               f"loss is {loss:.1f} nats a token, worse than guessing uniformly ({uniform:.1f}). A weight needs the "
+               "tokenizer it was trained with: a released minimind-3 weight the one in its model folder "
+               "(--tokenizer_dir path/to/minimind-3), a weight trained here the one its run used (model/ unless "
+               "--tokenizer_dir said otherwise).")
+    if not chosen:
+        raise SystemExit(message + " To load it with this tokenizer all the same, name it: --tokenizer_dir "
+                         f"{tokenizer_dir}")
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
 
 
 def next_token_loss(model, batch):
