@@ -13,8 +13,10 @@ Tools: `tools` are rendered by the chat template; a reply made of <tool_call>{"n
 blocks comes back as `tool_calls` with finish_reason "tool_calls" (streamed as tool-call deltas); a malformed
 call comes back as the text the model wrote. tool_choice "none" hides the tools, "required" or a named function
 starts the reply with the call for the model to complete. Assistant messages with tool_calls and "tool" messages
-carry the results back. A leading <think>...</think> is returned as `reasoning_content`;
-chat_template_kwargs {"enable_thinking": false} asks the template for a reply without it.
+carry the results back. A leading <think>...</think> is returned as `reasoning_content` (also when the prompt
+opened the think block), and an assistant message's `reasoning_content` goes back into the conversation.
+Thinking: `open_thinking` or `enable_thinking` (true / false), top-level or in `chat_template_kwargs`; false asks
+for a reply without reasoning, true lets it reason (minimind-3's template then opens the think block).
 
 Binds 127.0.0.1:8998 unless --host / --port say otherwise; --api_key makes every request need
 `Authorization: Bearer KEY`. Bodies over --max_body_mb get 413, JSON nested deeper than 64 levels 400.
@@ -38,8 +40,8 @@ from werkzeug.serving import make_server
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from batching import Batcher  # noqa: E402
-from chat_core import (PromptTooLong, add_model_arguments, fit_prompt, load_chat_model, resolve_paths,  # noqa: E402
-                       split_reply)
+from chat_core import (PromptTooLong, add_model_arguments, fit_prompt, load_chat_model, opened_think,  # noqa: E402
+                       resolve_paths, split_reply, thinking_kwargs)
 from trainer.trainer_utils import HelpFormatter, show_defaults  # noqa: E402  (chat_core put the repo on the path)
 
 DEFAULT_MAX_TOKENS = 1024
@@ -158,6 +160,28 @@ def check_tools(body):
     return tools, '<tool_call>\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
 
 
+THINKING_SWITCHES = ("open_thinking", "enable_thinking")
+
+
+def thinking_switch(body):
+    """True / False / None (not asked) from open_thinking or enable_thinking, top-level or in chat_template_kwargs
+    (minimind-3's clients send the first, Qwen-style ones the second; they mean the same)."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict) or set(kwargs) - set(THINKING_SWITCHES):
+        raise BadRequest("'chat_template_kwargs' takes {\"open_thinking\" or \"enable_thinking\": true or false}",
+                         "chat_template_kwargs")
+    given = {}
+    for where, name in [(body, n) for n in THINKING_SWITCHES] + [(kwargs, n) for n in THINKING_SWITCHES]:
+        if name in where:
+            field = name if where is body else f"chat_template_kwargs.{name}"
+            if not isinstance(where[name], bool):
+                raise BadRequest(f"'{field}' must be true or false", field)
+            given[field] = where[name]
+    if len(set(given.values())) > 1:
+        raise BadRequest(f"the thinking switches disagree: {given}", next(iter(given)))
+    return next(iter(given.values()), None)
+
+
 def parse_request(body, max_seq_len):
     """Check a chat-completions body; return its settings or raise BadRequest naming the field."""
     if not isinstance(body, dict):
@@ -177,14 +201,17 @@ def parse_request(body, max_seq_len):
                             "tool_calls": check_tool_calls(message["tool_calls"], i)})
         else:
             checked.append({"role": role, "content": text_content(message, i)})
+        reasoning = message.get("reasoning_content") if role == "assistant" else None
+        if reasoning is not None:
+            if not isinstance(reasoning, str):
+                raise BadRequest(f"messages[{i}].reasoning_content must be a string", f"messages[{i}].reasoning_content")
+            # the layout both templates give it: minimind-3's reads it back out of the content, ours keeps it there
+            checked[-1]["content"] = f"<think>\n{reasoning}\n</think>\n\n{checked[-1]['content']}"
     messages = checked
     if messages[-1]["role"] not in ("user", "tool"):
         raise BadRequest("the last message must come from the user or a tool", "messages")
     tools, prefix = check_tools(body)
-    template_kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(template_kwargs, dict) or set(template_kwargs) - {"enable_thinking"} or \
-            not isinstance(template_kwargs.get("enable_thinking", True), bool):
-        raise BadRequest("'chat_template_kwargs' takes {\"enable_thinking\": true or false}", "chat_template_kwargs")
+    template_kwargs = thinking_kwargs(thinking_switch(body))
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
@@ -254,6 +281,8 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
         except PromptTooLong as e:
             raise BadRequest(f"{e}: shorten it or lower max_tokens (context is {max_seq_len} tokens)",
                              "messages", "context_length_exceeded")
+        # what the reply is read after: the prompt's open <think> (minimind-3 with thinking on) and the forced start
+        read_after = opened_think(chat.tokenizer, prompt_ids) + req["prefix"]
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         settings = dict(max_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
                         stop=req["stop"], seed=req["seed"])
@@ -266,7 +295,7 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
         if not req["stream"]:
             events = list(batcher.stream(prompt_ids, **settings))
             # the forced start of the reply (tool_choice) is part of what the model said
-            reasoning, content, calls = split_reply(req["prefix"] + "".join(e["delta"] for e in events), tools=tools)
+            reasoning, content, calls = split_reply(read_after + "".join(e["delta"] for e in events), tools=tools)
             message = {"role": "assistant", "content": content or (None if calls else "")}
             if reasoning is not None:
                 message["reasoning_content"] = reasoning
@@ -285,7 +314,7 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
         def events():
             # A client that goes away closes this generator, and closing the reply's stream takes its
             # request out of the batch at the next token.
-            text, sent_reasoning, sent_content = req["prefix"], "", ""
+            text, sent_reasoning, sent_content = read_after, "", ""
             with closing(batcher.stream(prompt_ids, **settings)) as reply:
                 yield chunk({"role": "assistant", "content": ""})
                 for event in reply:
@@ -329,7 +358,8 @@ def main():
         parser.error(f"--max_batch must be at least 1 (1 = one request at a time), got {args.max_batch}")
 
     path, lora_path = resolve_paths(args)
-    chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling)
+    chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling,
+                           args.tokenizer_dir)
     print(f"serving {chat.name} ({os.path.relpath(path)}{' + ' + os.path.relpath(lora_path) if lora_path else ''}) on "
           f"http://{args.host}:{args.port}/v1 ({chat.device})", flush=True)
     app = create_app(chat, args.api_key, args.max_seq_len, args.max_body_mb, args.max_batch, batcher_thread=False)

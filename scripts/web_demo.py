@@ -2,6 +2,7 @@
 
     streamlit run scripts/web_demo.py
     MINIMIND_MODEL_PATHS=/data/MiniMind2:/data/pretrain_768.pth streamlit run scripts/web_demo.py
+    MINIMIND_MODEL_PATHS=minimind-3-pytorch/full_sft_768.pth MINIMIND_TOKENIZER_DIR=minimind-3 streamlit run scripts/web_demo.py
 
 The sidebar offers every native weight (out/{weight}_{hidden}[_moe].pth) and transformers folder found
 in out/ and out/demo/, the paths in $MINIMIND_MODEL_PATHS (separated by ':'), any path typed in, or an
@@ -19,7 +20,7 @@ from openai import OpenAI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from chat_core import (REPO_ROOT, find_local_models, fit_prompt, load_chat_model, newest_chat_model,  # noqa: E402
-                       split_reply, stream_reply)
+                       opened_think, split_reply, stream_reply, thinking_kwargs)
 from tools import TOOLS, run_tool  # noqa: E402
 
 MAX_SEQ_LEN = 8192  # prompt + answer tokens; older turns are dropped to fit
@@ -28,8 +29,9 @@ LOCAL, API = "Local weight / 本地权重", "OpenAI-compatible API / 接口"
 
 
 @st.cache_resource(show_spinner="Loading the model…")
-def get_model(path):
-    return load_chat_model(path)  # shared by every browser session; its lock serialises generation
+def get_model(path, tokenizer_dir=None):
+    # shared by every browser session; its lock serialises generation
+    return load_chat_model(path, tokenizer_dir=tokenizer_dir or None)
 
 
 def local_choices():
@@ -71,21 +73,25 @@ def show(message):
             show_reply(message["content"])
 
 
-def local_stream(path, messages, settings, tools=None):
-    chat = get_model(path)
-    prompt_ids, _ = fit_prompt(chat.tokenizer, messages, MAX_SEQ_LEN - settings["max_tokens"], tools)
+def local_stream(path, messages, settings, tools=None, thinking=None, tokenizer_dir=None):
+    chat = get_model(path, tokenizer_dir)
+    prompt_ids, _ = fit_prompt(chat.tokenizer, messages, MAX_SEQ_LEN - settings["max_tokens"], tools,
+                               thinking_kwargs(thinking))
+    yield opened_think(chat.tokenizer, prompt_ids)  # a prompt that opened <think>: the reply is read after it
     with chat.lock:
         for event in stream_reply(chat, prompt_ids, **settings):
             yield event["delta"]
 
 
-def api_stream(base_url, api_key, model, messages, settings, tools=None):
+def api_stream(base_url, api_key, model, messages, settings, tools=None, open_thinking=None):
     """The reply as text in the model's own layout: reasoning_content inside <think> tags, tool calls as
     <tool_call> blocks, so the page reads both sources the same way."""
     client = OpenAI(base_url=base_url, api_key=api_key or "none")
     model = model or client.models.list().data[0].id
     thinking = False  # the server sends <think> text as reasoning_content: put the tags back for show_reply
     extra = dict(tools=tools) if tools else {}
+    if open_thinking is not None:
+        extra["extra_body"] = {"chat_template_kwargs": {"open_thinking": open_thinking}}
     for chunk in client.chat.completions.create(model=model, messages=messages, stream=True, **settings, **extra):
         delta = chunk.choices[0].delta if chunk.choices else None
         for call in (delta.tool_calls or []) if delta else []:
@@ -115,6 +121,9 @@ with st.sidebar:
         path = typed.strip() or path
         if not path:
             st.info("No weights in out/ yet: run `python scripts/run_demo.py` or type a path.")
+        tokenizer_dir = st.text_input("Tokenizer folder (empty = the model folder's own, else model/)",
+                                      os.environ.get("MINIMIND_TOKENIZER_DIR", ""), key="tokenizer_dir",
+                                      help="a minimind-3 .pth needs its released folder here")
     else:
         base_url = st.text_input("Base URL", "http://127.0.0.1:8998/v1", key="base_url")
         api_key = st.text_input("API key", type="password", key="api_key")
@@ -124,6 +133,8 @@ with st.sidebar:
                     top_p=st.slider("Top-p", 0.05, 1.0, 0.85, 0.05, key="top_p"),
                     max_tokens=st.slider("Max new tokens", 16, 4096, 512, 16, key="max_tokens"))
     use_tools = st.toggle("Tools: calculator, dictionary, calendar", key="tools")
+    thinking = {"template default": None, "on": True, "off": False}[
+        st.radio("Thinking / 思考", ["template default", "on", "off"], key="thinking", horizontal=True)]
     if st.button("Clear chat / 清空对话"):
         st.session_state.messages = []
 
@@ -146,10 +157,11 @@ if question:
                 if source == LOCAL:
                     if not path:
                         raise ValueError("choose a model in the sidebar first")
-                    stream = local_stream(path, messages + turn[1:], settings, TOOLS if use_tools else None)
+                    stream = local_stream(path, messages + turn[1:], settings, TOOLS if use_tools else None,
+                                          thinking, tokenizer_dir.strip())
                 else:
                     stream = api_stream(base_url, api_key, api_model, messages + turn[1:], settings,
-                                        TOOLS if use_tools else None)
+                                        TOOLS if use_tools else None, thinking)
                 for delta in stream:
                     text += delta
                     with placeholder.container():

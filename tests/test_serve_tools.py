@@ -176,7 +176,11 @@ def post(url, data, headers=None):
     ({"messages": ASK, "tool_choice": "required"}, "tool_choice"),
     ({"messages": ASK, "tools": [CALCULATOR], "tool_choice": {"type": "function", "function": "calculator"}},
      "tool_choice"),
-    ({"messages": ASK, "chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs"),
+    ({"messages": ASK, "chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs.enable_thinking"),
+    ({"messages": ASK, "chat_template_kwargs": {"thinking": True}}, "chat_template_kwargs"),
+    ({"messages": ASK, "open_thinking": True, "chat_template_kwargs": {"enable_thinking": False}}, "open_thinking"),
+    ({"messages": [*ASK, {"role": "assistant", "content": "", "reasoning_content": 7}, *ASK]},
+     "messages[1].reasoning_content"),
     ({"messages": ASK + [{"role": "assistant", "content": None}]}, "messages[1].content"),
     ({"messages": ASK + [{"role": "assistant", "tool_calls": [{"type": "function", "function": {
         "name": "calculator", "arguments": "12*7"}}]}, {"role": "tool", "content": "84"}]},
@@ -276,3 +280,76 @@ def test_the_web_chat_runs_a_tool_call_shows_it_folded_and_answers_from_the_resu
     call = page.chat_message[1].expander[0]
     assert call.label == '🔧 calculator({"expression": "12*7"})' and '{"result": 84}' in call.code[0].value
     assert page.chat_message[2].markdown[-1].value == "12 × 7 = 84"
+
+
+# minimind-3's template: the generation prompt opens <think> with open_thinking, else it is an empty think block
+MINIMIND3_STYLE_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if open_thinking is defined and open_thinking is true %}{{- '<think>\\n' }}"
+    "{%- else %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+
+
+@pytest.fixture(scope="module")
+def served_minimind3_template():
+    tokenizer = AutoTokenizer.from_pretrained(f"{REPO_ROOT}/model")
+    tokenizer.chat_template = MINIMIND3_STYLE_TEMPLATE
+    model = ScriptedModel()
+    app = serve_openai_api.create_app(ChatModel(model, tokenizer, "scripted", torch.device("cpu")), max_seq_len=2048)
+    server = make_server("127.0.0.1", free_port(), app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield model, OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="unused", max_retries=0)
+    server.shutdown()
+
+
+@pytest.mark.parametrize("switch", [{"open_thinking": True}, {"chat_template_kwargs": {"open_thinking": True}},
+                                    {"enable_thinking": True}, {"chat_template_kwargs": {"enable_thinking": True}}])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_that_opened_think_still_splits_reasoning_from_the_answer(served_minimind3_template, switch, stream):
+    """With thinking on, minimind-3's prompt ends inside <think>: the reply has only the rest of the reasoning and
+    </think>, and still comes back as reasoning_content + content. Both switch names work, top-level or in
+    chat_template_kwargs."""
+    model, client = served_minimind3_template
+    model.say("7 乘 12 是 84。\n</think>\n\n答案是 84。")
+    reply = ask(client, stream=stream, extra_body=switch)
+    assert model.prompts[-1].endswith("<|im_start|>assistant\n<think>\n")
+    if stream:
+        reasoning, content, _, finish = collect(reply)
+    else:
+        message = reply.choices[0].message
+        reasoning, content, finish = message.model_extra["reasoning_content"], message.content, "stop"
+    assert (reasoning, content, finish) == ("7 乘 12 是 84。", "答案是 84。", "stop")
+
+
+def test_thinking_off_and_the_template_default_give_the_empty_think_block(served_minimind3_template):
+    model, client = served_minimind3_template
+    model.say("答案是 84。")
+    for switch in ({"open_thinking": False}, {"chat_template_kwargs": {"enable_thinking": False}}, {}):
+        message = ask(client, extra_body=switch).choices[0].message
+        assert model.prompts[-1].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert message.content == "答案是 84。" and "reasoning_content" not in message.model_extra
+
+
+def test_an_assistant_messages_reasoning_content_goes_back_into_the_conversation(served):
+    model, client, _ = served
+    model.say("好的。")
+    ask(client, messages=[*ASK, {"role": "assistant", "content": "84", "reasoning_content": "12 乘 7。"},
+                          {"role": "user", "content": "再乘 2？"}])
+    assert "<|im_start|>assistant\n<think>\n12 乘 7。\n</think>\n\n84<|im_end|>" in model.prompts[-1]
+
+
+def test_the_web_chats_thinking_switch_reaches_the_template_and_the_reasoning_is_folded(served_minimind3_template,
+                                                                                       monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    model, client = served_minimind3_template
+    model.say("先想一想。\n</think>\n\n84")
+    monkeypatch.setenv("MINIMIND_MODEL_PATHS", "")
+    page = AppTest.from_file(f"{REPO_ROOT}/scripts/web_demo.py", default_timeout=60)
+    page.run()
+    page.sidebar.radio(key="source").set_value(page.sidebar.radio(key="source").options[1]).run()
+    page.sidebar.text_input(key="base_url").set_value(str(client.base_url).rstrip("/")).run()
+    page.sidebar.radio(key="thinking").set_value("on").run()
+    page.chat_input[0].set_value("12 乘以 7？").run()
+    assert not page.exception and model.prompts[-1].endswith("<think>\n")
+    assistant = page.chat_message[1]
+    assert assistant.expander[0].text[0].value == "先想一想。" and assistant.markdown[-1].value == "84"

@@ -7,7 +7,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO_ROOT, free_port, start_process, start_server, talkative_weight
+from conftest import PROJECT_TOKENIZER, REPO_ROOT, free_port, start_process, start_server, talkative_weight
 from scripts.chat_core import fit_prompt, load_chat_model, stream_reply
 
 APP = os.path.join(REPO_ROOT, "scripts", "web_demo.py")
@@ -20,13 +20,14 @@ def weight(tmp_path_factory):
 
 
 def greedy_answer(weight, question, max_tokens):
-    chat = load_chat_model(weight, device="cpu")
+    chat = load_chat_model(weight, device="cpu", tokenizer_dir=PROJECT_TOKENIZER)
     ids, _ = fit_prompt(chat.tokenizer, [{"role": "user", "content": question}], 8192 - max_tokens)
     return "".join(e["delta"] for e in stream_reply(chat, ids, max_tokens, temperature=0))
 
 
 def app(monkeypatch, weight):
     monkeypatch.setenv("MINIMIND_MODEL_PATHS", weight)
+    monkeypatch.setenv("MINIMIND_TOKENIZER_DIR", PROJECT_TOKENIZER)
     page = AppTest.from_file(APP, default_timeout=120)
     page.run()
     assert not page.exception
@@ -113,7 +114,7 @@ def test_end_to_end_in_headless_chromium(weight, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     port = free_port()
-    env = dict(os.environ, MINIMIND_MODEL_PATHS=weight)
+    env = dict(os.environ, MINIMIND_MODEL_PATHS=weight, MINIMIND_TOKENIZER_DIR=PROJECT_TOKENIZER)
     streamlit = start_process([sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true",
                                "--server.port", str(port), "--server.address", "127.0.0.1",
                                "--browser.gatherUsageStats", "false"],
