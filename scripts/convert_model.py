@@ -15,9 +15,11 @@ to_llama: a dense model as transformers' own LlamaForCausalLM (no remote code), 
     transformers-format engines load. MoE models have no Llama equivalent and are refused.
 to_qwen3: a minimind-3 weight (dense or MoE) as transformers' own Qwen3ForCausalLM / Qwen3MoeForCausalLM, the
     format upstream releases minimind-3 in; --tokenizer_dir names the tokenizer it was trained with.
-to_gguf: a dense model as one GGUF file for llama.cpp (llama-cli, llama-server) and Ollama, written with the
-    gguf package: Llama architecture, the byte-level BPE vocabulary with its merges and pre-tokenizer, the special
-    tokens and the chat template; NAME.Modelfile for `ollama create` is written beside NAME.gguf.
+to_gguf: one GGUF file for llama.cpp (llama-cli, llama-server) and Ollama, written with the gguf package: a dense
+    MiniMind2 as llama.cpp's llama architecture, minimind-3 as qwen3 and minimind-3-moe as qwen3moe (MiniMind2's MoE
+    is refused); the byte-level BPE vocabulary with its merges and pre-tokenizer, the special tokens and the chat
+    template (--tokenizer_dir: the tokenizer the weight was trained with); NAME.Modelfile for `ollama create` is
+    written beside NAME.gguf.
 merge_lora: folds a LoRA file into its base weight (W + s * B A), giving a plain weight every export takes.
 """
 import argparse
@@ -154,6 +156,27 @@ def gguf_vocabulary(tokenizer_dir):
     return tokens, types
 
 
+def gguf_tensors(state, config):
+    """(name, tensor) pairs to write: the state dict without the tied lm_head (llama.cpp reuses token_embd when
+    output is absent) and, for Qwen3-MoE, each layer's experts stacked as llama.cpp reads them: ffn_gate_exps /
+    ffn_up_exps [E, I, H] and ffn_down_exps [E, H, I] (GGUF lists dimensions the other way round)."""
+    import gguf
+    experts = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            continue
+        if ".mlp.experts." in name:  # model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight
+            _, _, layer, _, _, expert, projection, _ = name.split(".")
+            experts.setdefault((int(layer), projection), {})[int(expert)] = tensor
+            continue
+        yield name, tensor
+    kinds = {"gate_proj": gguf.MODEL_TENSOR.FFN_GATE_EXP, "up_proj": gguf.MODEL_TENSOR.FFN_UP_EXP,
+             "down_proj": gguf.MODEL_TENSOR.FFN_DOWN_EXP}
+    for (layer, projection), by_expert in sorted(experts.items()):
+        stacked = torch.stack([by_expert[e] for e in range(config.n_routed_experts)])
+        yield gguf.TENSOR_NAMES[kinds[projection]].format(bid=layer) + ".weight", stacked
+
+
 def ollama_modelfile(gguf_name, tokenizer):
     """An Ollama Modelfile for the GGUF beside it: MiniMind's chat template in Ollama's Go template language
     (ChatML turns; the system prompt through .System, whose default is the template's; tool results as a user
@@ -171,7 +194,9 @@ def ollama_modelfile(gguf_name, tokenizer):
 
 
 def to_gguf(pth, out_path, outtype="f16", tokenizer_dir=None):
-    """Native weights -> one GGUF file (Llama architecture) plus an Ollama Modelfile beside it.
+    """Native weights -> one GGUF file plus an Ollama Modelfile beside it: llama.cpp's llama architecture for a
+    dense MiniMind2, qwen3 for minimind-3 and qwen3moe for minimind-3-moe (MiniMind2's MoE, with its shared expert,
+    has no llama.cpp architecture and is refused).
 
     llama.cpp identifies a BPE tokenizer's pre-tokenizer by hashing the ids it gives a test string, which a new
     vocabulary like MiniMind's fails; the pre-tokenizer is named here instead: "gpt-2", the regex of a ByteLevel
@@ -181,17 +206,17 @@ def to_gguf(pth, out_path, outtype="f16", tokenizer_dir=None):
     tokenizer_dir = tokenizer_dir or os.path.join(REPO_ROOT, "model")
     model = load_native(pth)
     config = model.config
-    if config.use_moe:
-        raise SystemExit("to_gguf: a MoE MiniMind has no llama.cpp architecture here (exported as Llama, which has "
-                         "no experts); use to_transformers for MoE models")
-    if config.qk_norm:
-        raise SystemExit(f"to_gguf: {pth} is a minimind-3 weight; writing its GGUF (llama.cpp's qwen3 architecture) "
-                         "is not supported yet. Export it with to_qwen3 for transformers-format engines.")
+    if config.use_moe and not config.qk_norm:
+        raise SystemExit("to_gguf: a MiniMind2 MoE model (routed + shared experts) has no llama.cpp architecture "
+                         "(its Llama export has no experts); use to_transformers for MiniMind2 MoE models")
+    # minimind-3 is laid out as Qwen3 / Qwen3-MoE, which llama.cpp runs natively; MiniMind2 as Llama
+    arch = (gguf.MODEL_ARCH.QWEN3MOE if config.use_moe else gguf.MODEL_ARCH.QWEN3) if config.qk_norm \
+        else gguf.MODEL_ARCH.LLAMA
     if outtype not in GGUF_OUTTYPES:
         raise SystemExit(f"to_gguf: --outtype must be one of {', '.join(GGUF_OUTTYPES)}, not {outtype}")
     quant_name, file_type = GGUF_OUTTYPES[outtype]
     quant = gguf.GGMLQuantizationType[quant_name]
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = config.head_dim
     tokens, token_types = gguf_vocabulary(tokenizer_dir)
     if len(tokens) != config.vocab_size:
         raise SystemExit(f"to_gguf: {tokenizer_dir}/tokenizer.json has {len(tokens)} tokens, the weight "
@@ -199,7 +224,7 @@ def to_gguf(pth, out_path, outtype="f16", tokenizer_dir=None):
 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = f"{out_path}.tmp{os.getpid()}"
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
     try:
         writer.add_name(os.path.basename(out_path).removesuffix(".gguf"))
         writer.add_file_type(gguf.LlamaFileType[file_type])
@@ -213,6 +238,13 @@ def to_gguf(pth, out_path, outtype="f16", tokenizer_dir=None):
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         writer.add_rope_freq_base(config.rope_theta)
         writer.add_rope_dimension_count(head_dim)
+        if arch != gguf.MODEL_ARCH.LLAMA:  # Qwen3 states its head width (not always hidden / heads)
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+        if arch == gguf.MODEL_ARCH.QWEN3MOE:  # llama.cpp's qwen3moe renormalises the top-k weights, as minimind-3
+            writer.add_expert_count(config.n_routed_experts)
+            writer.add_expert_used_count(config.num_experts_per_tok)
+            writer.add_expert_feed_forward_length(config.intermediate_size)
         writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
         writer.add_tokenizer_pre("gpt-2")
         writer.add_token_list(tokens)
@@ -220,17 +252,16 @@ def to_gguf(pth, out_path, outtype="f16", tokenizer_dir=None):
         # merges, bos/eos/pad/unk ids, add_bos_token false and the chat template, read from the tokenizer files
         gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-        for name, tensor in model.state_dict().items():
-            if name == "lm_head.weight":  # tied to the embedding: llama.cpp reuses token_embd when output is absent
-                continue
+        names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+        for name, tensor in gguf_tensors(model.state_dict(), config):
             data = tensor.float()
-            if name.endswith("self_attn.q_proj.weight"):
+            # llama.cpp's llama rotates adjacent pairs; its qwen3 rotates halves (NEOX), as MiniMind does
+            if arch == gguf.MODEL_ARCH.LLAMA and name.endswith("self_attn.q_proj.weight"):
                 data = rope_pairs_interleaved(data, config.num_attention_heads)
-            elif name.endswith("self_attn.k_proj.weight"):
+            elif arch == gguf.MODEL_ARCH.LLAMA and name.endswith("self_attn.k_proj.weight"):
                 data = rope_pairs_interleaved(data, config.num_key_value_heads)
             data = data.numpy()
-            gguf_name = names.get_name(name, try_suffixes=(".weight",))
+            gguf_name = name if name.startswith("blk.") else names.get_name(name, try_suffixes=(".weight",))
             if gguf_name is None:
                 raise SystemExit(f"to_gguf: no GGUF name for tensor {name}")
             # q8_0 packs blocks of 32 along a row; a row that does not divide keeps f16, as llama.cpp's converter does

@@ -125,11 +125,11 @@ def test_rope_reordering_leaves_attention_scores_unchanged():
     # without the reordering llama.cpp would see different scores
     assert not torch.allclose((rotate_pairs(q, 7) * rotate_pairs(k, 3)).sum(-1), scores, atol=1e-2)
 
-def test_gguf_export_refuses_moe_and_leaves_no_file(tmp_path):
+def test_gguf_export_refuses_minimind2_moe_and_leaves_no_file(tmp_path):
     torch.save({k: v.half() for k, v in tiny_model(use_moe=True).state_dict().items()}, tmp_path / "moe.pth")
     result = subprocess.run([sys.executable, SCRIPT, "to_gguf", str(tmp_path / "moe.pth"), str(tmp_path / "m.gguf")],
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "MoE MiniMind" in result.stderr
+    assert result.returncode != 0 and "MiniMind2 MoE model" in result.stderr and "Traceback" not in result.stderr
     assert os.listdir(tmp_path) == ["moe.pth"]
 
 
@@ -203,6 +203,33 @@ def test_llama_cpp_f32_answers_exactly_like_our_model_and_q8_0_within_tolerance(
         assert llama_greedy(quantised, ids, 3) == answer[:3]
     finally:
         quantised.close()
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_llama_cpp_runs_minimind3_as_qwen3_with_our_logits_and_greedy_answer(llama_cpp, tmp_path, use_moe):
+    """minimind-3 exports as llama.cpp's qwen3 (per-head q/k norms, halves rotated as here) and minimind-3-moe as
+    qwen3moe (experts stacked, top-1 renormalised): llama.cpp gives our logits and our greedy tokens."""
+    from test_minimind3 import upstream_style_weight
+    from model.model_minimind import config_from_state_dict
+    weight = upstream_style_weight(tmp_path / "full_sft_64.pth", seed=3, use_moe=use_moe)
+    convert("to_gguf", str(weight), str(tmp_path / "m3.gguf"), "--outtype", "f32")
+    reader = gguf.GGUFReader(str(tmp_path / "m3.gguf"))
+    assert field(reader, "general.architecture") == ("qwen3moe" if use_moe else "qwen3")
+    state = {k: v.float() for k, v in torch.load(weight, weights_only=True).items()}
+    model = MiniMindForCausalLM(config_from_state_dict(state)).eval()
+    model.load_state_dict(state)
+    ids = TOKENIZER.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    answer = our_greedy(model, ids, 24)
+    llm = load_gguf(llama_cpp, tmp_path / "m3.gguf")
+    try:
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[:len(ids)])
+        assert np.abs(theirs - ours).max() < 0.01 * np.abs(ours).max()
+        assert llama_greedy(llm, ids, 24) == answer
+    finally:
+        llm.close()
 
 
 # ---- merge_lora ------------------------------------------------------------------------------------------
