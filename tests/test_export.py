@@ -174,19 +174,28 @@ def test_llama_cpp_tokenizes_like_our_tokenizer(llama_cpp, talkative):
         llm.close()
 
 
-def test_llama_cpp_f32_answers_exactly_like_our_model_and_q8_0_within_tolerance(llama_cpp, talkative):
-    model = native_model(talkative / "full_sft_64.pth")
+def f32_gguf_matches(llama_cpp, path, model, steps):
+    """Open an f32 GGUF; check llama.cpp's logits on the chat prompt are ours within float rounding (measured 0.08
+    on logits spanning +-14: 0.5%) and its greedy answer is ours. Returns (llm, prompt ids, our logits, answer)."""
     ids = TOKENIZER.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True, return_dict=False)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
-    answer = our_greedy(model, ids, 40)
-    llm = load_gguf(llama_cpp, talkative / "minimind-f32.gguf")
+    answer = our_greedy(model, ids, steps)
+    llm = load_gguf(llama_cpp, path)
     try:
         llm.eval(ids)
-        theirs = np.asarray(llm.scores[:len(ids)])
-        # f32: the same function up to float rounding (measured 0.08 on logits spanning +-14: 0.5%)
-        assert np.abs(theirs - ours).max() < 0.01 * np.abs(ours).max()
-        assert llama_greedy(llm, ids, 40) == answer
+        assert np.abs(np.asarray(llm.scores[:len(ids)]) - ours).max() < 0.01 * np.abs(ours).max()
+        assert llama_greedy(llm, ids, steps) == answer
+    except BaseException:
+        llm.close()
+        raise
+    return llm, ids, ours, answer
+
+
+def test_llama_cpp_f32_answers_exactly_like_our_model_and_q8_0_within_tolerance(llama_cpp, talkative):
+    model = native_model(talkative / "full_sft_64.pth")
+    llm, ids, ours, answer = f32_gguf_matches(llama_cpp, talkative / "minimind-f32.gguf", model, 40)
+    try:
         # llama.cpp's own chat path: the Jinja chat template stored in the GGUF renders the same prompt
         reply = llm.create_chat_completion(messages=CHAT, max_tokens=40, temperature=0.0)
         assert reply["choices"][0]["message"]["content"] == TOKENIZER.decode(answer).replace("\ufffd", "")
@@ -218,18 +227,7 @@ def test_llama_cpp_runs_minimind3_as_qwen3_with_our_logits_and_greedy_answer(lla
     state = {k: v.float() for k, v in torch.load(weight, weights_only=True).items()}
     model = MiniMindForCausalLM(config_from_state_dict(state)).eval()
     model.load_state_dict(state)
-    ids = TOKENIZER.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True, return_dict=False)
-    with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0].numpy()
-    answer = our_greedy(model, ids, 24)
-    llm = load_gguf(llama_cpp, tmp_path / "m3.gguf")
-    try:
-        llm.eval(ids)
-        theirs = np.asarray(llm.scores[:len(ids)])
-        assert np.abs(theirs - ours).max() < 0.01 * np.abs(ours).max()
-        assert llama_greedy(llm, ids, 24) == answer
-    finally:
-        llm.close()
+    f32_gguf_matches(llama_cpp, tmp_path / "m3.gguf", model, 24)[0].close()
 
 
 # ---- merge_lora ------------------------------------------------------------------------------------------
