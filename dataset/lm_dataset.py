@@ -20,6 +20,7 @@ import os
 import numpy as np
 import pyarrow.compute as pc
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import datasets
@@ -489,3 +490,17 @@ def pad_batch(rows, pad_id: int = 0):
                 mask[i, :v.shape[0]] = 1
             batch[key.replace("input_ids", "attention_mask")] = mask
     return batch
+
+
+def stack_pairs(batch, pad_id):
+    """Chosen rows then rejected rows, right-padded to one width, for a single forward pass. Under causal
+    attention a right-padded row needs no attention mask (see next_token_loss); the mask is returned for
+    callers that want it."""
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def pad(t, value):
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+    ids = torch.cat([pad(batch["chosen_input_ids"], pad_id), pad(batch["rejected_input_ids"], pad_id)])
+    mask = torch.cat([pad(batch["chosen_attention_mask"], 0), pad(batch["rejected_attention_mask"], 0)])
+    labels = torch.cat([pad(batch["chosen_labels"], -100), pad(batch["rejected_labels"], -100)])
+    return ids, mask, labels

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.varlen import varlen_attn
 from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig,
                           PreTrainedModel)
 from transformers import initialization as init
@@ -23,6 +22,8 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
+
+from model import kernels  # which torch kernel a device gets for attention and the experts, and why
 
 
 # The two generations of MiniMind. MiniMind2 (2025): 2 key-value heads, SwiGLU width 8/3 of the hidden size,
@@ -205,75 +206,6 @@ def apply_rotary(q, k, cos, sin):
     return (q * cos + rotate_half(q) * sin).to(q.dtype), (k * cos + rotate_half(k) * sin).to(k.dtype)
 
 
-def sdpa_needs_repeated_kv(device: torch.device, dtype: torch.dtype, masked: bool) -> bool:
-    """Whether SDPA's fast kernel for this call needs the grouped K/V heads repeated to the query heads.
-
-    On CUDA (torch 2.13, sdp_utils.cpp) the flash kernel handles GQA itself but takes no mask, only
-    fp16/bf16 and only sm80+ GPUs; the memory-efficient kernel, which takes masks, fp32 and older GPUs,
-    rejects GQA (check_batch_size_and_num_heads_dense<false>), so without repeated heads those calls fall
-    to the math kernel. A CPU's flash kernel takes GQA with or without a mask in every dtype
-    (sdp_utils_cpp.cpp: check_batch_size_and_num_heads_dense<true>), so a CPU never copies K/V (the copy
-    cost a CPU demo 4% of its time). Other devices (MPS) always get repeated heads, which every SDPA
-    implementation takes.
-    """
-    if device.type == "cpu":
-        return False
-    # get_device_properties: torch.compile folds it to a constant (no graph break inside the forward)
-    flash = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not masked
-             and torch.cuda.get_device_properties(device).major >= 8)
-    return not flash
-
-
-def compute_dtype(x):
-    """The dtype matmuls on x run in: autocast's when it is on (embeddings stay fp32 under autocast)."""
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-
-
-def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether packed rows can go through torch's varlen flash attention (torch.nn.attention.varlen).
-
-    varlen_attn calls aten._flash_attention_forward (torch 2.13, varlen.py), which exists on CUDA only,
-    for fp16/bf16 on sm80+ GPUs, and hardcodes dropout 0 - the same conditions as SDPA's flash kernel.
-    Elsewhere packed rows take a block-diagonal causal mask instead (exact, on the CPU's flash kernel too).
-    """
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_properties(device).major >= 8)
-
-
-def document_starts(position_ids):
-    """bool [B, T]: where a document of a packed row starts - where the position ids restart at 0, and at
-    every row's first token (so a row never continues a document from the row before)."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    return starts
-
-
-def document_mask(position_ids):
-    """Causal attention inside each document of a packed row: bool [B, 1, T, T], True = may attend.
-
-    doc[t] = the number of document starts up to t; query t sees key s iff s <= t and doc[s] == doc[t].
-    """
-    doc = document_starts(position_ids).cumsum(dim=-1)
-    seq_len = position_ids.shape[-1]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=position_ids.device).tril()
-    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
-
-
-def document_offsets(position_ids):
-    """The packed batch as one stream of documents for varlen attention: (cu_seqlens int32 [D + 1] = where
-    each of the D documents starts in the flattened B*T tokens, then B*T; the longest document's length).
-    One host sync (nonzero)."""
-    starts = document_starts(position_ids).reshape(-1).nonzero().squeeze(-1)
-    cu_seqlens = torch.cat([starts, starts.new_tensor([position_ids.numel()])]).to(torch.int32)
-    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-
-
-# scripts/gpu_check.py sets this to a function that sees every SDPA call's arguments first (it runs each
-# new kind of call once under the fast kernels only, so a fall to the math kernel fails loudly).
-ATTENTION_PROBE = None
-
-
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA, Ainslie et al., 2023) and a KV cache.
     minimind-3 (config.qk_norm) normalises each query and key head with an RMSNorm before RoPE (QK-norm, as in
@@ -299,7 +231,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask=None, past_key_values: Cache | None = None, documents=None):
         """x [B, T, H]; attn_mask None (plain causal) or bool [B|1, 1, T, T_past + T], True = may attend;
-        documents: (cu_seqlens, longest) of packed rows for varlen flash attention (see document_offsets)."""
+        documents: (cu_seqlens, longest) of packed rows for varlen flash attention (see kernels.packed_rows)."""
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -309,24 +241,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # prepend cached keys/values
-        if documents is not None:  # each document attends causally to itself only, over the flattened batch
-            cu_seqlens, longest = documents  # (only without earlier cached tokens, so k, v are this call's)
-            flat = [t.transpose(1, 2).reshape(batch * seq_len, -1, self.head_dim) for t in (q, k, v)]
-            out = varlen_attn(*flat, cu_seqlens, cu_seqlens, longest, longest, window_size=(-1, 0), enable_gqa=True)
-            return self.resid_dropout(self.o_proj(out.reshape(batch, seq_len, -1)))
         dropout_p = self.dropout if self.training else 0.0
         # With no mask, queries are the last rows of the causal square: is_causal for a fresh sequence,
         # and nothing to mask for a single new token after the cache.
         is_causal = attn_mask is None and seq_len > 1
-        if self.use_sdpa:
-            gqa = not sdpa_needs_repeated_kv(q.device, q.dtype, masked=attn_mask is not None)
-            if not gqa:
-                groups = self.num_heads // self.num_kv_heads
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            if ATTENTION_PROBE is not None:
-                ATTENTION_PROBE(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=gqa)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                 is_causal=is_causal, enable_gqa=gqa)
+        if self.use_sdpa or documents is not None:  # SDPA's flash / memory-efficient kernels, or varlen flash
+            out = kernels.attention(q, k, v, attn_mask, dropout_p, is_causal, documents)
         else:  # the same computation written out: softmax(q k^T / sqrt(d) + mask) v
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -404,9 +324,9 @@ class MoEGate(nn.Module):
 class MOEFeedForward(nn.Module):
     """Mixture of SwiGLU experts: each token goes to its top-k routed experts, plus the shared experts.
 
-    Dispatch is fixed-shape: the (token, expert) slots are sorted by expert and each projection runs as
-    one grouped matmul over per-expert row ranges (offsets live on the device, so no host sync, no
-    per-expert Python branching, and train and eval mode take the same path).
+    Dispatch never syncs with the host, and train and eval mode take the same path: one grouped matmul per
+    projection over the slots sorted by expert where the device has the kernel (kernels.grouped_experts), else
+    every expert on every token, weighted 0 where not routed (dense_experts).
     """
 
     def __init__(self, config: MiniMindConfig):
@@ -421,51 +341,19 @@ class MOEFeedForward(nn.Module):
         batch, seq_len, hidden = x.shape
         topk_idx, topk_weight, self.aux_loss = self.gate(x)
         tokens = x.reshape(-1, hidden)
-        if self._can_group(tokens):
-            routed = self._grouped_experts(tokens, topk_idx, topk_weight)
+        # expert dropout only exists on the per-expert path
+        if kernels.can_group_experts(tokens, self.config.hidden_size, self.config.intermediate_size) and \
+                not (self.training and self.config.dropout > 0):
+            routed = kernels.grouped_experts(self.experts, self.act_fn, tokens, topk_idx, topk_weight)
         else:
-            routed = self._dense_experts(tokens, topk_idx, topk_weight)
+            routed = self.dense_experts(tokens, topk_idx, topk_weight)
         out = routed.view(batch, seq_len, hidden)
         for expert in self.shared_experts:
             out = out + expert(x)
         return out
 
-    def _can_group(self, tokens):
-        """grouped_mm needs 16-byte aligned rows, and on CUDA bf16 on an sm90 / sm100 GPU (H100, H200, B200):
-        torch 2.13's _grouped_mm_cuda takes its CUTLASS kernel only there (_scaled_mm_allowed_device(sm90,
-        sm100) and bf16); on sm80/86/89/120 it falls back to one matmul per expert after copying the offsets
-        to the host (a sync), so the sync-free masked dense path is used instead."""
-        if self.training and self.config.dropout > 0:
-            return False  # expert dropout only exists on the per-expert path
-        dtype = compute_dtype(tokens)
-        aligned = all(n * torch.finfo(dtype).bits // 8 % 16 == 0
-                      for n in (self.config.hidden_size, self.config.intermediate_size))
-        if tokens.device.type == "cpu":
-            return aligned and dtype in (torch.float32, torch.bfloat16)
-        if tokens.device.type == "cuda":
-            return aligned and dtype == torch.bfloat16 and torch.cuda.get_device_properties(tokens.device).major in (9, 10)
-        return False
-
-    def _grouped_experts(self, tokens, topk_idx, topk_weight):
-        num_tokens, k = topk_idx.shape
-        dtype = compute_dtype(tokens)
-        expert_of_slot = topk_idx.reshape(-1)                            # [N*k]
-        order = expert_of_slot.argsort(stable=True)                      # slots grouped by expert
-        sorted_tokens = tokens[order // k].to(dtype)                     # [N*k, H]
-        slots_per_expert = F.one_hot(expert_of_slot, len(self.experts)).sum(dim=0)
-        group_ends = slots_per_expert.cumsum(dim=0).to(torch.int32)     # offsets stay on the device
-
-        def grouped(inputs, name):  # inputs @ W_e^T for each expert's row range
-            weights = torch.stack([getattr(e, name).weight for e in self.experts]).to(dtype)  # [E, out, in]
-            return F.grouped_mm(inputs, weights.transpose(1, 2), offs=group_ends)
-
-        hidden = self.act_fn(grouped(sorted_tokens, "gate_proj")) * grouped(sorted_tokens, "up_proj")
-        sorted_out = grouped(hidden, "down_proj") * topk_weight.reshape(-1)[order].unsqueeze(-1).to(dtype)
-        slot_out = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)  # back to slot order
-        return slot_out.view(num_tokens, k, -1).sum(dim=1)
-
-    def _dense_experts(self, tokens, topk_idx, topk_weight):
-        """Fallback without grouped matmuls: every expert sees every token, weighted 0 where not routed.
+    def dense_experts(self, tokens, topk_idx, topk_weight):
+        """sum_k weight_k * expert_k(token), written out: every expert sees every token, weighted 0 where not routed.
 
         Costs n_routed_experts / top_k times the routed compute but still never syncs with the host.
         """
@@ -565,13 +453,11 @@ class MiniMindModel(MiniMindPreTrainedModel):
             position_ids = torch.arange(past_len, past_len + seq_len, device=hidden.device).unsqueeze(0)
         cos = self.freqs_cos[position_ids].unsqueeze(1).to(hidden.dtype)  # [B|1, 1, T, head_dim]
         sin = self.freqs_sin[position_ids].unsqueeze(1).to(hidden.dtype)
-        attn_mask, documents = None, None
-        if not packed:
-            attn_mask = self._attention_mask(attention_mask, batch, seq_len, past_len, hidden.device)
-        elif varlen_usable(hidden.device, compute_dtype(hidden)) and not (self.training and self.config.dropout):
-            documents = document_offsets(position_ids.expand(batch, seq_len))
+        if packed:  # attention kept inside each document: varlen flash attention or a block-diagonal mask
+            attn_mask, documents = kernels.packed_rows(position_ids.expand(batch, seq_len), hidden,
+                                                       dropout=self.training and self.config.dropout)
         else:
-            attn_mask = document_mask(position_ids.expand(batch, seq_len))
+            attn_mask, documents = self._attention_mask(attention_mask, batch, seq_len, past_len, hidden.device), None
 
         hidden = self.dropout(hidden)
         all_hidden = [hidden] if output_hidden_states else None

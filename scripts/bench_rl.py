@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 from rewards import rule_rewards  # noqa: E402
 from rollout import completion_logprobs, masked_mean, sample  # noqa: E402
-from train_grpo import clipped_objective, group_advantages, k3_kl  # noqa: E402
+from losses import clipped_objective, group_advantages, k3_kl  # noqa: E402
 from trainer_utils import (benchmark_setup, peak_memory_gib, pick_device, reset_peak_memory,  # noqa: E402
                            synchronize)
 

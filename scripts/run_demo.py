@@ -52,7 +52,8 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
 from rewards import answer_reward, normalise, rule_rewards  # noqa: E402
 from rollout import sample  # noqa: E402
 from trainer_utils import HelpFormatter, choose_dtype, pick_device, show_defaults  # noqa: E402
-from train_dpo import sequence_logps, stack_pairs  # noqa: E402
+from losses import sequence_logps  # noqa: E402
+from dataset.lm_dataset import stack_pairs  # noqa: E402
 
 DEMO = os.path.join(REPO_ROOT, "dataset", "demo")
 

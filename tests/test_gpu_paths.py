@@ -16,11 +16,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import REPO_ROOT, tiny_model
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
+import losses  # noqa: E402
 import trainer_utils  # noqa: E402
 from test_train import Rows, fake_run  # noqa: E402
 
-from model import model_minimind  # noqa: E402
-from model.model_minimind import MiniMindConfig, MOEFeedForward  # noqa: E402
+from model import kernels, model_minimind  # noqa: E402
+from model.model_minimind import MiniMindConfig  # noqa: E402
 
 
 def sdpa_spy(monkeypatch):
@@ -55,7 +56,7 @@ def test_training_forward_passes_no_mask_and_the_loss_is_unchanged(monkeypatch):
     batch = right_padded_batch()
     masked = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     calls = sdpa_spy(monkeypatch)
-    loss, _ = trainer_utils.next_token_loss(model, batch)
+    loss, _ = losses.next_token_loss(model, batch)
     assert len(calls) == 2 and all(not c["mask"] and c["is_causal"] and c["enable_gqa"] for c in calls)
     assert abs(loss.item() - masked.item()) < 1e-6  # the padding mask changed nothing that carries loss
 
@@ -76,7 +77,7 @@ def test_masked_attention_on_a_cpu_keeps_grouped_kv_heads(monkeypatch):
 
 
 def test_cuda_calls_repeat_kv_heads_wherever_flash_cannot_take_them(fake_gpu):
-    needs = model_minimind.sdpa_needs_repeated_kv
+    needs = kernels.sdpa_needs_repeated_kv
     cuda = torch.device("cuda", 0)
     assert not needs(cuda, torch.bfloat16, masked=False) and not needs(cuda, torch.float16, masked=False)
     assert needs(cuda, torch.bfloat16, masked=True)    # flash takes no mask; memory-efficient has no GQA
@@ -216,11 +217,11 @@ def test_training_flops_count_the_active_parameters():
                                                  ((8, 6), False), ((8, 9), False), ((12, 0), False)])
 def test_moe_grouped_mm_only_on_sm90_and_sm100(fake_gpu, capability, grouped):
     fake_gpu.capability = capability
-    layer = MOEFeedForward(MiniMindConfig(hidden_size=512, use_moe=True))
+    config = MiniMindConfig(hidden_size=512, use_moe=True)
     tokens = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
-    assert layer._can_group(tokens) is grouped
+    assert kernels.can_group_experts(tokens, config.hidden_size, config.intermediate_size) is grouped
     tokens.dtype = torch.float32  # the CUTLASS kernel is bf16 only
-    assert layer._can_group(tokens) is False
+    assert kernels.can_group_experts(tokens, config.hidden_size, config.intermediate_size) is False
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,7 +287,7 @@ def test_a_training_step_reads_nothing_back_until_a_log_step():
 
     def loss_fn(batch):
         counted.setdefault("reads", reads.count)  # host reads before the first forward: CPU-side counting
-        loss, aux = trainer_utils.next_token_loss(model, batch)
+        loss, aux = losses.next_token_loss(model, batch)
         return loss, aux, dict(accuracy=(batch["labels"] > 0).float().mean())
 
     with HostReads() as reads:
@@ -342,7 +343,7 @@ def test_accumulate_makes_no_float64_tensor_where_the_device_has_none():
     model = tiny_model().train()
     window = [trainer_utils.pad_batch([Rows(4)[0], Rows(4)[1]])]
     with Float64Watch():
-        loss = run.accumulate(model, window, lambda b: (*trainer_utils.next_token_loss(model, b),
+        loss = run.accumulate(model, window, lambda b: (*losses.next_token_loss(model, b),
                                                           dict(m=torch.tensor(0.5))))
     assert not Float64Watch.seen and loss.dtype == torch.float32
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from conftest import tiny_config, tiny_model
+from model import kernels
 from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, MoEGate, MOEFeedForward,
                                   load_state_dict_strict, rope_inverse_frequencies)
 
@@ -245,7 +246,7 @@ def test_padding_rows_do_not_produce_nan():
 # --------------------------------------------------------------------------------------------
 
 def test_moe_forward_has_no_host_sync_calls():
-    for fn in (MOEFeedForward.forward, MOEFeedForward._grouped_experts, MOEFeedForward._dense_experts,
+    for fn in (MOEFeedForward.forward, kernels.grouped_experts, MOEFeedForward.dense_experts,
                MoEGate.forward, MoEGate.aux_loss):
         source = inspect.getsource(fn)
         for call in (".item(", ".cpu(", ".tolist(", ".nonzero(", "torch.where(", ".numpy("):
@@ -268,11 +269,11 @@ def test_moe_grouped_dispatch_equals_dense_reference():
     model = tiny_model(use_moe=True)
     moe = model.model.layers[0].mlp
     x = torch.randn(3, 7, 64, requires_grad=True)
-    assert moe._can_group(x.reshape(-1, 64))
+    assert kernels.can_group_experts(x.reshape(-1, 64), 64, moe.config.intermediate_size)
     idx, weight, _ = moe.gate(x)
     tokens = x.reshape(-1, 64)
-    grouped = moe._grouped_experts(tokens, idx, weight)
-    dense = moe._dense_experts(tokens, idx, weight)
+    grouped = kernels.grouped_experts(moe.experts, moe.act_fn, tokens, idx, weight)
+    dense = moe.dense_experts(tokens, idx, weight)
     assert (grouped - dense).abs().max() < 1e-5
     g1 = torch.autograd.grad(grouped.square().sum(), [x] + [e.up_proj.weight for e in moe.experts],
                              retain_graph=True)

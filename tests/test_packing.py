@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from conftest import REPO_ROOT, tiny_model
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-import model.model_minimind as mm  # noqa: E402
+import model.kernels as kernels  # noqa: E402
 from dataset.lm_dataset import SFTDataset, pad_batch  # noqa: E402
 from test_train import metrics, run_script  # noqa: E402
-from trainer_utils import count_label_tokens, load_tokenizer, next_token_loss  # noqa: E402
+from trainer_utils import load_tokenizer  # noqa: E402
+from losses import count_label_tokens, next_token_loss  # noqa: E402
 
 MAX_LEN = 128
 
@@ -120,12 +121,12 @@ def test_the_varlen_path_flattens_the_documents_as_flash_varlen_expects(datasets
     replaced by a per-document reference, so the flattening, offsets and arguments are checked on the CPU."""
     plain, packed = datasets_
     calls = []
-    monkeypatch.setattr(mm, "varlen_usable", lambda device, dtype: True)
-    monkeypatch.setattr(mm, "varlen_attn", lambda *a, **kw: reference_varlen(*a, **kw, calls=calls))
+    monkeypatch.setattr(kernels, "varlen_usable", lambda device, dtype: True)
+    monkeypatch.setattr(kernels, "varlen_attn", lambda *a, **kw: reference_varlen(*a, **kw, calls=calls))
     model = sharp_model(seed=3).eval()
     with torch.no_grad():
         through_varlen = whole_loss(model, packed, 4)
-        monkeypatch.setattr(mm, "varlen_usable", lambda device, dtype: False)
+        monkeypatch.setattr(kernels, "varlen_usable", lambda device, dtype: False)
         unpacked = whole_loss(model, plain, 8)
     assert abs(through_varlen - unpacked) < 1e-5 * unpacked
     config = model.config
@@ -151,12 +152,12 @@ def test_the_varlen_path_flattens_the_documents_as_flash_varlen_expects(datasets
     ("cuda", torch.float32, 9, False), ("cpu", torch.bfloat16, 0, False)])
 def test_varlen_only_where_the_flash_kernel_runs(monkeypatch, device, dtype, major, expected):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"major": major})())
-    assert mm.varlen_usable(torch.device(device), dtype) is expected
+    assert kernels.varlen_usable(torch.device(device), dtype) is expected
 
 
 def test_sdpa_gets_a_block_diagonal_mask_on_the_cpu(monkeypatch):
     seen = []
-    monkeypatch.setattr(mm, "ATTENTION_PROBE", lambda q, k, v, **kw: seen.append(kw))
+    monkeypatch.setattr(kernels, "ATTENTION_PROBE", lambda q, k, v, **kw: seen.append(kw))
     model = tiny_model(seed=0).eval()
     positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
     with torch.no_grad():
@@ -177,7 +178,7 @@ def test_a_generate_prefill_takes_the_causal_fast_path(monkeypatch):
     Positions that run on without restarting (a row cut mid-document) are one document too, and give the
     logits the block-diagonal mask gives."""
     seen = []
-    monkeypatch.setattr(mm, "ATTENTION_PROBE", lambda q, k, v, **kw: seen.append((q.shape[2], kw)))
+    monkeypatch.setattr(kernels, "ATTENTION_PROBE", lambda q, k, v, **kw: seen.append((q.shape[2], kw)))
     model = tiny_model(seed=0).eval()
     prompt = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 9, 8, 7, 6, 5]])
     model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -191,7 +192,7 @@ def test_a_generate_prefill_takes_the_causal_fast_path(monkeypatch):
         masked = model(ids, attention_mask=torch.ones_like(ids), position_ids=positions).logits
     assert seen[0][1]["attn_mask"] is None and seen[0][1]["is_causal"]
     assert torch.allclose(fast, masked, atol=1e-5)
-    assert mm.document_mask(positions)[0, 0].equal(torch.ones(4, 4, dtype=torch.bool).tril())
+    assert kernels.document_mask(positions)[0, 0].equal(torch.ones(4, 4, dtype=torch.bool).tril())
 
 
 @pytest.mark.parametrize("script,extra", [
@@ -214,9 +215,9 @@ def test_every_row_starts_a_document():
     """A row whose positions do not start at 0 (a document cut at the row's start) is still its own document:
     nothing crosses from the row before, in the mask and in the varlen offsets."""
     positions = torch.tensor([[2, 3, 0, 1], [0, 1, 2, 0]])
-    mask = mm.document_mask(positions)[:, 0]
+    mask = kernels.document_mask(positions)[:, 0]
     assert torch.equal(mask[0].int(), torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]))
     assert torch.equal(mask[1].int(), torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]]))
-    cu_seqlens, longest = mm.document_offsets(positions)
+    cu_seqlens, longest = kernels.document_offsets(positions)
     assert cu_seqlens.tolist() == [0, 2, 4, 7, 8] and longest == 3
     assert positions.tolist() == [[2, 3, 0, 1], [0, 1, 2, 0]]  # the caller's tensor is left as it was

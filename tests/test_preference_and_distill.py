@@ -18,6 +18,7 @@ from test_train import metrics, run_script
 sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
 import train_distill_reason  # noqa: E402
 import train_distillation  # noqa: E402
+import losses  # noqa: E402
 import train_dpo  # noqa: E402
 
 MODEL_DIR = os.path.join(REPO_ROOT, "model")
@@ -74,8 +75,8 @@ def test_sequence_logps_mean_and_sum():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [0.6, 0.2, 0.2], [1 / 3] * 3]]))
     labels = torch.tensor([[-100, 1, 2, 0]])  # positions 1..3 predicted from logits 0..2
     total = math.log(0.25) + math.log(0.7) + math.log(0.6)
-    assert train_dpo.sequence_logps(logits, labels, "sum").item() == pytest.approx(total, rel=1e-5)
-    assert train_dpo.sequence_logps(logits, labels, "mean").item() == pytest.approx(total / 3, rel=1e-5)
+    assert losses.sequence_logps(logits, labels, "sum").item() == pytest.approx(total, rel=1e-5)
+    assert losses.sequence_logps(logits, labels, "mean").item() == pytest.approx(total / 3, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

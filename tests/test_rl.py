@@ -15,7 +15,7 @@ from test_train import metrics, run_script
 sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
 import rewards  # noqa: E402
 import rollout  # noqa: E402
-import train_grpo  # noqa: E402
+import losses  # noqa: E402
 import train_ppo  # noqa: E402
 import train_spo  # noqa: E402
 
@@ -120,7 +120,7 @@ def test_reward_model_scores_in_batches_and_clips(tmp_path, tok):
 
 def test_group_advantages():
     # group 1: [1, 0, 0, 0] -> mean 0.25, sample std 0.5;  group 2: all equal -> 0
-    got = train_grpo.group_advantages(torch.tensor([1.0, 0, 0, 0, 2, 2, 2, 2]), 4)
+    got = losses.group_advantages(torch.tensor([1.0, 0, 0, 0, 2, 2, 2, 2]), 4)
     expected = [0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, 0, 0, 0, 0]
     assert got.tolist() == pytest.approx(expected, rel=1e-5)
 
@@ -128,21 +128,21 @@ def test_group_advantages():
 def test_clipped_objective_and_k3():
     logps, old = torch.log(torch.tensor([[1.5, 0.5]])), torch.zeros(1, 2)
     # token 1: ratio 1.5, A = 1  -> -min(1.5, 1.2)  = -1.2;   token 2: ratio 0.5, A = 1 -> -min(0.5, 0.8) = -0.5
-    assert train_grpo.clipped_objective(logps, old, torch.tensor([1.0]), 0.2).flatten().tolist() == \
+    assert losses.clipped_objective(logps, old, torch.tensor([1.0]), 0.2).flatten().tolist() == \
         pytest.approx([-1.2, -0.5])
     # with A = -1: token 1 -> -min(-1.5, -1.2) = 1.5;  token 2 -> -min(-0.5, -0.8) = 0.8
-    assert train_grpo.clipped_objective(logps, old, torch.tensor([-1.0]), 0.2).flatten().tolist() == \
+    assert losses.clipped_objective(logps, old, torch.tensor([-1.0]), 0.2).flatten().tolist() == \
         pytest.approx([1.5, 0.8])
     # k3 with ref - logp = log 2: 2 - log 2 - 1
-    assert train_grpo.k3_kl(torch.tensor([0.0]), torch.tensor([math.log(2)])).item() == pytest.approx(1 - math.log(2))
-    assert train_grpo.k3_kl(torch.tensor([-1.0]), torch.tensor([-1.0])).item() == 0.0
+    assert losses.k3_kl(torch.tensor([0.0]), torch.tensor([math.log(2)])).item() == pytest.approx(1 - math.log(2))
+    assert losses.k3_kl(torch.tensor([-1.0]), torch.tensor([-1.0])).item() == 0.0
 
 
 def test_cispo_objective_by_hand():
     old = torch.zeros(1, 3)
     logps = torch.log(torch.tensor([[1.5, 0.5, 1.1]])).requires_grad_()
     # weights min(rho, 1.28) taken as constants: 1.28, 0.5 (no lower bound), 1.1; loss_t = -w_t A logp_t
-    loss = train_grpo.cispo_objective(logps, old, torch.tensor([2.0]), 0.28)
+    loss = losses.cispo_objective(logps, old, torch.tensor([2.0]), 0.28)
     expected = [-1.28 * 2 * math.log(1.5), -0.5 * 2 * math.log(0.5), -1.1 * 2 * math.log(1.1)]
     assert loss.flatten().tolist() == pytest.approx(expected, rel=1e-6)
     loss.sum().backward()
@@ -150,12 +150,12 @@ def test_cispo_objective_by_hand():
     assert logps.grad.flatten().tolist() == pytest.approx([-2.56, -1.0, -2.2], rel=1e-6)
     # PPO-clip gives the clipped token (ratio 1.5 > 1.2 with A > 0) no gradient at all
     clipped = torch.log(torch.tensor([[1.5, 0.5, 1.1]])).requires_grad_()
-    train_grpo.clipped_objective(clipped, old, torch.tensor([2.0]), 0.2).sum().backward()
+    losses.clipped_objective(clipped, old, torch.tensor([2.0]), 0.2).sum().backward()
     assert clipped.grad.flatten().tolist() == pytest.approx([0.0, -1.0, -2.2], rel=1e-6)
     # on-policy (rho = 1, one update per rollout, as train_grpo.py does) the two gradients are the same
     a, b = torch.tensor([[-0.3, -2.0]], requires_grad=True), torch.tensor([[-0.3, -2.0]], requires_grad=True)
-    train_grpo.cispo_objective(a, a.detach(), torch.tensor([-0.7]), 0.28).sum().backward()
-    train_grpo.clipped_objective(b, b.detach(), torch.tensor([-0.7]), 0.2).sum().backward()
+    losses.cispo_objective(a, a.detach(), torch.tensor([-0.7]), 0.28).sum().backward()
+    losses.clipped_objective(b, b.detach(), torch.tensor([-0.7]), 0.2).sum().backward()
     assert torch.allclose(a.grad, b.grad)
 
 

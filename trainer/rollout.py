@@ -62,6 +62,18 @@ def sample(model, tokenizer, prompts, max_prompt_length, max_new_tokens, tempera
     return Rollout(output, attention, c_mask, prompt_length, texts, temperature)
 
 
+def sample_and_score(model, tokenizer, batch, args, reward_model, samples_per_prompt=1):
+    """The rollout of one micro-batch: samples_per_prompt answers to each of its prompts from the current policy
+    (no gradients) and their rewards, as fields to add to the batch: rollout, rewards and rollout_attention_mask
+    (which the run counts as the step's real tokens)."""
+    from rewards import rewards_for
+    rollout = sample(model, tokenizer, batch["prompt"], args.max_seq_len, args.max_gen_len, args.temperature,
+                     samples_per_prompt=samples_per_prompt)
+    rewards = rewards_for(rollout.texts, batch, samples_per_prompt, reward_model, args.reasoning)
+    return dict(rollout=rollout, rewards=rewards.to(rollout.attention_mask.device),
+                rollout_attention_mask=rollout.attention_mask)
+
+
 def positions(attention_mask):
     """Position ids counted over real tokens only, so a left-padded row scores like an unpadded one."""
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)

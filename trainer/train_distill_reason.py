@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer_utils import Run, common_parser, data_file, parse_args, print0  # noqa: E402
 from dataset.lm_dataset import SFTDataset  # noqa: E402
-from model.model_minimind import document_starts  # noqa: E402
+from model.kernels import document_starts  # noqa: E402
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 
@@ -106,8 +106,13 @@ def main():
     def weight_sum(batch):  # each weighted position counts as much as its weight
         return float(tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)[:, 1:].sum())
 
-    # per step: loss_fn on each micro-batch (positions count by their weight), AdamW step, log, save
-    run.train(model, optimizer, data, loss_fn, count=weight_sum)
+    for step, window in run.steps(data):
+        loss = run.accumulate(model, window, loss_fn, count=weight_sum)  # positions count by their weight
+        lr = run.optimizer_step(optimizer)
+        run.log(loss=loss, lr=lr)
+        run.maybe_save(model, optimizer)
+        if run.should_stop():
+            break
     total = int(run.all_sum(untagged)[0])  # over all processes
     print0(f"{total} conversations seen in training had no <think>/<answer> tag in their answers")
     run.finish()

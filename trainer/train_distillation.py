@@ -75,7 +75,13 @@ def main():
         loss, ce, kl = distillation_loss(out.logits, teacher_logits, batch["labels"], args.alpha, args.temperature)
         return loss, out.aux_loss, dict(ce=ce, kl=kl)
 
-    run.train(model, optimizer, data, loss_fn)  # per step: loss_fn on each micro-batch, AdamW step, log, save
+    for step, window in run.steps(data):
+        loss = run.accumulate(model, window, loss_fn)  # the student learns; the teacher only answers
+        lr = run.optimizer_step(optimizer)
+        run.log(loss=loss, lr=lr)
+        run.maybe_save(model, optimizer)
+        if run.should_stop():
+            break
     run.finish()
 
 

@@ -19,16 +19,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import (Run, common_parser, data_file, parse_args, print0,  # noqa: E402
-                           token_logprobs)
-from dataset.lm_dataset import DPODataset, pad_batch  # noqa: E402
-
-
-def sequence_logps(logits, labels, reduction="mean"):
-    """log pi(y|x) of each row's answer tokens: their sum, or their mean (length-normalised)."""
-    logps, mask = token_logprobs(logits, labels)
-    total = logps.sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if reduction == "mean" else total
+from trainer_utils import Run, common_parser, data_file, parse_args, print0  # noqa: E402
+from losses import sequence_logps  # noqa: E402  log pi(y|x): the answer tokens' mean (or summed) log-prob
+from dataset.lm_dataset import DPODataset, pad_batch, stack_pairs  # noqa: E402
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
@@ -36,20 +29,6 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     chosen_reward = beta * (policy_chosen - ref_chosen)
     rejected_reward = beta * (policy_rejected - ref_rejected)
     return -F.logsigmoid(chosen_reward - rejected_reward), chosen_reward, rejected_reward
-
-
-def stack_pairs(batch, pad_id):
-    """Chosen rows then rejected rows, right-padded to one width, for a single forward pass. Under causal
-    attention a right-padded row needs no attention mask (see next_token_loss); the mask is returned for
-    callers that want it."""
-    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-
-    def pad(t, value):
-        return F.pad(t, (0, width - t.shape[1]), value=value)
-    ids = torch.cat([pad(batch["chosen_input_ids"], pad_id), pad(batch["rejected_input_ids"], pad_id)])
-    mask = torch.cat([pad(batch["chosen_attention_mask"], 0), pad(batch["rejected_attention_mask"], 0)])
-    labels = torch.cat([pad(batch["chosen_labels"], -100), pad(batch["rejected_labels"], -100)])
-    return ids, mask, labels
 
 
 @torch.no_grad()
@@ -111,8 +90,13 @@ def main():
                        accuracy=(chosen_reward > rejected_reward).float().mean())
         return losses.mean(), out.aux_loss, metrics  # + the MoE load-balancing loss (0 for dense models)
 
-    # per step: loss_fn on each micro-batch (every pair weighs the same), AdamW step, log, save
-    run.train(model, optimizer, data, loss_fn, count=lambda batch: len(batch["index"]))
+    for step, window in run.steps(data):
+        loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["index"]))  # pairs weigh alike
+        lr = run.optimizer_step(optimizer)
+        run.log(loss=loss, lr=lr)
+        run.maybe_save(model, optimizer)
+        if run.should_stop():
+            break
     run.finish()
 
 

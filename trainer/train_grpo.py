@@ -25,37 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer_utils import common_parser, parse_args, unwrap  # noqa: E402
-from rewards import rewards_for  # noqa: E402
-from rollout import add_rl_arguments, completion_logprobs, masked_mean, sample, start_rl_run  # noqa: E402
-
-
-def group_advantages(rewards, group_size):
-    """Each reward relative to the other answers to the same prompt (adjacent groups of group_size)."""
-    groups = rewards.view(-1, group_size)
-    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).view(-1)
-
-
-def k3_kl(logps, ref_logps):
-    """Per-token estimate of KL(pi || pi_ref): exp(d) - d - 1 with d = ref - logp (always >= 0)."""
-    d = ref_logps - logps
-    return torch.exp(d) - d - 1
-
-
-def clipped_objective(logps, old_logps, advantages, epsilon):
-    """Per-token PPO-clip loss -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp)."""
-    ratio = torch.exp(logps - old_logps)
-    if advantages.dim() == ratio.dim() - 1:  # one advantage per answer, broadcast over its tokens
-        advantages = advantages.unsqueeze(-1)
-    return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
-
-
-def cispo_objective(logps, old_logps, advantages, epsilon_high):
-    """Per-token CISPO loss -sg(min(rho, 1 + eps_high)) A logp, rho = exp(logp - old_logp); no lower bound on
-    the weight, as in MiniMax-M1."""
-    weight = torch.exp(logps - old_logps).clamp(max=1 + epsilon_high).detach()
-    if advantages.dim() == logps.dim() - 1:
-        advantages = advantages.unsqueeze(-1)
-    return -weight * advantages * logps
+from losses import cispo_objective, clipped_objective, group_advantages, k3_kl  # noqa: E402  (formulas there)
+from rollout import add_rl_arguments, completion_logprobs, masked_mean, sample_and_score, start_rl_run  # noqa: E402
 
 
 def main():
@@ -82,10 +53,7 @@ def main():
     G = args.num_generations
 
     def loss_fn(batch):
-        rollout = sample(unwrap(model), tokenizer, batch["prompt"], args.max_seq_len, args.max_gen_len,
-                         args.temperature, samples_per_prompt=G)
-        batch["rollout_attention_mask"] = rollout.attention_mask  # counted as this step's real tokens
-        rewards = rewards_for(rollout.texts, batch, G, reward_model, args.reasoning).to(run.device)
+        rollout, rewards = batch["rollout"], batch["rewards"]
         advantages = group_advantages(rewards, G)
         with torch.no_grad():
             ref_logps, _ = completion_logprobs(reference, rollout)
@@ -102,7 +70,16 @@ def main():
                        answer_length=mask.sum(1).float().mean())
         return masked_mean(per_token, mask), aux_loss, metrics
 
-    run.train(model, optimizer, data, loss_fn, count=lambda batch: len(batch["prompt"]))  # prompts weigh alike
+    for step, window in run.steps(data):
+        with run.autocast():  # rollouts first: G answers to each prompt from the current policy, scored
+            for batch in window:
+                batch.update(sample_and_score(unwrap(model), tokenizer, batch, args, reward_model, G))
+        loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))  # prompts weigh alike
+        lr = run.optimizer_step(optimizer)
+        run.log(loss=loss, lr=lr)
+        run.maybe_save(model, optimizer)
+        if run.should_stop():
+            break
     run.finish()
 
 

@@ -12,7 +12,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, next_token_loss, parse_args, print0  # noqa: E402
+from trainer_utils import Run, common_parser, data_file, parse_args, print0  # noqa: E402
+from losses import next_token_loss  # noqa: E402
 from dataset.lm_dataset import SFTDataset  # noqa: E402
 from model.model_lora import apply_lora  # noqa: E402
 
@@ -47,5 +48,11 @@ def loss_fn(batch):
     return next_token_loss(model, batch)
 
 
-run.train(model, optimizer, data, loss_fn)  # per step: loss_fn on each micro-batch, AdamW step, log, save
+for step, window in run.steps(data):
+    loss = run.accumulate(model, window, loss_fn)  # the frozen base passes gradients through to A and B
+    lr = run.optimizer_step(optimizer)             # AdamW on the adapters only
+    run.log(loss=loss, lr=lr)
+    run.maybe_save(model, optimizer)               # writes out/lora/{lora_name}_{hidden}.pth: adapters only
+    if run.should_stop():
+        break
 run.finish()

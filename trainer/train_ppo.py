@@ -29,9 +29,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer_utils import common_parser, parse_args, unwrap  # noqa: E402
-from rewards import rewards_for  # noqa: E402
-from rollout import add_rl_arguments, completion_logprobs, masked_mean, positions, sample, start_rl_run  # noqa: E402
-from train_grpo import clipped_objective  # noqa: E402
+from rollout import (add_rl_arguments, completion_logprobs, masked_mean, positions, sample_and_score,  # noqa: E402
+                     start_rl_run)
+from losses import clipped_objective  # noqa: E402
 
 
 class Critic(nn.Module):
@@ -110,9 +110,7 @@ def main():
     critic = run.wrap(critic)
 
     def loss_fn(batch):
-        rollout = sample(unwrap(actor), tokenizer, batch["prompt"], args.max_seq_len, args.max_gen_len, args.temperature)
-        batch["rollout_attention_mask"] = rollout.attention_mask  # counted as this step's real tokens
-        rewards = rewards_for(rollout.texts, batch, 1, reward_model, args.reasoning).to(run.device)
+        rollout, rewards = batch["rollout"], batch["rewards"]
         mask = rollout.completion_mask.float()
         with torch.no_grad():
             old_logps, _ = completion_logprobs(old_actor, rollout)
@@ -142,6 +140,9 @@ def main():
         return loss, actor_aux + critic_aux, metrics  # both MoE routers keep their balancing term
 
     for step, window in run.steps(data):
+        with run.autocast():  # rollouts first: one answer to each prompt from the current actor, scored
+            for batch in window:
+                batch.update(sample_and_score(unwrap(actor), tokenizer, batch, args, reward_model))
         # both trained models wait for the window's last micro-batch before DDP reduces their gradients
         loss = run.accumulate([actor, critic], window, loss_fn, count=lambda batch: len(batch["prompt"]))
         lr = run.optimizer_step(optimizer, more=[(critic_optimizer, args.critic_learning_rate)])
@@ -149,6 +150,8 @@ def main():
             old_actor.load_state_dict(unwrap(actor).state_dict())
         run.log(loss=loss, lr=lr)
         run.maybe_save(actor, optimizer, extras)
+        if run.should_stop():
+            break
     run.finish()
 
 

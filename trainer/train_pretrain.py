@@ -13,7 +13,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, next_token_loss, parse_args  # noqa: E402
+from trainer_utils import Run, common_parser, data_file, parse_args  # noqa: E402
+from losses import next_token_loss  # noqa: E402
 from dataset.lm_dataset import PretrainDataset  # noqa: E402
 
 parser = common_parser("MiniMind pretraining", save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4,
@@ -38,5 +39,11 @@ def loss_fn(batch):
     return next_token_loss(model, batch)
 
 
-run.train(model, optimizer, data, loss_fn)  # per step: loss_fn on each micro-batch, AdamW step, log, save
+for step, window in run.steps(data):               # the micro-batches of one optimizer step
+    loss = run.accumulate(model, window, loss_fn)  # forward + backward each, weighted by its loss tokens
+    lr = run.optimizer_step(optimizer)             # the cosine-scheduled lr, gradient clipping, AdamW
+    run.log(loss=loss, lr=lr)
+    run.maybe_save(model, optimizer)               # every --save_interval steps and at the last one
+    if run.should_stop():                          # --max_steps, or Ctrl-C / SIGTERM (a resume file is saved)
+        break
 run.finish()

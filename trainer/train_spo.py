@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer_utils import common_parser, parse_args, unwrap  # noqa: E402
-from rewards import MODEL_REWARD_CLIP, RULE_REWARD_RANGE, rewards_for  # noqa: E402
-from rollout import add_rl_arguments, completion_logprobs, masked_mean, sample, start_rl_run  # noqa: E402
-from train_grpo import k3_kl  # noqa: E402
+from rewards import MODEL_REWARD_CLIP, RULE_REWARD_RANGE  # noqa: E402
+from rollout import add_rl_arguments, completion_logprobs, masked_mean, sample_and_score, start_rl_run  # noqa: E402
+from losses import k3_kl  # noqa: E402
 
 
 class BetaTracker:
@@ -74,9 +74,7 @@ def main():
     step_rewards, step_logps = [], []
 
     def loss_fn(batch):
-        rollout = sample(unwrap(model), tokenizer, batch["prompt"], args.max_seq_len, args.max_gen_len, args.temperature)
-        batch["rollout_attention_mask"] = rollout.attention_mask  # counted as this step's real tokens
-        rewards = rescale(rewards_for(rollout.texts, batch, 1, reward_model, args.reasoning), low, high).to(run.device)
+        rollout, rewards = batch["rollout"], rescale(batch["rewards"], low, high)
         advantages = rewards - tracker.baseline()
         with torch.no_grad():
             ref_logps, _ = completion_logprobs(reference, rollout)
@@ -90,6 +88,9 @@ def main():
         return (-advantages * answer_logp + args.beta * kl).mean(), aux_loss, metrics
 
     for step, window in run.steps(data):
+        with run.autocast():  # rollouts first: one answer to each prompt from the current policy, scored
+            for batch in window:
+                batch.update(sample_and_score(unwrap(model), tokenizer, batch, args, reward_model))
         loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))
         lr = run.optimizer_step(optimizer)
         mean_reward, mean_logp = (float(x) / run.world_size for x in run.all_sum(
@@ -99,6 +100,8 @@ def main():
         step_logps.clear()
         run.log(loss=loss, lr=lr, rho=rho)
         run.maybe_save(model, optimizer, extras=dict(tracker=tracker))
+        if run.should_stop():
+            break
     run.finish()
 
 

@@ -36,6 +36,7 @@ from model.model_lora import atomic_torch_save, save_lora  # noqa: E402
 from model.model_minimind import (GENERATIONS, MiniMindConfig, MiniMindForCausalLM,  # noqa: E402
                                   config_from_state_dict, load_state_dict_strict)
 from model.qwen3_format import read_weights  # noqa: E402
+from trainer.losses import count_label_tokens  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,6 +441,7 @@ class Run:
         self._log_points = []  # (time, step, tokens/s) of each log line, for scripts/gpu_check.py
         self._saving = None  # (model, optimizer, extras) once prepare() has them: what an interrupt saves
         self._interrupted = None  # the signal that asked the run to stop at the next step boundary
+        self._stopped_by_signal = False  # should_stop() ended the loop for that signal
         # A CPU-side group for the stop flag, so agreeing on it never waits on the GPU stream.
         self._flag_group = dist.new_group(backend="gloo") if self.ddp else None
         self.check_from_weight()
@@ -552,19 +554,16 @@ class Run:
         print(f"\n{self._interrupted}: finishing step {self.step} and saving a resume checkpoint "
               "(press Ctrl-C again to stop at once, without saving)", file=sys.stderr, flush=True)
 
-    def _stop_if_asked(self):
-        """At a step boundary: if a signal came (on any process), save the resume checkpoint and exit."""
+    def should_stop(self):
+        """At a step boundary: whether the loop ends here, before the data does - --max_steps reached, or Ctrl-C /
+        SIGTERM arrived on any process (every process agrees; finish() then saves a resume checkpoint)."""
+        if self.args.max_steps and self.step >= self.args.max_steps:
+            return True
         asked = torch.tensor([float(self._interrupted is not None)])
         if self.ddp:
             dist.all_reduce(asked, group=self._flag_group)
-        if not asked.item() or self._saving is None:
-            return
-        self.save(*self._saving)
-        if self.progress is not None:
-            self.progress.close()
-        print0(f"interrupted at step {self.step}; resume with --from_resume 1")
-        self._leave_together(130)
-        raise SystemExit(130)
+        self._stopped_by_signal = bool(asked.item()) and self._saving is not None
+        return self._stopped_by_signal
 
     def wrap(self, model):
         """torch.compile and/or DDP around a model whose trainable parameters are set."""
@@ -630,9 +629,6 @@ class Run:
                     self.step += 1
                     yield self.step, window  # the caller runs the step: forward, backward, update, log, save
                     window = []
-                    if args.max_steps and self.step >= args.max_steps:
-                        return
-                    self._stop_if_asked()
 
     def check_same_data(self, dataset):
         """A resumed run continues the saved sample order only over the same rows (see restore)."""
@@ -691,16 +687,20 @@ class Run:
                         no_sync.enter_context(m.no_sync())
                 with self.autocast():
                     loss, extra, *metrics = loss_fn(batch)
-                share = n / total
-                extra_share = extra / len(window) / self.world_size  # the extra loss is a mean over micro-batches
-                # DDP averages gradients over processes; our terms are shares of the global sum.
-                self.scaler.scale((loss * share.to(loss.dtype) + extra_share) * self.world_size).backward()
-            step_loss += loss.detach().to(self.sum_dtype) * share
+                # The step's loss over its M micro-batches on W processes, N items in all:
+                #   L = sum_b (n_b / N) * loss_b + sum_b extra_b / (M * W)
+                # Each micro-batch backpropagates its own part; DDP averages gradients over the W processes,
+                # so the part is multiplied by W first.
+                token_share = n / total                                # n_b / N
+                extra_share = extra / len(window) / self.world_size   # extra_b / (M * W)
+                part_of_step = loss * token_share.to(loss.dtype) + extra_share
+                self.scaler.scale(part_of_step * self.world_size).backward()
+            step_loss += loss.detach().to(self.sum_dtype) * token_share
             if self.config.use_moe:
                 step_metrics["aux_loss"] += torch.as_tensor(extra_share, device=self.device).detach().to(self.sum_dtype)
             for name, value in (metrics[0] if metrics else {}).items():
                 value = torch.as_tensor(value, device=self.device).detach().to(self.sum_dtype)
-                step_metrics[name] = step_metrics.get(name, 0.0) + value * share
+                step_metrics[name] = step_metrics.get(name, 0.0) + value * token_share
             # masks a loss_fn added (RL rollouts) were made on the device: summed there, read later
             real_tokens = real_tokens + sum((v.sum() for k, v in batch.items()
                                              if k.endswith("attention_mask") and k not in cpu_batch), 0)
@@ -831,15 +831,6 @@ class Run:
         if self.ddp:
             dist.barrier()
 
-    def train(self, model, optimizer, dataset, loss_fn, count=None):
-        """The loop every supervised stage shares: for each optimizer step, forward and backward its
-        micro-batches (loss_fn), step at the scheduled lr, log, save at intervals and at the end."""
-        for step, window in self.steps(dataset):
-            loss = self.accumulate(model, window, loss_fn, count)
-            lr = self.optimizer_step(optimizer)
-            self.log(loss=loss, lr=lr)
-            self.maybe_save(model, optimizer)
-
     def is_last_step(self):
         """The run's final step: the one that ends the last epoch's sample stream, or --max_steps."""
         return self.final_step or bool(self.args.max_steps and self.step >= self.args.max_steps)
@@ -937,6 +928,15 @@ class Run:
             json.dump(report, f)
 
     def finish(self):
+        """After the loop: a run stopped by a signal saves its resume checkpoint and exits with 130; otherwise
+        close the progress bar and tracker, and leave together with the other processes."""
+        if self._stopped_by_signal:
+            self.save(*self._saving)
+            if self.progress is not None:
+                self.progress.close()
+            print0(f"interrupted at step {self.step}; resume with --from_resume 1")
+            self._leave_together(130)
+            raise SystemExit(130)
         if self.progress is not None:
             self.progress.close()
         if self.tracker is not None:
@@ -975,7 +975,7 @@ def install_attention_probe():
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import model.model_minimind as model_module
+    from model import kernels
     fast = {"cuda": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION],
             "cpu": [SDPBackend.FLASH_ATTENTION]}
 
@@ -1002,7 +1002,7 @@ def install_attention_probe():
                                "kernel:\n  " + "\n  ".join(reasons))
         ATTENTION_KERNELS_SEEN[kind] = "MATH" if q.device.type in fast else f"{q.device.type} default (not checked)"
 
-    model_module.ATTENTION_PROBE = probe
+    kernels.ATTENTION_PROBE = probe
 
 
 def atomic_write_text(path, text):
@@ -1102,33 +1102,3 @@ def check_tokenizer_fits(model, tokenizer, tokenizer_dir, weight, chosen=False):
         raise SystemExit(message + " To load it with this tokenizer all the same, name it: --tokenizer_dir "
                          f"{tokenizer_dir}")
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-
-def next_token_loss(model, batch):
-    """Mean next-token cross-entropy over the tokens whose label is not -100, and the MoE balance loss.
-
-    No attention mask, on purpose: pad_batch pads on the right, so under causal attention a real token
-    only ever sees earlier real tokens and the padding mask changes nothing that carries loss; without a
-    mask SDPA can take the flash kernel (is_causal) instead of the math one. The same holds for every
-    supervised stage (SFT, LoRA, DPO, reasoning, KD) and for packed pretraining rows. Packed SFT rows
-    (--packing 1) bring position_ids that restart at each conversation; the model keeps attention inside them."""
-    out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
-    return out.loss, out.aux_loss
-
-
-def token_logprobs(logits, labels):
-    """log p(labels[:, t+1] | ...t) for every position t, and the mask of positions that count.
-
-    Returns ([B, T-1] log-probs, with 0 where labels are -100; [B, T-1] float mask). The log-softmax
-    runs in fp32 so long answers do not lose precision.
-    """
-    targets = labels[:, 1:]
-    mask = (targets != -100).float()
-    logps = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logps * mask, mask
-
-
-def count_label_tokens(labels):
-    """Positions that carry loss after the shift: labels[:, 1:] != -100."""
-    return int((labels[:, 1:] != -100).sum())

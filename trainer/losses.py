@@ -1,0 +1,69 @@
+"""The losses the stages share, each with its formula: next-token cross-entropy (pretraining, SFT, LoRA), per-token
+and per-answer log-probabilities (DPO, RL), and the policy-gradient objectives of the RL stages (GRPO, PPO, SPO).
+Stage-specific losses (DPO's, distillation's, the tag-weighted reasoning loss) stay in their train_*.py."""
+import torch
+
+
+def next_token_loss(model, batch):
+    """Mean next-token cross-entropy over the tokens whose label is not -100, and the MoE balance loss.
+
+    No attention mask, on purpose: pad_batch pads on the right, so under causal attention a real token
+    only ever sees earlier real tokens and the padding mask changes nothing that carries loss; without a
+    mask SDPA can take the flash kernel (is_causal) instead of the math one. The same holds for every
+    supervised stage (SFT, LoRA, DPO, reasoning, KD) and for packed pretraining rows. Packed SFT rows
+    (--packing 1) bring position_ids that restart at each conversation; the model keeps attention inside them."""
+    out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
+    return out.loss, out.aux_loss
+
+
+def token_logprobs(logits, labels):
+    """log p(labels[:, t+1] | ...t) for every position t, and the mask of positions that count.
+
+    Returns ([B, T-1] log-probs, with 0 where labels are -100; [B, T-1] float mask). The log-softmax
+    runs in fp32 so long answers do not lose precision.
+    """
+    targets = labels[:, 1:]
+    mask = (targets != -100).float()
+    logps = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps * mask, mask
+
+
+def count_label_tokens(labels):
+    """Positions that carry loss after the shift: labels[:, 1:] != -100."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def sequence_logps(logits, labels, reduction="mean"):
+    """log pi(y|x) of each row's answer tokens: their sum, or their mean (length-normalised)."""
+    logps, mask = token_logprobs(logits, labels)
+    total = logps.sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if reduction == "mean" else total
+
+
+def group_advantages(rewards, group_size):
+    """Each reward relative to the other answers to the same prompt (adjacent groups of group_size)."""
+    groups = rewards.view(-1, group_size)
+    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).view(-1)
+
+
+def k3_kl(logps, ref_logps):
+    """Per-token estimate of KL(pi || pi_ref): exp(d) - d - 1 with d = ref - logp (always >= 0)."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def clipped_objective(logps, old_logps, advantages, epsilon):
+    """Per-token PPO-clip loss -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp)."""
+    ratio = torch.exp(logps - old_logps)
+    if advantages.dim() == ratio.dim() - 1:  # one advantage per answer, broadcast over its tokens
+        advantages = advantages.unsqueeze(-1)
+    return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
+
+
+def cispo_objective(logps, old_logps, advantages, epsilon_high):
+    """Per-token CISPO loss -sg(min(rho, 1 + eps_high)) A logp, rho = exp(logp - old_logp); no lower bound on
+    the weight, as in MiniMax-M1."""
+    weight = torch.exp(logps - old_logps).clamp(max=1 + epsilon_high).detach()
+    if advantages.dim() == logps.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    return -weight * advantages * logps
