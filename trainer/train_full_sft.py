@@ -17,33 +17,37 @@ from trainer_utils import Run, common_parser, data_file, parse_args  # noqa: E40
 from losses import next_token_loss  # noqa: E402
 from dataset.lm_dataset import SFTDataset  # noqa: E402
 
-parser = common_parser("MiniMind full SFT", save_weight="full_sft", epochs=2, batch_size=16, learning_rate=5e-7,
-                       accumulation_steps=1, log_interval=100, save_interval=100, max_seq_len=340,
-                       data_path="../dataset/sft_mini_512.jsonl", from_weight="pretrain", group_by_length=1)
-parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
-                    help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
-args = parse_args(parser)
 
-run = Run(args)
-tokenizer = run.load_tokenizer()
-with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
-    data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
-                      on_bad_line="skip" if args.skip_bad_lines else "error")
-model = run.load_model()
-optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-model = run.prepare(model, optimizer)
+def main():
+    parser = common_parser("MiniMind full SFT", save_weight="full_sft", epochs=2, batch_size=16, learning_rate=5e-7,
+                           accumulation_steps=1, log_interval=100, save_interval=100, max_seq_len=340,
+                           data_path="../dataset/sft_mini_512.jsonl", from_weight="pretrain", group_by_length=1)
+    parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
+                        help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
+    args = parse_args(parser)
+
+    run = Run(args)
+    tokenizer = run.load_tokenizer()
+    with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
+        data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
+                          on_bad_line="skip" if args.skip_bad_lines else "error")
+    model = run.load_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    model = run.prepare(model, optimizer)
+
+    def loss_fn(batch):
+        # labels are -100 outside the assistant turns, so only the answers carry loss
+        return next_token_loss(model, batch)
+
+    for step, window in run.steps(data):               # one optimizer step's micro-batches of conversations
+        loss = run.accumulate(model, window, loss_fn)  # forward + backward, each weighted by its answer tokens
+        lr = run.optimizer_step(optimizer)
+        run.log(loss=loss, lr=lr)
+        run.maybe_save(model, optimizer)
+        if run.should_stop():                          # --max_steps, or Ctrl-C / SIGTERM
+            break
+    run.finish()
 
 
-def loss_fn(batch):
-    # labels are -100 outside the assistant turns, so only the answers carry loss
-    return next_token_loss(model, batch)
-
-
-for step, window in run.steps(data):               # one optimizer step's micro-batches of conversations
-    loss = run.accumulate(model, window, loss_fn)  # forward + backward, each weighted by its answer tokens
-    lr = run.optimizer_step(optimizer)
-    run.log(loss=loss, lr=lr)
-    run.maybe_save(model, optimizer)
-    if run.should_stop():                          # --max_steps, or Ctrl-C / SIGTERM
-        break
-run.finish()
+if __name__ == "__main__":
+    main()

@@ -17,33 +17,38 @@ from trainer_utils import Run, common_parser, data_file, parse_args  # noqa: E40
 from losses import next_token_loss  # noqa: E402
 from dataset.lm_dataset import PretrainDataset  # noqa: E402
 
-parser = common_parser("MiniMind pretraining", save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4,
-                       accumulation_steps=8, log_interval=100, save_interval=100, max_seq_len=340,
-                       data_path="../dataset/pretrain_hq.jsonl", from_weight="none", group_by_length=1)
-parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
-                    help="1 = pack whole documents into full rows (no padding; documents see each other)")
-args = parse_args(parser)
 
-run = Run(args)
-tokenizer = run.load_tokenizer()
-with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
-    data = PretrainDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
-                           on_bad_line="skip" if args.skip_bad_lines else "error")
-model = run.load_model()
-optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-model = run.prepare(model, optimizer)
+def main():
+    parser = common_parser("MiniMind pretraining", save_weight="pretrain", epochs=1, batch_size=32,
+                           learning_rate=5e-4, accumulation_steps=8, log_interval=100, save_interval=100,
+                           max_seq_len=340, data_path="../dataset/pretrain_hq.jsonl", from_weight="none",
+                           group_by_length=1)
+    parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
+                        help="1 = pack whole documents into full rows (no padding; documents see each other)")
+    args = parse_args(parser)
+
+    run = Run(args)
+    tokenizer = run.load_tokenizer()
+    with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
+        data = PretrainDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
+                               on_bad_line="skip" if args.skip_bad_lines else "error")
+    model = run.load_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    model = run.prepare(model, optimizer)
+
+    def loss_fn(batch):
+        # every real token carries loss (labels = input_ids, padding = -100)
+        return next_token_loss(model, batch)
+
+    for step, window in run.steps(data):               # the micro-batches of one optimizer step
+        loss = run.accumulate(model, window, loss_fn)  # forward + backward each, weighted by its loss tokens
+        lr = run.optimizer_step(optimizer)             # the cosine-scheduled lr, gradient clipping, AdamW
+        run.log(loss=loss, lr=lr)
+        run.maybe_save(model, optimizer)               # every --save_interval steps and at the last one
+        if run.should_stop():                          # --max_steps, or Ctrl-C / SIGTERM (a resume file is saved)
+            break
+    run.finish()
 
 
-def loss_fn(batch):
-    # every real token carries loss (labels = input_ids, padding = -100)
-    return next_token_loss(model, batch)
-
-
-for step, window in run.steps(data):               # the micro-batches of one optimizer step
-    loss = run.accumulate(model, window, loss_fn)  # forward + backward each, weighted by its loss tokens
-    lr = run.optimizer_step(optimizer)             # the cosine-scheduled lr, gradient clipping, AdamW
-    run.log(loss=loss, lr=lr)
-    run.maybe_save(model, optimizer)               # every --save_interval steps and at the last one
-    if run.should_stop():                          # --max_steps, or Ctrl-C / SIGTERM (a resume file is saved)
-        break
-run.finish()
+if __name__ == "__main__":
+    main()
