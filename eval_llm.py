@@ -29,8 +29,8 @@ from transformers import TextStreamer
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO_ROOT)
 from scripts.chat_core import (add_model_arguments, load_chat_model, opened_think, resolve_paths,  # noqa: E402
-                               split_reply, thinking_kwargs)
-from scripts.tools import TOOLS, run_tool  # noqa: E402
+                               thinking_kwargs, tool_turn)
+from scripts.tools import TOOLS  # noqa: E402
 from trainer.trainer_utils import HelpFormatter, show_defaults  # noqa: E402
 
 
@@ -77,22 +77,9 @@ def prompts_from(args):
     return interactive()
 
 
-def chat_turn(generate, messages, tools=None, tool_rounds=3, show=print):
-    """One user turn: generate(messages) -> reply text; while the reply is a tool call (and rounds are left),
-    run the call, add the call and its result to the conversation and generate again. Returns the messages
-    of the turn after `messages`: assistant calls, tool results and the final assistant answer."""
-    added = []
-    for round_number in range(tool_rounds + 1):
-        answer = generate(messages + added)
-        calls = split_reply(answer)[2] if tools else None
-        if not calls or round_number == tool_rounds:
-            return added + [{"role": "assistant", "content": answer}]
-        added.append({"role": "assistant", "content": "",
-                      "tool_calls": [{"type": "function", "function": call} for call in calls]})
-        for call in calls:
-            result = run_tool(call["name"], call["arguments"])
-            show(f"🔧 {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> {result}")
-            added.append({"role": "tool", "content": result})
+def print_calls(calls, results):
+    for call, result in zip(calls, results):
+        print(f"🔧 {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> {result}", flush=True)
 
 
 def main():
@@ -145,7 +132,7 @@ def main():
         history = history[-args.historys:] if args.historys else []
         messages = history + [{"role": "user", "content": prompt}]
         print(f"👶: {prompt}", flush=True)
-        messages += chat_turn(generate, messages, tools, args.tool_rounds)
+        messages += tool_turn(generate, messages, tools, args.tool_rounds, on_calls=print_calls)
         print(flush=True)
         history = messages
 

@@ -24,6 +24,7 @@ sys.path.insert(0, REPO_ROOT)
 from model.model_lora import apply_lora, load_lora, lora_layout  # noqa: E402
 from model.model_minimind import MiniMindForCausalLM, config_from_state_dict, load_state_dict_strict  # noqa: E402
 from model.qwen3_format import is_qwen3_folder, load_qwen3_folder  # noqa: E402
+from scripts.tools import run_tool  # noqa: E402
 from trainer.trainer_utils import (PROJECT_TOKENIZER, check_tokenizer_fits, has_tokenizer, inference_dtype,  # noqa: E402
                                    load_tokenizer, pick_device, ready_device, tokenizer_difference)
 
@@ -329,6 +330,25 @@ def parse_tool_calls(text):
             return None
         calls.append({"name": call["name"], "arguments": arguments})
     return calls if calls and not TOOL_CALL_BLOCK.sub("", text).strip() else None
+
+
+def tool_turn(generate, messages, tools=None, tool_rounds=3, on_calls=None):
+    """One user turn with tools, as eval_llm.py and the web chat run it: generate(messages) -> the reply's text;
+    while the reply is a tool call (and rounds are left), run the calls (scripts/tools.py), add the call and its
+    results to the conversation and generate again. on_calls(calls, results) sees each round's calls. Returns
+    the messages the turn adds: assistant calls, tool results and the final assistant answer."""
+    added = []
+    for round_number in range(tool_rounds + 1):
+        answer = generate(messages + added)
+        calls = split_reply(answer)[2] if tools else None
+        if not calls or round_number == tool_rounds:
+            return added + [{"role": "assistant", "content": answer}]
+        results = [run_tool(call["name"], call["arguments"]) for call in calls]
+        if on_calls is not None:
+            on_calls(calls, results)
+        added.append({"role": "assistant", "content": "",
+                      "tool_calls": [{"type": "function", "function": call} for call in calls]})
+        added += [{"role": "tool", "content": result} for result in results]
 
 
 def split_reply(text, final=True, tools=True):

@@ -20,8 +20,8 @@ from openai import OpenAI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from chat_core import (REPO_ROOT, find_local_models, fit_prompt, load_chat_model, newest_chat_model,  # noqa: E402
-                       opened_think, split_reply, stream_reply, thinking_kwargs)
-from tools import TOOLS, run_tool  # noqa: E402
+                       opened_think, split_reply, stream_reply, thinking_kwargs, tool_turn)
+from scripts.tools import TOOLS  # noqa: E402  (chat_core put the repository root on the path)
 
 MAX_SEQ_LEN = 8192  # prompt + answer tokens; older turns are dropped to fit
 TOOL_ROUNDS = 3
@@ -149,37 +149,37 @@ if question:
     history = st.session_state.messages[-history_length:] if history_length else []
     messages = history + [{"role": "user", "content": question}]
     show(messages[-1])
-    turn = [messages[-1]]  # what this question adds to the conversation
-    try:
-        for round_number in range(TOOL_ROUNDS + 1):
-            with st.chat_message("assistant"):
-                placeholder, text = st.empty(), ""
-                if source == LOCAL:
-                    if not path:
-                        raise ValueError("choose a model in the sidebar first")
-                    stream = local_stream(path, messages + turn[1:], settings, TOOLS if use_tools else None,
-                                          thinking, tokenizer_dir.strip())
-                else:
-                    stream = api_stream(base_url, api_key, api_model, messages + turn[1:], settings,
-                                        TOOLS if use_tools else None, thinking)
-                for delta in stream:
-                    text += delta
-                    with placeholder.container():
-                        show_reply(text + "▌")
-                calls = split_reply(text)[2] if use_tools else None
-                if not calls or round_number == TOOL_ROUNDS:
-                    with placeholder.container():
-                        show_reply(text)
-                    turn.append({"role": "assistant", "content": text})
-                    break
-                # a tool call: run it, show it folded with its result, and let the model answer again
-                results = [run_tool(call["name"], call["arguments"]) for call in calls]
-                with placeholder.container():
-                    for call, result in zip(calls, results):
-                        show_tool_call(call, result)
-            turn.append({"role": "assistant", "content": "", "results": results,
-                         "tool_calls": [{"type": "function", "function": call} for call in calls]})
-            turn += [{"role": "tool", "content": result} for result in results]
-        st.session_state.messages += turn
+    tools = TOOLS if use_tools else None
+    bubble = {}  # the assistant message being written
+
+    def generate(conversation):
+        """Stream one reply into a new assistant message; return its text."""
+        with st.chat_message("assistant"):
+            bubble["placeholder"], text = st.empty(), ""
+            if source == LOCAL:
+                if not path:
+                    raise ValueError("choose a model in the sidebar first")
+                stream = local_stream(path, conversation, settings, tools, thinking, tokenizer_dir.strip())
+            else:
+                stream = api_stream(base_url, api_key, api_model, conversation, settings, tools, thinking)
+            for delta in stream:
+                text += delta
+                with bubble["placeholder"].container():
+                    show_reply(text + "▌")
+            with bubble["placeholder"].container():
+                show_reply(text)
+        return text
+
+    def show_calls(calls, results):  # a tool call: shown folded with its result in place of the reply's text
+        with bubble["placeholder"].container():
+            for call, result in zip(calls, results):
+                show_tool_call(call, result)
+
+    try:  # the same tool loop as eval_llm.py: a call is run and the model answers again (TOOL_ROUNDS at most)
+        added = tool_turn(generate, messages, tools, TOOL_ROUNDS, on_calls=show_calls)
+        for i, message in enumerate(added):  # each call keeps its results, for show() to draw them again
+            if message.get("tool_calls"):
+                message["results"] = [m["content"] for m in added[i + 1:i + 1 + len(message["tool_calls"])]]
+        st.session_state.messages += [messages[-1]] + added
     except (Exception, SystemExit) as e:  # a bad path or an unreachable API: say so, keep the page
         st.error(f"{type(e).__name__}: {e}")

@@ -69,23 +69,26 @@ def test_the_demo_tool_conversations_are_what_the_tools_answer():
     assert not training & {r["conversations"][0]["content"] for r in rows}  # held out means held out
 
 
-def test_eval_llm_runs_the_tool_calls_and_answers_from_the_result():
+def test_the_tool_loop_runs_the_calls_and_answers_from_the_result(capsys):
+    """chat_core.tool_turn: the loop eval_llm.py and the web chat share."""
     import eval_llm
+    from scripts.chat_core import tool_turn
     replies = iter(['<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*7"}}\n</tool_call>',
                     "12 × 7 = 84"])
-    seen, shown = [], []
+    seen = []
 
     def generate(messages):
         seen.append(messages)
         return next(replies)
 
     ask = [{"role": "user", "content": "12 乘以 7？"}]
-    added = eval_llm.chat_turn(generate, ask, tools.TOOLS, show=shown.append)
+    added = tool_turn(generate, ask, tools.TOOLS, on_calls=eval_llm.print_calls)
     assert added == [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
         "name": "calculator", "arguments": {"expression": "12*7"}}}]},
         {"role": "tool", "content": '{"result": 84}'}, {"role": "assistant", "content": "12 × 7 = 84"}]
-    assert seen[1] == ask + added[:2] and shown == ['🔧 calculator({"expression": "12*7"}) -> {"result": 84}']
+    assert seen[1] == ask + added[:2]
+    assert capsys.readouterr().out == '🔧 calculator({"expression": "12*7"}) -> {"result": 84}\n'
     # a model that keeps calling stops after tool_rounds; without tools a call is just text
     looping = lambda messages: '<tool_call>\n{"name": "calendar", "arguments": {"date": "2024-01-01"}}\n</tool_call>'
-    assert len(eval_llm.chat_turn(looping, ask, tools.TOOLS, tool_rounds=2, show=lambda _: None)) == 2 * 2 + 1
-    assert eval_llm.chat_turn(looping, ask, None) == [{"role": "assistant", "content": looping(None)}]
+    assert len(tool_turn(looping, ask, tools.TOOLS, tool_rounds=2)) == 2 * 2 + 1
+    assert tool_turn(looping, ask, None) == [{"role": "assistant", "content": looping(None)}]
