@@ -23,7 +23,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 
-from model import kernels  # which torch kernel a device gets for attention and the experts, and why
+# Which torch kernel a device gets for attention and the experts, and why. A relative import, so that transformers'
+# save_pretrained copies kernels.py beside this file into an exported (trust_remote_code) model folder.
+from .kernels import attention as fast_attention, can_group_experts, grouped_experts, packed_rows
 
 
 # The two generations of MiniMind. MiniMind2 (2025): 2 key-value heads, SwiGLU width 8/3 of the hidden size,
@@ -246,7 +248,7 @@ class Attention(nn.Module):
         # and nothing to mask for a single new token after the cache.
         is_causal = attn_mask is None and seq_len > 1
         if self.use_sdpa or documents is not None:  # SDPA's flash / memory-efficient kernels, or varlen flash
-            out = kernels.attention(q, k, v, attn_mask, dropout_p, is_causal, documents)
+            out = fast_attention(q, k, v, attn_mask, dropout_p, is_causal, documents)
         else:  # the same computation written out: softmax(q k^T / sqrt(d) + mask) v
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -342,9 +344,9 @@ class MOEFeedForward(nn.Module):
         topk_idx, topk_weight, self.aux_loss = self.gate(x)
         tokens = x.reshape(-1, hidden)
         # expert dropout only exists on the per-expert path
-        if kernels.can_group_experts(tokens, self.config.hidden_size, self.config.intermediate_size) and \
+        if can_group_experts(tokens, self.config.hidden_size, self.config.intermediate_size) and \
                 not (self.training and self.config.dropout > 0):
-            routed = kernels.grouped_experts(self.experts, self.act_fn, tokens, topk_idx, topk_weight)
+            routed = grouped_experts(self.experts, self.act_fn, tokens, topk_idx, topk_weight)
         else:
             routed = self.dense_experts(tokens, topk_idx, topk_weight)
         out = routed.view(batch, seq_len, hidden)
@@ -454,7 +456,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
         cos = self.freqs_cos[position_ids].unsqueeze(1).to(hidden.dtype)  # [B|1, 1, T, head_dim]
         sin = self.freqs_sin[position_ids].unsqueeze(1).to(hidden.dtype)
         if packed:  # attention kept inside each document: varlen flash attention or a block-diagonal mask
-            attn_mask, documents = kernels.packed_rows(position_ids.expand(batch, seq_len), hidden,
+            attn_mask, documents = packed_rows(position_ids.expand(batch, seq_len), hidden,
                                                        dropout=self.training and self.config.dropout)
         else:
             attn_mask, documents = self._attention_mask(attention_mask, batch, seq_len, past_len, hidden.device), None

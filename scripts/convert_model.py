@@ -8,7 +8,7 @@
     python scripts/convert_model.py merge_lora out/full_sft_512.pth out/lora/lora_identity_512.pth out/identity_512.pth
     (any size: depth, width and MoE layout are read off the checkpoint's tensors)
 
-to_transformers: a folder with config.json (model_type "minimind" and an auto_map), model_minimind.py,
+to_transformers: a folder with config.json (model_type "minimind" and an auto_map), model_minimind.py + kernels.py,
     model.safetensors and the tokenizer, for AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
 to_native: the half-precision state_dict that --from_weight / eval_llm.py --weight load.
 to_llama: a dense model as transformers' own LlamaForCausalLM (no remote code), which vLLM and other
