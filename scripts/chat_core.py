@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LogitsProcessorList,
+from transformers import (AutoModelForCausalLM, DynamicCache, LogitsProcessorList,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,8 +25,8 @@ from model.model_lora import apply_lora, load_lora, lora_layout  # noqa: E402
 from model.model_minimind import MiniMindForCausalLM, config_from_state_dict, load_state_dict_strict  # noqa: E402
 from model.qwen3_format import is_qwen3_folder, load_qwen3_folder  # noqa: E402
 from scripts.tools import run_tool  # noqa: E402
-from trainer.trainer_utils import (PROJECT_TOKENIZER, check_tokenizer_fits, has_tokenizer, inference_dtype,  # noqa: E402
-                                   load_tokenizer, pick_device, ready_device, tokenizer_difference)
+from trainer.trainer_utils import (check_tokenizer_fits, inference_dtype, pick_device, ready_device,  # noqa: E402
+                                   tokenizer_for)
 
 # out/{weight}_{hidden}[_moe].pth, the names the training stages write
 WEIGHT_NAME = re.compile(r"^(?P<weight>.+)_(?P<hidden>\d+)(?P<moe>_moe)?\.pth$")
@@ -117,25 +117,20 @@ def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inferenc
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"{path}: a model folder needs config.json (make one with scripts/convert_model.py)")
-        tokenizer = load_tokenizer(tokenizer_dir or (path if has_tokenizer(path) else PROJECT_TOKENIZER))
-        if tokenizer_dir and has_tokenizer(path):
-            difference = tokenizer_difference(AutoTokenizer.from_pretrained(path), tokenizer)
-            if difference:
-                raise SystemExit(f"{path} ships its own tokenizer, and --tokenizer_dir {tokenizer_dir} is another one: "
-                                 f"{difference}. Leave out --tokenizer_dir to use the folder's.")
+        tokenizer, tokenizer_path = tokenizer_for(path, tokenizer_dir)
         if is_qwen3_folder(path):  # a released minimind-3 folder: loaded as our own model, same logits
             model = load_qwen3_folder(path, inference_rope_scaling=inference_rope_scaling)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
     elif os.path.isfile(path):
-        tokenizer = load_tokenizer(tokenizer_dir or PROJECT_TOKENIZER)
+        tokenizer, tokenizer_path = tokenizer_for(path, tokenizer_dir)
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = MiniMindForCausalLM(config_from_state_dict(state, inference_rope_scaling=inference_rope_scaling))
         load_state_dict_strict(model, state, source=path)
     else:
         raise SystemExit(f"{path} is neither a .pth file nor a model folder")
-    if tokenizer_dir or not has_tokenizer(path):  # a folder's own tokenizer is the one it was trained with
-        check_tokenizer_fits(model, tokenizer, tokenizer_dir or PROJECT_TOKENIZER, path, chosen=bool(tokenizer_dir))
+    if tokenizer_path != path:  # a folder's own tokenizer is the one it was trained with
+        check_tokenizer_fits(model, tokenizer, tokenizer_path, path, chosen=bool(tokenizer_dir))
     name = os.path.basename(os.path.normpath(path)).removesuffix(".pth")
     if lora_path:
         if not os.path.isfile(lora_path):

@@ -473,13 +473,10 @@ class Run:
     def load_tokenizer(self):
         """--tokenizer_dir; else the tokenizer a --from_weight model folder ships (a released minimind-3 folder
         does); else model/, this project's. Weights loaded later are checked against it (check_tokenizer_fits)."""
-        path = getattr(self.args, "tokenizer_dir", None)
-        if not path:
-            weight = self.check_from_weight()
-            path = weight if weight and has_tokenizer(weight) else PROJECT_TOKENIZER
-        self.tokenizer, self.tokenizer_dir = load_tokenizer(path), path
-        if path != PROJECT_TOKENIZER:
-            print0(f"tokenizer: {path}")
+        self.tokenizer, self.tokenizer_dir = tokenizer_for(self.check_from_weight(),
+                                                           getattr(self.args, "tokenizer_dir", None))
+        if self.tokenizer_dir != PROJECT_TOKENIZER:
+            print0(f"tokenizer: {self.tokenizer_dir}")
         return self.tokenizer
 
     def load_model(self, from_weight=None, config=None):
@@ -1045,6 +1042,21 @@ def tokenizer_id(tokenizer):
 
 def has_tokenizer(folder):
     return os.path.isdir(folder) and os.path.isfile(os.path.join(folder, "tokenizer.json"))
+
+
+def tokenizer_for(weight, tokenizer_dir=None):
+    """(tokenizer, its folder) for a weight (a .pth file, a model folder, or None): tokenizer_dir; else the one a
+    model folder ships, the one it was trained with; else model/. A tokenizer_dir that differs from the one the
+    folder ships is refused, saying how."""
+    own = weight is not None and has_tokenizer(weight)
+    path = tokenizer_dir or (weight if own else PROJECT_TOKENIZER)
+    tokenizer = load_tokenizer(path)
+    if tokenizer_dir and own:
+        difference = tokenizer_difference(load_tokenizer(weight), tokenizer)
+        if difference:
+            raise SystemExit(f"{weight} ships its own tokenizer, and --tokenizer_dir {tokenizer_dir} is another one: "
+                             f"{difference}. Leave out --tokenizer_dir to use the folder's.")
+    return tokenizer, path
 
 
 def tokenizer_difference(a, b):
