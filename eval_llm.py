@@ -9,7 +9,7 @@ Without --prompts / --prompt_file, it reads prompts from standard input when tha
 (one per line), and asks interactively when it is. Answers stream token by token; --show_speed prints
 tokens per second. --historys N keeps the last N messages of the conversation as context.
 
---tools 1 offers the tools of scripts/tools.py (calculator, dictionary, calendar): when the answer is a
+--tools 1 offers the tools of inference/tools.py (calculator, dictionary, calendar): when the answer is a
 <tool_call>, the call is run, its result goes back as a tool message and the model answers again (at most
 --tool_rounds times per prompt).
 
@@ -23,15 +23,39 @@ import os
 import sys
 import time
 
+from common.cli import HelpFormatter, show_defaults
+from inference.paths import add_model_arguments, resolve_paths
+
+
+def arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--max_new_tokens", type=int, default=512,
+                        help="answer length limit (MiniMind's 8192 lets a small model loop for minutes)")
+    parser.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=0.85)
+    parser.add_argument("--historys", type=int, default=0, help="previous messages kept as context (even number)")
+    parser.add_argument("--show_speed", type=int, default=1)
+    parser.add_argument("--prompts", nargs="*", default=None, help="prompts to answer, then exit")
+    parser.add_argument("--prompt_file", default=None, help="one prompt per line; '-' = standard input")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--tools", type=int, default=0, choices=[0, 1],
+                        help="1 = offer calculator, dictionary and calendar, and run the calls the model makes")
+    parser.add_argument("--tool_rounds", type=int, default=3, help="tool calls run per prompt, at most")
+    parser.add_argument("--open_thinking", type=int, default=None, choices=[0, 1],
+                        help="1 = let the model reason first (minimind-3's template opens <think>), 0 = an empty "
+                             "think block; default: the chat template's own")
+    return show_defaults(parser).parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
 import torch
 from transformers import TextStreamer
 
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, REPO_ROOT)
-from scripts.chat_core import (add_model_arguments, load_chat_model, opened_think, resolve_paths,  # noqa: E402
-                               thinking_kwargs, tool_turn)
-from scripts.tools import TOOLS  # noqa: E402
-from trainer.trainer_utils import HelpFormatter, show_defaults  # noqa: E402
+from inference.chat_core import load_chat_model, opened_think, thinking_kwargs, tool_turn
+from inference.tools import TOOLS
 
 
 def load_model(args):
@@ -82,26 +106,7 @@ def print_calls(calls, results):
         print(f"🔧 {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> {result}", flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_model_arguments(parser)
-    parser.add_argument("--max_new_tokens", type=int, default=512,
-                        help="answer length limit (MiniMind's 8192 lets a small model loop for minutes)")
-    parser.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
-    parser.add_argument("--top_p", type=float, default=0.85)
-    parser.add_argument("--historys", type=int, default=0, help="previous messages kept as context (even number)")
-    parser.add_argument("--show_speed", type=int, default=1)
-    parser.add_argument("--prompts", nargs="*", default=None, help="prompts to answer, then exit")
-    parser.add_argument("--prompt_file", default=None, help="one prompt per line; '-' = standard input")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--tools", type=int, default=0, choices=[0, 1],
-                        help="1 = offer calculator, dictionary and calendar, and run the calls the model makes")
-    parser.add_argument("--tool_rounds", type=int, default=3, help="tool calls run per prompt, at most")
-    parser.add_argument("--open_thinking", type=int, default=None, choices=[0, 1],
-                        help="1 = let the model reason first (minimind-3's template opens <think>), 0 = an empty "
-                             "think block; default: the chat template's own")
-    args = show_defaults(parser).parse_args()
-
+def main(args):
     model, tokenizer = load_model(args)
     streamer = PrintStreamer(tokenizer)
     tools = TOOLS if args.tools else None
@@ -109,7 +114,7 @@ def main():
     def generate(messages):
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
                                              **thinking_kwargs(None if args.open_thinking is None else bool(args.open_thinking)))
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(args.device)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
         # a prompt that opened <think> leaves the reply without it: put it back, so the reply reads whole
         opened = opened_think(tokenizer, inputs["input_ids"][0].tolist())
         print("🤖: " + opened, end="", flush=True)
@@ -138,4 +143,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

@@ -25,18 +25,13 @@ from torch.utils.data import Dataset
 
 import datasets
 from jinja2 import TemplateError
-from scripts.download_data import FILES as DOWNLOADABLE  # the full MiniMind data files, by name
+from dataset.files import FILES as DOWNLOADABLE  # the full MiniMind data files, by name
 
 ASSISTANT_START = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
 ROLES = {"system", "user", "assistant", "tool"}
 CACHE_VERSION = "4"  # bump when the tokenisation logic below changes
 CUT_OFF = "cut off"  # a well-formed row whose answer lies beyond max_length: left out and counted
-
-# Where the bundled demo stand-ins of the full MiniMind datasets live (relative to dataset/).
-DEMO_STAND_INS = {"pretrain_hq.jsonl": "demo/pretrain.jsonl", "sft_mini_512.jsonl": "demo/sft.jsonl",
-                  "dpo.jsonl": "demo/dpo.jsonl", "r1_mix_1024.jsonl": "demo/r1.jsonl",
-                  "rlaif-mini.jsonl": "demo/rlaif.jsonl", "lora_identity.jsonl": "demo/lora_identity.jsonl"}
 
 
 class DataError(ValueError):

@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from model.weights import load_state_dict_strict
 
 QWEN3_TYPES = ("qwen3", "qwen3_moe")
 

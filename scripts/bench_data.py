@@ -20,6 +20,7 @@ import time
 import psutil
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
 
 
 def generate(path, size_gb, seed=0):
@@ -40,7 +41,6 @@ def generate(path, size_gb, seed=0):
 
 def child(args):
     """Runs in a fresh process: build the dataset, then time the first batches of a DataLoader."""
-    sys.path.insert(0, REPO_ROOT)
     start = time.perf_counter()
     import datasets
     from torch.utils.data import DataLoader

@@ -12,14 +12,34 @@ import platform
 import sys
 import time
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
+
+
+def arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cuda / cuda:1 / mps / cpu (default: the best available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="autocast dtype (default: bfloat16 on CUDA, float16 before sm80; float32 elsewhere)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=340)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--prompt_len", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--skip_decode", action="store_true")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-from trainer_utils import (benchmark_setup, peak_memory_gib, peak_tflops, pick_device, reset_peak_memory,  # noqa: E402
-                           synchronize, training_flops_per_token)
+from common.bench import benchmark_setup, peak_memory_gib, peak_tflops, reset_peak_memory, training_flops_per_token
+from common.device import synchronize
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+
 
 MODELS = {
     "dense 512x8 (MiniMind2-Small)": dict(hidden_size=512, num_hidden_layers=8),
@@ -93,19 +113,7 @@ def bench_decode(args, device, dtype):
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default=pick_device(), help="cuda / cuda:1 / mps / cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="autocast dtype (default: bfloat16 on CUDA, float16 before sm80; float32 elsewhere)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--seq_len", type=int, default=340)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--prompt_len", type=int, default=16)
-    parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--skip_decode", action="store_true")
-    args = parser.parse_args()
+def main(args):
     device, dtype = benchmark_setup(args.device, args.dtype)  # cuda:N made current; fp16 before sm80
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -139,4 +147,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

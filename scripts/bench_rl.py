@@ -6,7 +6,7 @@
 One step = sampling 8 answers to one prompt with the KV cache (forced to exactly --new_tokens tokens),
 rule rewards, reference log-probs, policy log-probs, the GRPO loss, backward and an AdamW step, i.e. what
 trainer/train_grpo.py does per prompt. The phases are timed separately; peak memory is the process's
-resident set on CPU (ru_maxrss) and the peak allocated by tensors on a GPU (trainer_utils.peak_memory_gib).
+resident set on CPU (ru_maxrss) and the peak allocated by tensors on a GPU (common/bench.py peak_memory_gib).
 """
 import argparse
 import copy
@@ -15,29 +15,36 @@ import platform
 import sys
 import time
 
-import torch
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-from rewards import rule_rewards  # noqa: E402
-from rollout import completion_logprobs, masked_mean, sample  # noqa: E402
-from losses import clipped_objective, group_advantages, k3_kl  # noqa: E402
-from trainer_utils import (benchmark_setup, peak_memory_gib, pick_device, reset_peak_memory,  # noqa: E402
-                           synchronize)
+sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
 
 
-def main():
+def arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default=pick_device(), help="cuda / cuda:1 / mps / cpu")
+    parser.add_argument("--device", default=None, help="cuda / cuda:1 / mps / cpu (default: the best available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_hidden_layers", type=int, default=8)
     parser.add_argument("--num_generations", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
+import torch
+
+from common.bench import benchmark_setup, peak_memory_gib, reset_peak_memory
+from common.device import synchronize
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.losses import clipped_objective, group_advantages, k3_kl
+from trainer.rewards import rule_rewards
+from trainer.rollout import completion_logprobs, masked_mean, sample
+
+
+def main(args):
     device, dtype = benchmark_setup(args.device, args.dtype)  # cuda:N made current; fp16 before sm80
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
@@ -91,4 +98,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

@@ -7,7 +7,7 @@
 Starts the server on a free localhost port, sends each batch of clients at once (greedy, fixed
 max_tokens, so every answer has the same length), and prints per client count: time to first token
 (median / worst), whole-request latency (median / worst) and generated tokens per second over all
-clients. Concurrent requests share the server's decoding steps (scripts/batching.py, up to --max_batch
+clients. Concurrent requests share the server's decoding steps (inference/batching.py, up to --max_batch
 rows), so the total rate grows with the clients; with --max_batch 1 they take turns.
 """
 import argparse
@@ -19,6 +19,20 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+
+
+def arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load_from", required=True, help="a .pth file or a transformers folder")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max_batch", type=int, default=16, help="the server's --max_batch")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
 
 from openai import OpenAI
 
@@ -39,15 +53,7 @@ def one_request(client, max_tokens):
     return first or 0.0, time.perf_counter() - start, tokens
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load_from", required=True, help="a .pth file or a transformers folder")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--max_tokens", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max_batch", type=int, default=16, help="the server's --max_batch")
-    args = parser.parse_args()
-
+def main(args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -81,4 +87,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

@@ -11,7 +11,7 @@ batch), or --packing 1 ("packed": pretraining rows filled with whole documents, 
 in nanoGPT; SFT rows filled with whole conversations, attention kept inside each one).
 Only real tokens count. Each setting runs warm-up steps, then the mean over the timed steps.
 MFU = training FLOPs of the real tokens (6 x active parameters + attention) per second over the GPU's
-dense peak for the dtype (trainer_utils.PEAK_TFLOPS; "-" on CPUs and unlisted GPUs).
+dense peak for the dtype (common/bench.py PEAK_TFLOPS; "-" on CPUs and unlisted GPUs).
 """
 import argparse
 import os
@@ -19,15 +19,35 @@ import platform
 import sys
 import time
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
+
+
+def arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cuda / cuda:1 / mps / cpu (default: the best available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--hidden_size", type=int, default=512)
+    parser.add_argument("--num_hidden_layers", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_seq_len", type=int, default=340)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--skip_compile", action="store_true")
+    parser.add_argument("--data", default="pretrain", choices=["pretrain", "sft"])
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-from dataset.lm_dataset import PretrainDataset, SFTDataset, pad_batch  # noqa: E402
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-from trainer_utils import (ResumableBatchSampler, benchmark_setup, peak_tflops, pick_device,  # noqa: E402
-                           synchronize, training_flops_per_token)
+from common.bench import benchmark_setup, peak_tflops, training_flops_per_token
+from common.device import synchronize
+from dataset.lm_dataset import PretrainDataset, SFTDataset, pad_batch
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.resume import ResumableBatchSampler
 
 
 def bench(dataset, args, device, dtype, compile_model, lengths=None):
@@ -64,19 +84,7 @@ def bench(dataset, args, device, dtype, compile_model, lengths=None):
                 mfu=flops / seconds / (peak * 1e12) if peak else None)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default=pick_device(), help="cuda / cuda:1 / mps / cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--hidden_size", type=int, default=512)
-    parser.add_argument("--num_hidden_layers", type=int, default=8)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_seq_len", type=int, default=340)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--skip_compile", action="store_true")
-    parser.add_argument("--data", default="pretrain", choices=["pretrain", "sft"])
-    args = parser.parse_args()
+def main(args):
     device, dtype = benchmark_setup(args.device, args.dtype)  # cuda:N made current; fp16 before sm80
     from transformers import AutoTokenizer
     import datasets
@@ -107,4 +115,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

@@ -37,6 +37,7 @@ import zipfile
 from dataclasses import dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
 OUT_DIR = os.path.join(REPO_ROOT, "dataset", "demo")
 SEED = 2026
 EVAL_FRACTION = 0.05
@@ -680,7 +681,7 @@ def cedict_rows(entries):
     return docs, sft
 
 
-# Tool conversations: every row offers all three tools (scripts/tools.py), so the model has to pick one.
+# Tool conversations: every row offers all three tools (inference/tools.py), so the model has to pick one.
 CALC_OPERATORS = [("+", "+", "加", "plus"), ("-", "-", "减", "minus"), ("*", "×", "乘以", "times"),
                   ("/", "÷", "除以", "divided by")]
 
@@ -733,8 +734,7 @@ def tool_answer(name, lang, result, shown):
 def tool_rows(names, rng, train_count, eval_count, entries=None):
     """(training rows, held-out rows) of tool conversations: the request, the call, the result (run by the
     real tool), the answer. Requests are drawn until each side has its count; the side is is_held_out's."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from tools import TOOLS, run_tool, use_dictionary
+    from inference.tools import TOOLS, run_tool, use_dictionary
     if entries is not None:
         use_dictionary(entries)
     train, held, seen = [], [], set()

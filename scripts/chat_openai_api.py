@@ -10,8 +10,6 @@ import argparse
 import os
 import sys
 
-from openai import OpenAI
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,6 +23,7 @@ def main():
     parser.add_argument("--stream", type=int, default=1, choices=[0, 1])
     parser.add_argument("--prompts", nargs="*", default=None, help="prompts to send, then exit")
     args = parser.parse_args()
+    from openai import OpenAI  # imported after parsing, so that --help answers at once
 
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)
     model = args.model or client.models.list().data[0].id

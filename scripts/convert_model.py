@@ -27,18 +27,52 @@ import os
 import shutil
 import sys
 
-import torch
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-from model.model_lora import apply_lora, atomic_torch_save, load_lora, lora_layout, merge_lora  # noqa: E402
-from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, config_from_state_dict,  # noqa: E402
-                                  load_state_dict_strict)
-from model.qwen3_format import qwen3_config, to_qwen3_state_dict  # noqa: E402
-
-sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+GGUF_OUTTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+
+
+def arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="direction", required=True)
+    for name, source, target in (("to_transformers", "a native .pth", "the model folder to write"),
+                                 ("to_llama", "a native .pth of a dense model", "the model folder to write"),
+                                 ("to_qwen3", "a native .pth of a minimind-3 model", "the model folder to write"),
+                                 ("to_native", "a transformers model folder", "the .pth file to write")):
+        command = commands.add_parser(name, help=f"{source} -> {target}")
+        command.add_argument("source", help=source)
+        command.add_argument("target", help=target)
+        command.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+        if name == "to_qwen3":
+            command.add_argument("--tokenizer_dir", default=os.path.join(REPO_ROOT, "model"),
+                                 help="the tokenizer the weight was trained with (default: the repository's)")
+    command = commands.add_parser("to_gguf", help="a native .pth of a dense model -> one GGUF file and a Modelfile")
+    command.add_argument("source", help="a native .pth of a dense model")
+    command.add_argument("target", help="the .gguf file to write (NAME.Modelfile for Ollama is written beside NAME.gguf)")
+    command.add_argument("--outtype", default="f16", choices=list(GGUF_OUTTYPES),
+                         help="weight type of the 2-D tensors (norms stay f32)")
+    command.add_argument("--tokenizer_dir", default=os.path.join(REPO_ROOT, "model"),
+                         help="folder with tokenizer.json and tokenizer_config.json (default: the repository's)")
+    command = commands.add_parser("merge_lora", help="a base .pth + a LoRA .pth -> one .pth with the LoRA folded in")
+    command.add_argument("source", help="the base weight the LoRA was trained on (a native .pth)")
+    command.add_argument("lora", help="the LoRA file (out/lora/*.pth)")
+    command.add_argument("target", help="the merged .pth to write")
+    command.add_argument("--lora_alpha", type=float, default=None, help="as used in training (default: none)")
+    command.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
+import torch
+
+from model.model_lora import apply_lora, atomic_torch_save, load_lora, lora_layout, merge_lora
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from model.qwen3_format import qwen3_config, to_qwen3_state_dict
+from model.weights import config_from_state_dict, load_state_dict_strict
 
 
 def load_native(path):
@@ -118,9 +152,6 @@ def to_qwen3(pth, out_dir, dtype=torch.float16, tokenizer_dir=os.path.join(REPO_
 
 
 # GGUF keeps 1-D tensors (the RMSNorm weights) in f32 whatever the file type, as llama.cpp's own converter does.
-GGUF_OUTTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
-
-
 def rope_pairs_interleaved(weight, n_heads):
     """q_proj / k_proj rows reordered for llama.cpp's Llama RoPE, which rotates adjacent pairs (x0, x1), (x2, x3)...
     where MiniMind (like transformers' Llama) rotates (x_i, x_{i + d/2}): within each head, row i of the first half
@@ -298,34 +329,7 @@ def merge_lora_file(base_pth, lora_pth, out_pth, lora_alpha=None, dtype=torch.fl
     return out_pth
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="direction", required=True)
-    for name, source, target in (("to_transformers", "a native .pth", "the model folder to write"),
-                                 ("to_llama", "a native .pth of a dense model", "the model folder to write"),
-                                 ("to_qwen3", "a native .pth of a minimind-3 model", "the model folder to write"),
-                                 ("to_native", "a transformers model folder", "the .pth file to write")):
-        command = commands.add_parser(name, help=f"{source} -> {target}")
-        command.add_argument("source", help=source)
-        command.add_argument("target", help=target)
-        command.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-        if name == "to_qwen3":
-            command.add_argument("--tokenizer_dir", default=os.path.join(REPO_ROOT, "model"),
-                                 help="the tokenizer the weight was trained with (default: the repository's)")
-    command = commands.add_parser("to_gguf", help="a native .pth of a dense model -> one GGUF file and a Modelfile")
-    command.add_argument("source", help="a native .pth of a dense model")
-    command.add_argument("target", help="the .gguf file to write (NAME.Modelfile for Ollama is written beside NAME.gguf)")
-    command.add_argument("--outtype", default="f16", choices=list(GGUF_OUTTYPES),
-                         help="weight type of the 2-D tensors (norms stay f32)")
-    command.add_argument("--tokenizer_dir", default=os.path.join(REPO_ROOT, "model"),
-                         help="folder with tokenizer.json and tokenizer_config.json (default: the repository's)")
-    command = commands.add_parser("merge_lora", help="a base .pth + a LoRA .pth -> one .pth with the LoRA folded in")
-    command.add_argument("source", help="the base weight the LoRA was trained on (a native .pth)")
-    command.add_argument("lora", help="the LoRA file (out/lora/*.pth)")
-    command.add_argument("target", help="the merged .pth to write")
-    command.add_argument("--lora_alpha", type=float, default=None, help="as used in training (default: none)")
-    command.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    args = parser.parse_args()
+def main(args):
     if args.direction == "to_transformers":
         print(to_transformers(args.source, args.target, getattr(torch, args.dtype)))
     elif args.direction == "to_llama":
@@ -341,4 +345,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

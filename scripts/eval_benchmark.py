@@ -29,13 +29,29 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from inference.paths import add_model_arguments, resolve_paths
+
+
+def arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True, help="a folder of C-Eval / CMMLU style CSV files")
+    add_model_arguments(parser)
+    parser.add_argument("--prompt_style", default="chat", choices=["chat", "plain"])
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=0, help="at most this many questions per subject (0 = all)")
+    parser.add_argument("--output", default=None, help="also write the scores (and every prediction) as JSON")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chat_core import REPO_ROOT, add_model_arguments, load_chat_model, render, resolve_paths  # noqa: E402
+from inference.chat_core import load_chat_model, render
+from trainer.rollout import encode_prompts, positions  # the RL stages' left padding
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-from rollout import encode_prompts, positions  # noqa: E402  (the RL stages' left padding)
 
 CHOICES = "ABCD"
 PROMPT = "以下是关于{subject}的单项选择题，请直接给出正确答案的选项。\n\n{question}\n" \
@@ -86,16 +102,7 @@ def predict(chat, prompts, batch_size=16):
     return letters
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", required=True, help="a folder of C-Eval / CMMLU style CSV files")
-    add_model_arguments(parser)
-    parser.add_argument("--prompt_style", default="chat", choices=["chat", "plain"])
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--limit", type=int, default=0, help="at most this many questions per subject (0 = all)")
-    parser.add_argument("--output", default=None, help="also write the scores (and every prediction) as JSON")
-    args = parser.parse_args()
-
+def main(args):
     files = sorted(glob.glob(os.path.join(args.data_dir, "*.csv")))
     if not files:
         raise SystemExit(f"{args.data_dir}: no .csv files (expected one C-Eval / CMMLU CSV per subject)")
@@ -124,4 +131,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

@@ -6,7 +6,7 @@ right arguments?
 
 Each row of --data (default: the demo's tools_eval.jsonl files) is {"conversations": [{"role": "user", ...}, ...],
 "tools": [...], "call": {"name", "arguments"}}: the first user turn is asked with the row's tools offered, the
-greedy reply is read the way the server reads it (<tool_call> JSON blocks, scripts/chat_core.py split_reply), and
+greedy reply is read the way the server reads it (<tool_call> JSON blocks, inference/chat_core.py split_reply), and
 its first call is compared with "call". Arguments count as right when the tool gives the same result for them
 as for the expected ones (so "12*7" and "12 * 7" are both right), and that result is not an error.
 """
@@ -15,13 +15,28 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chat_core import (REPO_ROOT, add_model_arguments, greedy_replies, load_chat_model, render, resolve_paths,  # noqa: E402
-                       split_reply)
-from tools import run_tool  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from inference.paths import REPO_ROOT, add_model_arguments, resolve_paths
 
 DEMO_REQUESTS = [os.path.join(REPO_ROOT, "dataset", "demo", "tools_eval.jsonl"),
                  os.path.join(REPO_ROOT, "dataset", "demo", "cedict", "tools_eval.jsonl")]
+
+
+def arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--data", default=",".join(DEMO_REQUESTS), help="comma-separated JSONL files of requests")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=0, help="at most this many requests (0 = all)")
+    parser.add_argument("--output", default=None, help="also write every reply and its scores as JSON")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
+from inference.chat_core import greedy_replies, load_chat_model, render, split_reply
+from inference.tools import run_tool
 
 
 def read_requests(paths):
@@ -60,15 +75,7 @@ def tool_call_scores(model, tokenizer, rows, batch_size=16, max_new_tokens=48):
     return [dict(kind=r.get("kind", r["call"]["name"]), reply=t, **score_call(t, r["call"])) for r, t in zip(rows, replies)]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
-    parser.add_argument("--data", default=",".join(DEMO_REQUESTS), help="comma-separated JSONL files of requests")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--limit", type=int, default=0, help="at most this many requests (0 = all)")
-    parser.add_argument("--output", default=None, help="also write every reply and its scores as JSON")
-    args = parser.parse_args()
-
+def main(args):
     paths = [p for p in args.data.split(",") if p]
     for path in paths:
         if not os.path.isfile(path):
@@ -90,4 +97,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

@@ -31,11 +31,9 @@ import subprocess
 import sys
 import tempfile
 
-import torch
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-from trainer_utils import GPU_CHECK_ENV, HelpFormatter, show_defaults  # noqa: E402
+sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
+from common.cli import HelpFormatter, show_defaults
 
 # (stage, script, arguments, the stage whose weight it starts from)
 STAGES = [
@@ -50,6 +48,30 @@ STAGES = [
     ("grpo", "train_grpo.py", ["--from_weight", "full_sft", "--reasoning", "0", "--num_generations", "4"], "full_sft"),
     ("spo", "train_spo.py", ["--from_weight", "full_sft", "--reasoning", "0"], "full_sft"),
 ]
+
+
+def arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--device", default=None, help="cuda / cuda:1 / mps / cpu (default: cuda when torch sees a GPU)")
+    parser.add_argument("--nproc", type=int, default=None, help="processes (GPUs) to use; default: every GPU found")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--hidden_size", type=int, default=512)
+    parser.add_argument("--num_hidden_layers", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=16, help="rows per process (RL stages: 2 prompts)")
+    parser.add_argument("--max_seq_len", type=int, default=340)
+    parser.add_argument("--max_gen_len", type=int, default=128, help="longest sampled answer in the RL stages")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per stage")
+    parser.add_argument("--stages", default=",".join(s[0] for s in STAGES), help="comma-separated subset")
+    parser.add_argument("--keep", default=None, help="keep the weights, metrics and reports in this folder")
+    return show_defaults(parser).parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
+import torch
+
+from common.bench import GPU_CHECK_ENV
 
 
 def stage_command(stage, script, extra, args, out, nproc):
@@ -103,20 +125,7 @@ def describe(device):
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--device", default=None, help="cuda / cuda:1 / mps / cpu (default: cuda when torch sees a GPU)")
-    parser.add_argument("--nproc", type=int, default=None, help="processes (GPUs) to use; default: every GPU found")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--hidden_size", type=int, default=512)
-    parser.add_argument("--num_hidden_layers", type=int, default=8)
-    parser.add_argument("--batch_size", type=int, default=16, help="rows per process (RL stages: 2 prompts)")
-    parser.add_argument("--max_seq_len", type=int, default=340)
-    parser.add_argument("--max_gen_len", type=int, default=128, help="longest sampled answer in the RL stages")
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per stage")
-    parser.add_argument("--stages", default=",".join(s[0] for s in STAGES), help="comma-separated subset")
-    parser.add_argument("--keep", default=None, help="keep the weights, metrics and reports in this folder")
-    args = show_defaults(parser).parse_args()
+def main(args):
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.device == "cpu":
@@ -172,4 +181,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

@@ -36,24 +36,48 @@ import subprocess
 import sys
 import time
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
+from common.cli import HelpFormatter, show_defaults
+
+
+def arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--hidden_size", type=int, default=192)
+    parser.add_argument("--num_hidden_layers", type=int, default=4)
+    parser.add_argument("--pretrain_epochs", type=int, default=2)
+    parser.add_argument("--sft_epochs", type=int, default=2)
+    parser.add_argument("--lora_epochs", type=int, default=40)
+    parser.add_argument("--student_hidden_size", type=int, default=96)
+    parser.add_argument("--student_num_layers", type=int, default=2)
+    parser.add_argument("--grpo_steps", type=int, default=64)
+    parser.add_argument("--kd_steps", type=int, default=200, help="optimizer steps of each KD run (about a third of an epoch)")
+    parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "out"))
+    parser.add_argument("--quick", action="store_true", help="tiny model, a few steps per stage: a smoke test")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="training precision of every stage; default float32 on a CPU (bf16 autocast is often "
+                        "slower there, and the README's numbers are fp32) and bfloat16 on a GPU")
+    return show_defaults(parser).parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
 import torch
 import torch.nn.functional as F
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-from dataset.lm_dataset import DPODataset, PretrainDataset, SFTDataset, pad_batch  # noqa: E402
-from model.model_lora import apply_lora, load_lora  # noqa: E402
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_state_dict_strict  # noqa: E402
-from scripts.chat_core import greedy_replies, render  # noqa: E402
-from scripts.eval_toolcall import DEMO_REQUESTS, read_requests, tool_call_scores  # noqa: E402
-from scripts.plot_metrics import plot  # noqa: E402
+from common.device import choose_dtype, pick_device
+from dataset.lm_dataset import DPODataset, PretrainDataset, SFTDataset, pad_batch, stack_pairs
+from inference.chat_core import greedy_replies, render
+from model.model_lora import apply_lora, load_lora
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from model.weights import load_state_dict_strict
+from scripts.eval_toolcall import DEMO_REQUESTS, read_requests, tool_call_scores
+from scripts.plot_metrics import plot
+from trainer.losses import sequence_logps
+from trainer.rewards import answer_reward, normalise, rule_rewards
+from trainer.rollout import sample
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-from rewards import answer_reward, normalise, rule_rewards  # noqa: E402
-from rollout import sample  # noqa: E402
-from trainer_utils import HelpFormatter, choose_dtype, pick_device, show_defaults  # noqa: E402
-from losses import sequence_logps  # noqa: E402
-from dataset.lm_dataset import stack_pairs  # noqa: E402
 
 DEMO = os.path.join(REPO_ROOT, "dataset", "demo")
 
@@ -185,23 +209,7 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--hidden_size", type=int, default=192)
-    parser.add_argument("--num_hidden_layers", type=int, default=4)
-    parser.add_argument("--pretrain_epochs", type=int, default=2)
-    parser.add_argument("--sft_epochs", type=int, default=2)
-    parser.add_argument("--lora_epochs", type=int, default=40)
-    parser.add_argument("--student_hidden_size", type=int, default=96)
-    parser.add_argument("--student_num_layers", type=int, default=2)
-    parser.add_argument("--grpo_steps", type=int, default=64)
-    parser.add_argument("--kd_steps", type=int, default=200, help="optimizer steps of each KD run (about a third of an epoch)")
-    parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "out"))
-    parser.add_argument("--quick", action="store_true", help="tiny model, a few steps per stage: a smoke test")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="training precision of every stage; default float32 on a CPU (bf16 autocast is often "
-                        "slower there, and the README's numbers are fp32) and bfloat16 on a GPU")
-    args = show_defaults(parser).parse_args()
+def main(args):
     device = torch.device(pick_device())
     # Decided once here (with its notice, if bf16 is not native), then passed to every stage.
     requested = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
@@ -416,4 +424,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

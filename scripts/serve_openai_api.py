@@ -21,7 +21,7 @@ for a reply without reasoning, true lets it reason (minimind-3's template then o
 Binds 127.0.0.1:8998 unless --host / --port say otherwise; --api_key makes every request need
 `Authorization: Bearer KEY`. Bodies over --max_body_mb get 413, JSON nested deeper than 64 levels 400.
 The prompt is fitted to --max_seq_len - max_tokens tokens by dropping the oldest turns. Concurrent requests
-are batched (scripts/batching.py): up to --max_batch of them share each decoding step, a new one joins at the
+are batched (inference/batching.py): up to --max_batch of them share each decoding step, a new one joins at the
 next token and a finished one leaves at once; each keeps its own sampling settings, seed and stop strings.
 """
 import argparse
@@ -34,15 +34,40 @@ import time
 import uuid
 from contextlib import closing
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from common.cli import HelpFormatter, show_defaults
+from inference.paths import add_model_arguments, resolve_paths
+
+
+def arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--max_seq_len", type=int, default=8192, help="prompt + completion tokens per request")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (use --api_key)")
+    parser.add_argument("--port", type=int, default=8998)
+    parser.add_argument("--max_body_mb", type=float, default=4, help="larger request bodies get 413")
+    parser.add_argument("--max_batch", type=int, default=16,
+                        help="requests decoded together (more wait for a free row); 1 = one at a time")
+    # The key's default is read after parsing, so that --help never prints a key from the environment.
+    parser.add_argument("--api_key", default=None,
+                        help="require 'Authorization: Bearer KEY'; when not given, $MINIMIND_API_KEY if set, else no key")
+    args = show_defaults(parser).parse_args(argv)
+    args.api_key = args.api_key or os.environ.get("MINIMIND_API_KEY")
+    if args.max_batch < 1:
+        parser.error(f"--max_batch must be at least 1 (1 = one request at a time), got {args.max_batch}")
+    return args
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batching import Batcher  # noqa: E402
-from chat_core import (PromptTooLong, add_model_arguments, fit_prompt, load_chat_model, opened_think,  # noqa: E402
-                       resolve_paths, split_reply, thinking_kwargs)
-from trainer.trainer_utils import HelpFormatter, show_defaults  # noqa: E402  (chat_core put the repo on the path)
+from inference.batching import Batcher
+from inference.chat_core import PromptTooLong, fit_prompt, load_chat_model, opened_think, split_reply, thinking_kwargs
+
 
 DEFAULT_MAX_TOKENS = 1024
 ROLES = ("system", "user", "assistant", "tool")
@@ -340,23 +365,7 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
     return app
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_model_arguments(parser)
-    parser.add_argument("--max_seq_len", type=int, default=8192, help="prompt + completion tokens per request")
-    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (use --api_key)")
-    parser.add_argument("--port", type=int, default=8998)
-    parser.add_argument("--max_body_mb", type=float, default=4, help="larger request bodies get 413")
-    parser.add_argument("--max_batch", type=int, default=16,
-                        help="requests decoded together (more wait for a free row); 1 = one at a time")
-    # The key's default is read after parsing, so that --help never prints a key from the environment.
-    parser.add_argument("--api_key", default=None,
-                        help="require 'Authorization: Bearer KEY'; when not given, $MINIMIND_API_KEY if set, else no key")
-    args = show_defaults(parser).parse_args()
-    args.api_key = args.api_key or os.environ.get("MINIMIND_API_KEY")
-    if args.max_batch < 1:
-        parser.error(f"--max_batch must be at least 1 (1 = one request at a time), got {args.max_batch}")
-
+def main(args):
     path, lora_path = resolve_paths(args)
     chat = load_chat_model(path, lora_path, args.lora_alpha, args.device, args.inference_rope_scaling,
                            args.tokenizer_dir)
@@ -372,4 +381,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

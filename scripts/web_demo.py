@@ -8,7 +8,7 @@ The sidebar offers every native weight (out/{weight}_{hidden}[_moe].pth) and tra
 in out/ and out/demo/, the paths in $MINIMIND_MODEL_PATHS (separated by ':'), any path typed in, or an
 OpenAI-compatible API (scripts/serve_openai_api.py or any other). Answers stream; a reasoning model's
 <think>…</think> part is shown folded above the answer. What the user types is shown as plain text.
-With "Tools" on, the model is offered the tools of scripts/tools.py; each call it makes is run, shown folded
+With "Tools" on, the model is offered the tools of inference/tools.py; each call it makes is run, shown folded
 with its result, and answered again (at most TOOL_ROUNDS calls per question).
 """
 import json
@@ -18,10 +18,11 @@ import sys
 import streamlit as st
 from openai import OpenAI
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chat_core import (REPO_ROOT, find_local_models, fit_prompt, load_chat_model, newest_chat_model,  # noqa: E402
-                       opened_think, split_reply, stream_reply, thinking_kwargs, tool_turn)
-from scripts.tools import TOOLS  # noqa: E402  (chat_core put the repository root on the path)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from inference.chat_core import (fit_prompt, load_chat_model, opened_think, split_reply, stream_reply, thinking_kwargs,
+                                 tool_turn)
+from inference.paths import REPO_ROOT, find_local_models, newest_chat_model
+from inference.tools import TOOLS
 
 MAX_SEQ_LEN = 8192  # prompt + answer tokens; older turns are dropped to fit
 TOOL_ROUNDS = 3
@@ -108,78 +109,84 @@ def api_stream(base_url, api_key, model, messages, settings, tools=None, open_th
             thinking = False
 
 
-st.set_page_config(page_title="MiniMind", page_icon="🤖")
-st.session_state.setdefault("messages", [])
+def main():
+    """The page: Streamlit runs this script top to bottom again on every interaction."""
+    st.set_page_config(page_title="MiniMind", page_icon="🤖")
+    st.session_state.setdefault("messages", [])
 
-with st.sidebar:
-    st.header("MiniMind")
-    source = st.radio("Model source", [LOCAL, API], key="source")
-    if source == LOCAL:
-        choices, first = local_choices()
-        path = st.selectbox("Model", choices, key="model_path", index=first, format_func=shown)
-        typed = st.text_input("…or a weight / folder path", key="typed_path", help="used instead of the choice above")
-        path = typed.strip() or path
-        if not path:
-            st.info("No weights in out/ yet: run `python scripts/run_demo.py` or type a path.")
-        tokenizer_dir = st.text_input("Tokenizer folder (empty = the model folder's own, else model/)",
-                                      os.environ.get("MINIMIND_TOKENIZER_DIR", ""), key="tokenizer_dir",
-                                      help="a minimind-3 .pth needs its released folder here")
-    else:
-        base_url = st.text_input("Base URL", "http://127.0.0.1:8998/v1", key="base_url")
-        api_key = st.text_input("API key", type="password", key="api_key")
-        api_model = st.text_input("Model id (empty = the first one listed)", key="api_model")
-    history_length = st.slider("History messages", 0, 20, 4, step=2, key="history")
-    settings = dict(temperature=st.slider("Temperature", 0.0, 1.5, 0.85, 0.05, key="temperature"),
-                    top_p=st.slider("Top-p", 0.05, 1.0, 0.85, 0.05, key="top_p"),
-                    max_tokens=st.slider("Max new tokens", 16, 4096, 512, 16, key="max_tokens"))
-    use_tools = st.toggle("Tools: calculator, dictionary, calendar", key="tools")
-    thinking = {"template default": None, "on": True, "off": False}[
-        st.radio("Thinking / 思考", ["template default", "on", "off"], key="thinking", horizontal=True)]
-    if st.button("Clear chat / 清空对话"):
-        st.session_state.messages = []
+    with st.sidebar:
+        st.header("MiniMind")
+        source = st.radio("Model source", [LOCAL, API], key="source")
+        if source == LOCAL:
+            choices, first = local_choices()
+            path = st.selectbox("Model", choices, key="model_path", index=first, format_func=shown)
+            typed = st.text_input("…or a weight / folder path", key="typed_path", help="used instead of the choice above")
+            path = typed.strip() or path
+            if not path:
+                st.info("No weights in out/ yet: run `python scripts/run_demo.py` or type a path.")
+            tokenizer_dir = st.text_input("Tokenizer folder (empty = the model folder's own, else model/)",
+                                          os.environ.get("MINIMIND_TOKENIZER_DIR", ""), key="tokenizer_dir",
+                                          help="a minimind-3 .pth needs its released folder here")
+        else:
+            base_url = st.text_input("Base URL", "http://127.0.0.1:8998/v1", key="base_url")
+            api_key = st.text_input("API key", type="password", key="api_key")
+            api_model = st.text_input("Model id (empty = the first one listed)", key="api_model")
+        history_length = st.slider("History messages", 0, 20, 4, step=2, key="history")
+        settings = dict(temperature=st.slider("Temperature", 0.0, 1.5, 0.85, 0.05, key="temperature"),
+                        top_p=st.slider("Top-p", 0.05, 1.0, 0.85, 0.05, key="top_p"),
+                        max_tokens=st.slider("Max new tokens", 16, 4096, 512, 16, key="max_tokens"))
+        use_tools = st.toggle("Tools: calculator, dictionary, calendar", key="tools")
+        thinking = {"template default": None, "on": True, "off": False}[
+            st.radio("Thinking / 思考", ["template default", "on", "off"], key="thinking", horizontal=True)]
+        if st.button("Clear chat / 清空对话"):
+            st.session_state.messages = []
 
-st.title("🤖 MiniMind")
-if source == LOCAL and path:
-    st.caption(f"Model: {shown(path)}")
-for message in st.session_state.messages:
-    show(message)
+    st.title("🤖 MiniMind")
+    if source == LOCAL and path:
+        st.caption(f"Model: {shown(path)}")
+    for message in st.session_state.messages:
+        show(message)
 
-question = st.chat_input("Ask MiniMind… / 给 MiniMind 发消息")
-if question:
-    history = st.session_state.messages[-history_length:] if history_length else []
-    messages = history + [{"role": "user", "content": question}]
-    show(messages[-1])
-    tools = TOOLS if use_tools else None
-    bubble = {}  # the assistant message being written
+    question = st.chat_input("Ask MiniMind… / 给 MiniMind 发消息")
+    if question:
+        history = st.session_state.messages[-history_length:] if history_length else []
+        messages = history + [{"role": "user", "content": question}]
+        show(messages[-1])
+        tools = TOOLS if use_tools else None
+        bubble = {}  # the assistant message being written
 
-    def generate(conversation):
-        """Stream one reply into a new assistant message; return its text."""
-        with st.chat_message("assistant"):
-            bubble["placeholder"], text = st.empty(), ""
-            if source == LOCAL:
-                if not path:
-                    raise ValueError("choose a model in the sidebar first")
-                stream = local_stream(path, conversation, settings, tools, thinking, tokenizer_dir.strip())
-            else:
-                stream = api_stream(base_url, api_key, api_model, conversation, settings, tools, thinking)
-            for delta in stream:
-                text += delta
+        def generate(conversation):
+            """Stream one reply into a new assistant message; return its text."""
+            with st.chat_message("assistant"):
+                bubble["placeholder"], text = st.empty(), ""
+                if source == LOCAL:
+                    if not path:
+                        raise ValueError("choose a model in the sidebar first")
+                    stream = local_stream(path, conversation, settings, tools, thinking, tokenizer_dir.strip())
+                else:
+                    stream = api_stream(base_url, api_key, api_model, conversation, settings, tools, thinking)
+                for delta in stream:
+                    text += delta
+                    with bubble["placeholder"].container():
+                        show_reply(text + "▌")
                 with bubble["placeholder"].container():
-                    show_reply(text + "▌")
+                    show_reply(text)
+            return text
+
+        def show_calls(calls, results):  # a tool call: shown folded with its result in place of the reply's text
             with bubble["placeholder"].container():
-                show_reply(text)
-        return text
+                for call, result in zip(calls, results):
+                    show_tool_call(call, result)
 
-    def show_calls(calls, results):  # a tool call: shown folded with its result in place of the reply's text
-        with bubble["placeholder"].container():
-            for call, result in zip(calls, results):
-                show_tool_call(call, result)
+        try:  # the same tool loop as eval_llm.py: a call is run and the model answers again (TOOL_ROUNDS at most)
+            added = tool_turn(generate, messages, tools, TOOL_ROUNDS, on_calls=show_calls)
+            for i, message in enumerate(added):  # each call keeps its results, for show() to draw them again
+                if message.get("tool_calls"):
+                    message["results"] = [m["content"] for m in added[i + 1:i + 1 + len(message["tool_calls"])]]
+            st.session_state.messages += [messages[-1]] + added
+        except (Exception, SystemExit) as e:  # a bad path or an unreachable API: say so, keep the page
+            st.error(f"{type(e).__name__}: {e}")
 
-    try:  # the same tool loop as eval_llm.py: a call is run and the model answers again (TOOL_ROUNDS at most)
-        added = tool_turn(generate, messages, tools, TOOL_ROUNDS, on_calls=show_calls)
-        for i, message in enumerate(added):  # each call keeps its results, for show() to draw them again
-            if message.get("tool_calls"):
-                message["results"] = [m["content"] for m in added[i + 1:i + 1 + len(message["tool_calls"])]]
-        st.session_state.messages += [messages[-1]] + added
-    except (Exception, SystemExit) as e:  # a bad path or an unreachable API: say so, keep the page
-        st.error(f"{type(e).__name__}: {e}")
+
+if __name__ == "__main__":  # streamlit run executes the script as __main__
+    main()

@@ -1,4 +1,4 @@
-"""Continuous batching (scripts/batching.py): concurrent requests share decoding steps, join at token
+"""Continuous batching (inference/batching.py): concurrent requests share decoding steps, join at token
 boundaries, leave when done, and each gets the answer it would get alone."""
 import os
 import subprocess
@@ -12,9 +12,8 @@ from openai import OpenAI
 
 from conftest import PROJECT_TOKENIZER, REPO_ROOT, start_server, talkative_weight
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-from batching import Batcher  # noqa: E402
-from chat_core import load_chat_model, render, stream_reply  # noqa: E402
+from inference.batching import Batcher
+from inference.chat_core import load_chat_model, render, stream_reply
 
 QUESTIONS = ["你好", "请介绍一下你自己。", "What is 2 + 3?", "讲一个很长很长的故事，关于一只小猫和一条河。",
              "Hi", "天空为什么是蓝色的？请详细解释。"]

@@ -113,21 +113,21 @@ def test_eval_says_which_weight_it_loaded(weights):
 def test_a_missing_default_weight_points_to_the_demo_weights(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from scripts import chat_core
+    from inference import paths
     demo = tmp_path / "out" / "demo"
     demo.mkdir(parents=True)
     for name in ("pretrain_192.pth", "full_sft_192.pth", "reason_192.pth"):
         (demo / name).write_bytes(b"")
-    monkeypatch.setattr(chat_core, "REPO_ROOT", str(tmp_path))
+    monkeypatch.setattr(paths, "REPO_ROOT", str(tmp_path))
     monkeypatch.setattr(sys, "argv", [os.path.join(os.getcwd(), "eval_llm.py")])
     args = SimpleNamespace(load_from="model", save_dir=str(tmp_path / "out"), weight="full_sft", hidden_size=512,
                            use_moe=0, lora_weight="None")
     with pytest.raises(SystemExit) as err:
-        chat_core.resolve_paths(args)
+        paths.resolve_paths(args)
     assert "to use them: python eval_llm.py --save_dir out/demo --weight full_sft --hidden_size 192" in str(err.value)
     args.weight = "grpo"  # not in the demo: its last chat stage instead
     with pytest.raises(SystemExit) as err:
-        chat_core.resolve_paths(args)
+        paths.resolve_paths(args)
     assert "--weight reason --hidden_size 192" in str(err.value)
 
 

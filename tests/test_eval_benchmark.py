@@ -10,7 +10,7 @@ import torch
 
 from conftest import PROJECT_TOKENIZER, REPO_ROOT
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from scripts.chat_core import load_chat_model, render
+from inference.chat_core import load_chat_model, render
 from scripts.eval_benchmark import PROMPT, predict, prompt_text, read_questions
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "eval_benchmark.py")

@@ -17,10 +17,9 @@ from conftest import REPO_ROOT, talkative_weight, tiny_model
 from model.model_lora import apply_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-from chat_core import load_chat_model  # noqa: E402
-from convert_model import rope_pairs_interleaved  # noqa: E402
-from eval_benchmark import PROMPT  # noqa: E402
+from inference.chat_core import load_chat_model
+from scripts.convert_model import rope_pairs_interleaved
+from scripts.eval_benchmark import PROMPT
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "convert_model.py")
 TOKENIZER = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
@@ -125,6 +124,7 @@ def test_rope_reordering_leaves_attention_scores_unchanged():
     # without the reordering llama.cpp would see different scores
     assert not torch.allclose((rotate_pairs(q, 7) * rotate_pairs(k, 3)).sum(-1), scores, atol=1e-2)
 
+
 def test_gguf_export_refuses_minimind2_moe_and_leaves_no_file(tmp_path):
     torch.save({k: v.half() for k, v in tiny_model(use_moe=True).state_dict().items()}, tmp_path / "moe.pth")
     result = subprocess.run([sys.executable, SCRIPT, "to_gguf", str(tmp_path / "moe.pth"), str(tmp_path / "m.gguf")],
@@ -219,7 +219,7 @@ def test_llama_cpp_runs_minimind3_as_qwen3_with_our_logits_and_greedy_answer(lla
     """minimind-3 exports as llama.cpp's qwen3 (per-head q/k norms, halves rotated as here) and minimind-3-moe as
     qwen3moe (experts stacked, top-1 renormalised): llama.cpp gives our logits and our greedy tokens."""
     from test_minimind3 import upstream_style_weight
-    from model.model_minimind import config_from_state_dict
+    from model.weights import config_from_state_dict
     weight = upstream_style_weight(tmp_path / "full_sft_64.pth", seed=3, use_moe=use_moe)
     convert("to_gguf", str(weight), str(tmp_path / "m3.gguf"), "--outtype", "f32")
     reader = gguf.GGUFReader(str(tmp_path / "m3.gguf"))
@@ -257,6 +257,7 @@ def test_merge_lora_gives_the_adapted_models_logits(tmp_path, alpha):
     # by default a half-precision file, like every native weight
     convert("merge_lora", *files, str(tmp_path / "merged_half.pth"), *alpha_args)
     assert all(v.dtype == torch.float16 for v in torch.load(tmp_path / "merged_half.pth", weights_only=True).values())
+
 
 def test_merge_lora_with_a_mismatched_adapter_says_what_differs(tmp_path):
     torch.save({k: v.half() for k, v in tiny_model(hidden_size=64).state_dict().items()}, tmp_path / "base.pth")

@@ -15,9 +15,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import REPO_ROOT, tiny_model
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-import losses  # noqa: E402
-import trainer_utils  # noqa: E402
+from trainer import losses
+from common import device as devices
+from common import bench
+from trainer import distributed
+from trainer import trainer_utils
 from test_train import Rows, fake_run  # noqa: E402
 
 from model import kernels, model_minimind  # noqa: E402
@@ -112,47 +114,47 @@ def fake_gpu(monkeypatch):
 def test_bf16_falls_back_to_fp16_below_compute_capability_8(fake_gpu, capsys):
     cuda = torch.device("cuda", 0)
     fake_gpu.capability, fake_gpu.name = (7, 5), "Tesla T4"
-    assert trainer_utils.choose_dtype("bfloat16", cuda) == torch.float16
+    assert devices.choose_dtype("bfloat16", cuda) == torch.float16
     assert "Tesla T4 (compute capability 7.5) has no native bfloat16" in capsys.readouterr().out
-    assert trainer_utils.inference_dtype(cuda) == torch.float16
+    assert devices.inference_dtype(cuda) == torch.float16
     fake_gpu.capability = (8, 0)
-    assert trainer_utils.choose_dtype("bfloat16", cuda) == torch.bfloat16
-    assert trainer_utils.inference_dtype(cuda) == torch.bfloat16
-    assert trainer_utils.choose_dtype("float32", cuda) == torch.float32
+    assert devices.choose_dtype("bfloat16", cuda) == torch.bfloat16
+    assert devices.inference_dtype(cuda) == torch.bfloat16
+    assert devices.choose_dtype("float32", cuda) == torch.float32
 
 
 def test_mps_and_cpu_precisions():
-    assert trainer_utils.sum_dtype(torch.device("mps")) == torch.float32  # MPS has no float64
-    assert trainer_utils.sum_dtype(torch.device("cpu")) == torch.float64
-    assert trainer_utils.inference_dtype(torch.device("mps")) == torch.float16
-    assert trainer_utils.inference_dtype(torch.device("cpu")) == torch.float32
+    assert devices.sum_dtype(torch.device("mps")) == torch.float32  # MPS has no float64
+    assert devices.sum_dtype(torch.device("cpu")) == torch.float64
+    assert devices.inference_dtype(torch.device("mps")) == torch.float16
+    assert devices.inference_dtype(torch.device("cpu")) == torch.float32
 
 
 def test_device_pick_prefers_cuda_then_mps(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert trainer_utils.pick_device() == "mps"
-    assert trainer_utils.pick_device("cpu") == "cpu"
+    assert devices.pick_device() == "mps"
+    assert devices.pick_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert trainer_utils.pick_device() == "cuda"
-    from scripts import chat_core
+    assert devices.pick_device() == "cuda"
+    from inference.paths import add_model_arguments
     parser = __import__("argparse").ArgumentParser()
-    chat_core.add_model_arguments(parser)  # eval_llm, the server and the benchmark share this default
-    assert parser.parse_args([]).device == "cuda"
+    add_model_arguments(parser)  # eval_llm, the server and the evaluators: no --device means the loader's pick
+    assert parser.parse_args([]).device is None
 
 
 def test_a_single_process_on_cuda_1_makes_it_current(fake_gpu):
-    device = trainer_utils.setup_device("cuda:1", ddp=False)
+    device = distributed.setup_device("cuda:1", ddp=False)
     assert device == torch.device("cuda", 1) and fake_gpu.current == torch.device("cuda", 1)
-    assert trainer_utils.setup_device("cuda", ddp=False) == torch.device("cuda", 0)  # an index, never bare
+    assert distributed.setup_device("cuda", ddp=False) == torch.device("cuda", 0)  # an index, never bare
     before = torch.get_float32_matmul_precision()
     try:  # eval, serving and benchmarks: the same device rule, plus TF32 for leftover fp32 matmuls
         fake_gpu.current = None
-        assert trainer_utils.ready_device("cuda:1") == torch.device("cuda", 1) == fake_gpu.current
+        assert devices.ready_device("cuda:1") == torch.device("cuda", 1) == fake_gpu.current
         assert torch.get_float32_matmul_precision() == "high"
         fake_gpu.capability = (7, 5)
-        assert trainer_utils.benchmark_setup("cuda:1") == (torch.device("cuda", 1), torch.float16)
-        assert trainer_utils.benchmark_setup("cpu") == (torch.device("cpu"), torch.float32)
+        assert bench.benchmark_setup("cuda:1") == (torch.device("cuda", 1), torch.float16)
+        assert bench.benchmark_setup("cpu") == (torch.device("cpu"), torch.float32)
     finally:
         torch.set_float32_matmul_precision(before)
 
@@ -161,38 +163,38 @@ def test_each_ddp_process_binds_its_own_gpu(fake_gpu, monkeypatch):
     groups = []
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: groups.append((backend, kw)))
     monkeypatch.setenv("LOCAL_RANK", "3")  # e.g. the 4th process on a machine whose launcher shows 2 GPUs
-    device = trainer_utils.setup_device("cuda", ddp=True)
+    device = distributed.setup_device("cuda", ddp=True)
     assert device == torch.device("cuda", 1) and fake_gpu.current == device
     assert groups == [("nccl", dict(device_id=torch.device("cuda", 1)))]
     groups.clear()
-    assert trainer_utils.setup_device("cpu", ddp=True) == torch.device("cpu") and groups == [("gloo", {})]
+    assert distributed.setup_device("cpu", ddp=True) == torch.device("cpu") and groups == [("gloo", {})]
 
 
 def test_tf32_for_the_fp32_matmuls_on_cuda():
     before = torch.get_float32_matmul_precision()
     try:
-        trainer_utils.use_tf32(torch.device("cpu"))
+        devices.use_tf32(torch.device("cpu"))
         assert torch.get_float32_matmul_precision() == before
-        trainer_utils.use_tf32(torch.device("cuda", 0))
+        devices.use_tf32(torch.device("cuda", 0))
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
 
 
 def test_benchmarks_wait_for_and_measure_their_own_device(fake_gpu):
-    trainer_utils.synchronize(torch.device("cuda", 1))
-    trainer_utils.synchronize(torch.device("cpu"))
+    devices.synchronize(torch.device("cuda", 1))
+    devices.synchronize(torch.device("cpu"))
     assert fake_gpu.synced == [torch.device("cuda", 1)]
     fake_gpu.name = "NVIDIA H100 80GB HBM3"
-    assert trainer_utils.peak_tflops(torch.device("cuda", 0), torch.bfloat16) == 989.4
-    assert trainer_utils.peak_tflops(torch.device("cuda", 0), torch.float32) == 494.7  # TF32
+    assert bench.peak_tflops(torch.device("cuda", 0), torch.bfloat16) == 989.4
+    assert bench.peak_tflops(torch.device("cuda", 0), torch.float32) == 494.7  # TF32
     fake_gpu.name = "NVIDIA H100 PCIe"
-    assert trainer_utils.peak_tflops(torch.device("cuda", 0), torch.bfloat16) == 756.0
+    assert bench.peak_tflops(torch.device("cuda", 0), torch.bfloat16) == 756.0
     fake_gpu.name = "NVIDIA A100-SXM4-80GB"
-    assert trainer_utils.peak_tflops(torch.device("cuda", 0), torch.float16) == 312.0
+    assert bench.peak_tflops(torch.device("cuda", 0), torch.float16) == 312.0
     fake_gpu.name = "Tesla T4"
-    assert trainer_utils.peak_tflops(torch.device("cuda", 0), torch.bfloat16) is None  # no native bf16
-    assert trainer_utils.peak_tflops(torch.device("cpu"), torch.bfloat16) is None
+    assert bench.peak_tflops(torch.device("cuda", 0), torch.bfloat16) is None  # no native bf16
+    assert bench.peak_tflops(torch.device("cpu"), torch.bfloat16) is None
 
 
 def test_training_flops_count_the_active_parameters():
@@ -202,10 +204,10 @@ def test_training_flops_count_the_active_parameters():
         params = sum(p.numel() for p in model_minimind.MiniMindForCausalLM(dense).parameters())
     norms = dense.num_hidden_layers * 2 * dense.hidden_size + dense.hidden_size
     attention = 12 * dense.num_hidden_layers * dense.hidden_size * 340
-    assert trainer_utils.training_flops_per_token(dense, 340) == 6 * (params - norms) + attention
+    assert bench.training_flops_per_token(dense, 340) == 6 * (params - norms) + attention
     # MoE: 2 routed + 1 shared of 5 experts per token, plus the router
     per_expert = 3 * 640 * moe.intermediate_size
-    assert trainer_utils.training_flops_per_token(moe, 0) - trainer_utils.training_flops_per_token(
+    assert bench.training_flops_per_token(moe, 0) - bench.training_flops_per_token(
         MiniMindConfig(hidden_size=640), 0) == 6 * moe.num_hidden_layers * (2 * per_expert + 640 * 4)
 
 
@@ -317,7 +319,7 @@ def test_ddp_does_not_rebroadcast_the_rope_tables(tmp_path, monkeypatch):
 
 def test_frozen_models_are_held_in_the_autocast_dtype():
     model = tiny_model()
-    bf16_here = torch.bfloat16 if trainer_utils.cpu_has_native_bf16() else torch.float32  # choose_dtype's answer
+    bf16_here = torch.bfloat16 if devices.cpu_has_native_bf16() else torch.float32  # choose_dtype's answer
     assert {p.dtype for p in fake_run(dtype="bfloat16").frozen_copy(model).parameters()} == {bf16_here}
     frozen = fake_run(dtype="float16").frozen_copy(model)
     assert {p.dtype for p in frozen.parameters()} == {torch.float16}

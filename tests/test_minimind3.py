@@ -3,17 +3,16 @@ style experts) matches transformers' Qwen3ForCausalLM / Qwen3MoeForCausalLM, whi
 minimind-3 to, so those classes are the specification here."""
 import math
 import os
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
 from conftest import REPO_ROOT
-from model.model_minimind import GENERATIONS, MiniMindConfig, MiniMindForCausalLM, config_from_state_dict
+from model.model_minimind import GENERATIONS, MiniMindConfig, MiniMindForCausalLM
+from model.weights import config_from_state_dict
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-import convert_model  # noqa: E402
+from scripts import convert_model
 
 # minimind-3's shape at hidden 64: 8 query heads of 8, 4 key-value heads (as upstream's 768 x 8 has 96-wide heads)
 TINY3 = dict(generation="minimind-3", hidden_size=64, num_hidden_layers=2, max_position_embeddings=256)
@@ -201,7 +200,7 @@ def test_a_weight_of_the_other_generation_is_named(tmp_path):
 def test_a_qwen3_folder_loads_as_our_model(tmp_path, use_moe):
     """A released minimind-3 folder (Qwen3 format) loads back into MiniMindForCausalLM with the same logits, also
     through the chat loader that eval_llm.py, the server and the web chat use."""
-    from chat_core import load_chat_model
+    from inference.chat_core import load_chat_model
     from model.qwen3_format import from_qwen3_state_dict, load_qwen3_folder
     pth = upstream_style_weight(tmp_path / "w.pth", seed=4, use_moe=use_moe)
     folder = convert_model.to_qwen3(str(pth), str(tmp_path / "released"), dtype=torch.float32)
@@ -250,7 +249,7 @@ def other_tokenizer(folder, seed=0):
 def weight_that_reads(tokenizer_dir, path, steps=40):
     """A tiny minimind-3 weight trained on the probe sentence as tokenizer_dir encodes it: it reads that
     tokenizer's ids, as a released weight reads the tokenizer it was trained with."""
-    from trainer.trainer_utils import PROBE_TEXT, load_tokenizer
+    from common.tokenizer import PROBE_TEXT, load_tokenizer
     tokenizer = load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(**TINY3))
@@ -273,7 +272,7 @@ def other_pair(tmp_path_factory):
 
 
 def test_the_probe_tells_the_tokenizer_a_weight_reads(other_pair):
-    from trainer.trainer_utils import load_tokenizer, probe_loss
+    from common.tokenizer import load_tokenizer, probe_loss
     other, weight = other_pair
     state = {k: v.float() for k, v in torch.load(weight, weights_only=True).items()}
     model = MiniMindForCausalLM(config_from_state_dict(state))
@@ -286,7 +285,7 @@ def test_the_probe_tells_the_tokenizer_a_weight_reads(other_pair):
 
 
 def test_the_chat_loader_refuses_a_tokenizer_the_weight_does_not_read(other_pair, tmp_path, capsys):
-    from chat_core import load_chat_model
+    from inference.chat_core import load_chat_model
     other, weight = other_pair
     with pytest.raises(SystemExit, match=r"does not read the token ids of the tokenizer in .*model: .*--tokenizer_dir"):
         load_chat_model(weight, device="cpu")  # the default tokenizer (model/) is not the one it was trained with

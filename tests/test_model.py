@@ -9,8 +9,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaCo
 
 from conftest import tiny_config, tiny_model
 from model import kernels
-from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, MoEGate, MOEFeedForward,
-                                  load_state_dict_strict, rope_inverse_frequencies)
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, MoEGate, MOEFeedForward, rope_inverse_frequencies
+from model.weights import load_state_dict_strict
 
 
 def random_ids(batch, length, seed=0, vocab=6400):

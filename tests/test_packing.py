@@ -1,7 +1,6 @@
 """SFT packing (--packing 1): whole conversations share a row, attention stays inside each one, and
 the loss is the unpacked loss."""
 import os
-import sys
 
 import pytest
 import torch
@@ -9,12 +8,11 @@ import torch.nn.functional as F
 
 from conftest import REPO_ROOT, tiny_model
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
 import model.kernels as kernels  # noqa: E402
 from dataset.lm_dataset import SFTDataset, pad_batch  # noqa: E402
 from test_train import metrics, run_script  # noqa: E402
-from trainer_utils import load_tokenizer  # noqa: E402
-from losses import count_label_tokens, next_token_loss  # noqa: E402
+from common.tokenizer import load_tokenizer
+from trainer.losses import count_label_tokens, next_token_loss
 
 MAX_LEN = 128
 

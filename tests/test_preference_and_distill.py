@@ -4,7 +4,6 @@ import collections
 import json
 import math
 import os
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -15,11 +14,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from conftest import REPO_ROOT
 from test_train import metrics, run_script
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-import train_distill_reason  # noqa: E402
-import train_distillation  # noqa: E402
-import losses  # noqa: E402
-import train_dpo  # noqa: E402
+from trainer import train_distill_reason
+from trainer import train_distillation
+from trainer import losses
+from trainer import train_dpo
 
 MODEL_DIR = os.path.join(REPO_ROOT, "model")
 

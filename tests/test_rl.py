@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -12,12 +11,11 @@ from conftest import REPO_ROOT
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from test_train import metrics, run_script
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-import rewards  # noqa: E402
-import rollout  # noqa: E402
-import losses  # noqa: E402
-import train_ppo  # noqa: E402
-import train_spo  # noqa: E402
+from trainer import rewards
+from trainer import rollout
+from trainer import losses
+from trainer import train_ppo
+from trainer import train_spo
 
 MODEL_DIR = os.path.join(REPO_ROOT, "model")
 

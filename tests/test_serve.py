@@ -1,5 +1,5 @@
 """scripts/serve_openai_api.py as a real process on localhost, driven by the real openai client; the
-prompt fitting and streaming of scripts/chat_core.py; scripts/chat_openai_api.py."""
+prompt fitting and streaming of inference/chat_core.py; scripts/chat_openai_api.py."""
 import json
 import os
 import subprocess
@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from conftest import PROJECT_TOKENIZER, REPO_ROOT, start_server, talkative_weight
 from model.model_lora import apply_lora, load_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from scripts.chat_core import PromptTooLong, fit_prompt, load_chat_model, render, stream_reply
+from inference.chat_core import PromptTooLong, fit_prompt, load_chat_model, render, stream_reply
 
 HELLO = [{"role": "user", "content": "你好，请介绍一下你自己。"}]
 

@@ -16,7 +16,7 @@ from werkzeug.serving import make_server
 from conftest import REPO_ROOT, free_port
 from model.model_minimind import MiniMindConfig
 from scripts import serve_openai_api
-from scripts.chat_core import ChatModel, split_reply
+from inference.chat_core import ChatModel, split_reply
 
 TOKENIZER = AutoTokenizer.from_pretrained(f"{REPO_ROOT}/model")
 CALCULATOR = {"type": "function", "function": {

@@ -1,4 +1,4 @@
-"""scripts/tools.py (the tools a chat can call), scripts/eval_toolcall.py's scoring, eval_llm.py's tool loop
+"""inference/tools.py (the tools a chat can call), scripts/eval_toolcall.py's scoring, eval_llm.py's tool loop
 and the demo's tool conversations."""
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import REPO_ROOT
-from scripts import tools
+from inference import tools
 from scripts.eval_toolcall import DEMO_REQUESTS, read_requests, score_call
 
 DEMO = os.path.join(REPO_ROOT, "dataset", "demo")
@@ -72,7 +72,7 @@ def test_the_demo_tool_conversations_are_what_the_tools_answer():
 def test_the_tool_loop_runs_the_calls_and_answers_from_the_result(capsys):
     """chat_core.tool_turn: the loop eval_llm.py and the web chat share."""
     import eval_llm
-    from scripts.chat_core import tool_turn
+    from inference.chat_core import tool_turn
     replies = iter(['<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*7"}}\n</tool_call>',
                     "12 × 7 = 84"])
     seen = []

@@ -13,9 +13,9 @@ import torch
 
 from conftest import REPO_ROOT, tiny_model
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "trainer"))
-import trainer_utils  # noqa: E402
-from trainer_utils import ResumableBatchSampler, Run, lr_at  # noqa: E402
+from trainer import trainer_utils
+from trainer.resume import ResumableBatchSampler
+from trainer.trainer_utils import Run, lr_at
 
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--batch_size", "4", "--max_seq_len", "64",
         "--num_workers", "0", "--log_interval", "1", "--save_interval", "1"]
@@ -302,7 +302,6 @@ def test_the_last_round_is_shared_out(n, trained):
     assert flat == [i for b in ResumableBatchSampler(n, 4, 0, 1, seed=7, epoch=0) for i in b][:trained]
     if n == 103:
         assert [len(b[-1]) for b in batches] == [4, 3]
-
 
 
 def test_group_by_length_cuts_padding_and_still_resumes(monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import PROJECT_TOKENIZER, REPO_ROOT, free_port, start_process, start_server, talkative_weight
-from scripts.chat_core import fit_prompt, load_chat_model, stream_reply
+from inference.chat_core import fit_prompt, load_chat_model, stream_reply
 
 APP = os.path.join(REPO_ROOT, "scripts", "web_demo.py")
 QUESTION = "<b>hi</b> **bold** <script>alert(1)</script>"
@@ -54,7 +54,7 @@ def test_local_weight_answers_and_user_text_stays_text(monkeypatch, weight):
 
 
 def test_the_newest_chat_model_is_chosen_first(tmp_path):
-    from scripts.chat_core import newest_chat_model
+    from inference.paths import newest_chat_model
     paths = []
     for age, name in enumerate(["grpo_192.pth", "full_sft_192.pth", "pretrain_192.pth", "hf_folder"]):
         path = tmp_path / name

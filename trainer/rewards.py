@@ -66,7 +66,7 @@ class RewardModel:
         if getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device, self.batch_size, self.resident = torch.device(device), batch_size, resident
-        from trainer_utils import inference_dtype
+        from common.device import inference_dtype
         self.model.eval().requires_grad_(False).to(inference_dtype(self.device))
         if resident:
             self.model.to(self.device)
@@ -97,7 +97,7 @@ class RewardModel:
 
 def load_reward_model(args, run):
     """The --reward_model_path model, or None (with a message) for rule rewards alone."""
-    from trainer_utils import print0
+    from common.device import print0
     if not args.reward_model_path or args.reward_model_path.lower() == "none":
         print0("No --reward_model_path: rewards come from the rules alone (answer format and verifiable answers).")
         return None

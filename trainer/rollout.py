@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from dataset.lm_dataset import RLAIFDataset
+from trainer.args import data_file
+from trainer.rewards import load_reward_model, rewards_for
+from trainer.trainer_utils import Run
+
 
 @dataclass
 class Rollout:
@@ -66,7 +71,6 @@ def sample_and_score(model, tokenizer, batch, args, reward_model, samples_per_pr
     """The rollout of one micro-batch: samples_per_prompt answers to each of its prompts from the current policy
     (no gradients) and their rewards, as fields to add to the batch: rollout, rewards and rollout_attention_mask
     (which the run counts as the step's real tokens)."""
-    from rewards import rewards_for
     rollout = sample(model, tokenizer, batch["prompt"], args.max_seq_len, args.max_gen_len, args.temperature,
                      samples_per_prompt=samples_per_prompt)
     rewards = rewards_for(rollout.texts, batch, samples_per_prompt, reward_model, args.reasoning)
@@ -98,22 +102,8 @@ def masked_mean(values, mask, dim=None):
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def add_rl_arguments(parser, max_gen_len):
-    """Options the RL stages share."""
-    parser.add_argument("--max_gen_len", type=int, default=max_gen_len, help="longest sampled answer")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
-    parser.add_argument("--reasoning", type=int, default=1, choices=[0, 1],
-                        help="1 = start from the reasoning model and reward the <think>/<answer> format")
-    parser.add_argument("--reward_model_path", default=None, help="a local Hugging Face reward model folder")
-    parser.add_argument("--reward_model_resident", type=int, default=0, choices=[0, 1],
-                        help="1 = keep the reward model on the GPU (faster; 0 = on the CPU between scorings)")
-
-
 def start_rl_run(args):
     """The set-up the RL stages share: (run, tokenizer, prompts, reward model or None)."""
-    from dataset.lm_dataset import RLAIFDataset
-    from rewards import load_reward_model
-    from trainer_utils import Run, data_file
     args.from_weight = args.from_weight or ("reason" if args.reasoning else "full_sft")
     run = Run(args)
     tokenizer = run.load_tokenizer()

@@ -14,13 +14,33 @@ Writes out/reason_{hidden}[_moe].pth.
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from trainer.args import common_parser, data_file, parse_args  # argparse only
+
+
+def arguments(argv=None):
+    parser = common_parser("MiniMind reasoning distillation", save_weight="reason", epochs=1, batch_size=8,
+                           learning_rate=1e-6, accumulation_steps=1, log_interval=100, save_interval=100,
+                           max_seq_len=720, data_path="../dataset/r1_mix_1024.jsonl", from_weight="dpo",
+                           group_by_length=1)
+    parser.add_argument("--tag_weight", type=float, default=10.0, help="loss weight of the tag tokens")
+    parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
+                        help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
+    args = parse_args(parser, argv)
+    return args
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, parse_args, print0  # noqa: E402
-from dataset.lm_dataset import SFTDataset  # noqa: E402
-from model.kernels import document_starts  # noqa: E402
+from common.device import print0
+from dataset.lm_dataset import SFTDataset
+from model.kernels import document_starts
+from trainer.trainer_utils import Run
+
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 
@@ -74,16 +94,7 @@ def weighted_next_token_loss(logits, labels, weights):
     return (ce * w).sum() / w.sum().clamp(min=1e-9)
 
 
-def main():
-    parser = common_parser("MiniMind reasoning distillation", save_weight="reason", epochs=1, batch_size=8,
-                           learning_rate=1e-6, accumulation_steps=1, log_interval=100, save_interval=100,
-                           max_seq_len=720, data_path="../dataset/r1_mix_1024.jsonl", from_weight="dpo",
-                           group_by_length=1)
-    parser.add_argument("--tag_weight", type=float, default=10.0, help="loss weight of the tag tokens")
-    parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
-                        help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
-    args = parse_args(parser)
-
+def main(args):
     run = Run(args)
     tokenizer = run.load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
@@ -119,4 +130,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

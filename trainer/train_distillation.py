@@ -11,27 +11,11 @@ under the same autocast. Writes out/full_dist_{student_hidden}[_moe].pth.
 import os
 import sys
 
-import torch
-import torch.nn.functional as F
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, parse_args, weight_path  # noqa: E402
-from dataset.lm_dataset import SFTDataset  # noqa: E402
-from model.model_minimind import MiniMindConfig  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from trainer.args import common_parser, data_file, parse_args, weight_path  # argparse only
 
 
-def distillation_loss(student_logits, teacher_logits, labels, alpha, temperature):
-    """(total, CE, KL) over positions with a label; KL(teacher || student) at temperature T, per token."""
-    mask = labels[:, 1:] != -100
-    student = student_logits[:, :-1][mask].float()
-    teacher = teacher_logits[:, :-1][mask].float()
-    ce = F.cross_entropy(student, labels[:, 1:][mask])
-    kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                  log_target=True, reduction="batchmean")
-    return alpha * ce + (1 - alpha) * temperature ** 2 * kl, ce, kl
-
-
-def main():
+def arguments(argv=None):
     parser = common_parser("MiniMind knowledge distillation", save_weight="full_dist", epochs=6, batch_size=32,
                            learning_rate=5e-6, accumulation_steps=1, log_interval=100, save_interval=100,
                            max_seq_len=340, data_path="../dataset/sft_mini_512.jsonl", from_weight="full_sft",
@@ -45,7 +29,33 @@ def main():
     parser.add_argument("--temperature", type=float, default=1.5)
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
                         help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
-    args = parse_args(parser)
+    args = parse_args(parser, argv)
+    return args
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
+import torch
+import torch.nn.functional as F
+
+from dataset.lm_dataset import SFTDataset
+from model.model_minimind import MiniMindConfig
+from trainer.trainer_utils import Run
+
+
+def distillation_loss(student_logits, teacher_logits, labels, alpha, temperature):
+    """(total, CE, KL) over positions with a label; KL(teacher || student) at temperature T, per token."""
+    mask = labels[:, 1:] != -100
+    student = student_logits[:, :-1][mask].float()
+    teacher = teacher_logits[:, :-1][mask].float()
+    ce = F.cross_entropy(student, labels[:, 1:][mask])
+    kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                  log_target=True, reduction="batchmean")
+    return alpha * ce + (1 - alpha) * temperature ** 2 * kl, ce, kl
+
+
+def main(args):
     args.hidden_size, args.num_hidden_layers = args.student_hidden_size, args.student_num_layers  # the model we train
 
     run = Run(args)
@@ -86,4 +96,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

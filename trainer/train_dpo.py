@@ -15,13 +15,33 @@ once before training and frees the reference model. Writes out/dpo_{hidden}[_moe
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from trainer.args import common_parser, data_file, parse_args  # argparse only
+
+
+def arguments(argv=None):
+    parser = common_parser("MiniMind DPO", save_weight="dpo", epochs=1, batch_size=4, learning_rate=4e-8,
+                           accumulation_steps=1, log_interval=100, save_interval=100, max_seq_len=1024,
+                           data_path="../dataset/dpo.jsonl", from_weight="full_sft", group_by_length=1)
+    parser.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
+    parser.add_argument("--logp", default="mean", choices=["mean", "sum"],
+                        help="answer log-prob: per-token mean (MiniMind) or sum (the paper)")
+    parser.add_argument("--precompute_ref", type=int, default=0, choices=[0, 1],
+                        help="1 = reference log-probs once before training, then free the reference model")
+    args = parse_args(parser, argv)
+    return args
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, parse_args, print0  # noqa: E402
-from losses import sequence_logps  # noqa: E402  log pi(y|x): the answer tokens' mean (or summed) log-prob
-from dataset.lm_dataset import DPODataset, pad_batch, stack_pairs  # noqa: E402
+from common.device import print0
+from dataset.lm_dataset import DPODataset, pad_batch, stack_pairs
+from trainer.losses import sequence_logps  # log pi(y|x): the answer tokens' mean (or summed) log-prob
+from trainer.trainer_utils import Run
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
@@ -46,17 +66,7 @@ def precompute_reference(run, reference, data, reduction, pad_id, batch_size):
     return run.all_reduce(table)  # every row was filled by exactly one process
 
 
-def main():
-    parser = common_parser("MiniMind DPO", save_weight="dpo", epochs=1, batch_size=4, learning_rate=4e-8,
-                           accumulation_steps=1, log_interval=100, save_interval=100, max_seq_len=1024,
-                           data_path="../dataset/dpo.jsonl", from_weight="full_sft", group_by_length=1)
-    parser.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
-    parser.add_argument("--logp", default="mean", choices=["mean", "sum"],
-                        help="answer log-prob: per-token mean (MiniMind) or sum (the paper)")
-    parser.add_argument("--precompute_ref", type=int, default=0, choices=[0, 1],
-                        help="1 = reference log-probs once before training, then free the reference model")
-    args = parse_args(parser)
-
+def main(args):
     run = Run(args)
     tokenizer = run.load_tokenizer()
     pad_id = tokenizer.pad_token_id
@@ -101,4 +111,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

@@ -10,22 +10,31 @@ not to imitate the user. All parameters train. Writes out/full_sft_{hidden}[_moe
 import os
 import sys
 
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, parse_args  # noqa: E402
-from losses import next_token_loss  # noqa: E402
-from dataset.lm_dataset import SFTDataset  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from trainer.args import common_parser, data_file, parse_args  # argparse only
 
 
-def main():
+def arguments(argv=None):
     parser = common_parser("MiniMind full SFT", save_weight="full_sft", epochs=2, batch_size=16, learning_rate=5e-7,
                            accumulation_steps=1, log_interval=100, save_interval=100, max_seq_len=340,
                            data_path="../dataset/sft_mini_512.jsonl", from_weight="pretrain", group_by_length=1)
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
                         help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
-    args = parse_args(parser)
+    args = parse_args(parser, argv)
+    return args
 
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
+import torch
+
+from dataset.lm_dataset import SFTDataset
+from trainer.losses import next_token_loss
+from trainer.trainer_utils import Run
+
+
+def main(args):
     run = Run(args)
     tokenizer = run.load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
@@ -50,4 +59,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

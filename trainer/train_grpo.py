@@ -21,15 +21,11 @@ two losses have the same gradient; they part ways as soon as pi_old differs from
 import os
 import sys
 
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import common_parser, parse_args, unwrap  # noqa: E402
-from losses import cispo_objective, clipped_objective, group_advantages, k3_kl  # noqa: E402  (formulas there)
-from rollout import add_rl_arguments, completion_logprobs, masked_mean, sample_and_score, start_rl_run  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from trainer.args import add_rl_arguments, common_parser, parse_args  # argparse only
 
 
-def main():
+def arguments(argv=None):
     parser = common_parser("MiniMind GRPO", save_weight="grpo", epochs=1, batch_size=2, learning_rate=8e-8,
                            accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
                            data_path="../dataset/rlaif-mini.jsonl", from_weight=None)
@@ -40,11 +36,24 @@ def main():
     parser.add_argument("--loss_type", default="grpo", choices=["grpo", "cispo"],
                         help="grpo: PPO-clip on the ratio; cispo: clipped importance weight times log-prob")
     parser.add_argument("--epsilon_high", type=float, default=0.28, help="cispo: the weight is at most 1 + this")
-    args = parse_args(parser)
+    args = parse_args(parser, argv)
     if args.num_generations < 2:  # the group's std of one answer is undefined: every advantage would be nan
         parser.error(f"--num_generations {args.num_generations}: GRPO judges each answer against its siblings, so it "
                      "needs at least 2 answers per prompt (for one answer per prompt use train_spo.py)")
+    return args
 
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
+import torch
+
+from trainer.distributed import unwrap
+from trainer.losses import cispo_objective, clipped_objective, group_advantages, k3_kl  # the formulas
+from trainer.rollout import completion_logprobs, masked_mean, sample_and_score, start_rl_run
+
+
+def main(args):
     run, tokenizer, data, reward_model = start_rl_run(args)
     model = run.load_model()
     reference = run.frozen_copy(model)
@@ -84,4 +93,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

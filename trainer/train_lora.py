@@ -9,16 +9,11 @@ the same SFT loss as train_full_sft.py. Writes only the adapters: out/lora/{lora
 import os
 import sys
 
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, parse_args, print0  # noqa: E402
-from losses import next_token_loss  # noqa: E402
-from dataset.lm_dataset import SFTDataset  # noqa: E402
-from model.model_lora import apply_lora  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from trainer.args import common_parser, data_file, parse_args  # argparse only
 
 
-def main():
+def arguments(argv=None):
     parser = common_parser("MiniMind LoRA fine-tuning", save_weight="lora", epochs=50, batch_size=32,
                            learning_rate=1e-4, accumulation_steps=1, log_interval=10, save_interval=100,
                            max_seq_len=340, data_path="../dataset/lora_identity.jsonl", from_weight="full_sft",
@@ -32,8 +27,23 @@ def main():
                              "q_proj and o_proj)")
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
                         help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
-    args = parse_args(parser)
+    args = parse_args(parser, argv)
+    return args
 
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
+import torch
+
+from common.device import print0
+from dataset.lm_dataset import SFTDataset
+from model.model_lora import apply_lora
+from trainer.losses import next_token_loss
+from trainer.trainer_utils import Run
+
+
+def main(args):
     run = Run(args, weight_name=args.lora_name)
     tokenizer = run.load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
@@ -62,4 +72,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

@@ -20,18 +20,41 @@ Sequence-level (--gae 0, MiniMind): one advantage per answer, A = R - V(last tok
 log-prob ratio, with a squared-error critic and kl_coef * KL(pi || ref) added to the loss.
 Writes out/ppo_actor_{hidden}[_moe].pth; the critic is part of the resume file.
 """
-import copy
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from trainer.args import add_rl_arguments, common_parser, parse_args  # argparse only
+
+
+def arguments(argv=None):
+    parser = common_parser("MiniMind PPO", save_weight="ppo_actor", epochs=1, batch_size=2, learning_rate=8e-8,
+                           accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
+                           data_path="../dataset/rlaif-mini.jsonl", from_weight=None)
+    add_rl_arguments(parser, max_gen_len=1536)
+    parser.add_argument("--critic_learning_rate", type=float, default=8e-8)
+    parser.add_argument("--clip_epsilon", type=float, default=0.1)
+    parser.add_argument("--vf_coef", type=float, default=0.5, help="weight of the critic loss")
+    parser.add_argument("--kl_coef", type=float, default=0.02, help="KL penalty to the reference")
+    parser.add_argument("--update_old_actor_freq", type=int, default=4, help="steps between pi_old refreshes")
+    parser.add_argument("--gae", type=int, default=1, choices=[0, 1], help="1 = per-token GAE, 0 = sequence-level")
+    parser.add_argument("--gamma", type=float, default=1.0)
+    parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    args = parse_args(parser, argv)
+    return args
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
+import copy
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import common_parser, parse_args, unwrap  # noqa: E402
-from rollout import (add_rl_arguments, completion_logprobs, masked_mean, positions, sample_and_score,  # noqa: E402
-                     start_rl_run)
-from losses import clipped_objective  # noqa: E402
+from trainer.distributed import unwrap
+from trainer.losses import clipped_objective
+from trainer.rollout import completion_logprobs, masked_mean, positions, sample_and_score, start_rl_run
 
 
 class Critic(nn.Module):
@@ -83,21 +106,7 @@ def token_rewards(rewards, old_logps, ref_logps, mask, kl_coef):
     return per_token
 
 
-def main():
-    parser = common_parser("MiniMind PPO", save_weight="ppo_actor", epochs=1, batch_size=2, learning_rate=8e-8,
-                           accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
-                           data_path="../dataset/rlaif-mini.jsonl", from_weight=None)
-    add_rl_arguments(parser, max_gen_len=1536)
-    parser.add_argument("--critic_learning_rate", type=float, default=8e-8)
-    parser.add_argument("--clip_epsilon", type=float, default=0.1)
-    parser.add_argument("--vf_coef", type=float, default=0.5, help="weight of the critic loss")
-    parser.add_argument("--kl_coef", type=float, default=0.02, help="KL penalty to the reference")
-    parser.add_argument("--update_old_actor_freq", type=int, default=4, help="steps between pi_old refreshes")
-    parser.add_argument("--gae", type=int, default=1, choices=[0, 1], help="1 = per-token GAE, 0 = sequence-level")
-    parser.add_argument("--gamma", type=float, default=1.0)
-    parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
-    args = parse_args(parser)
-
+def main(args):
     run, tokenizer, data, reward_model = start_rl_run(args)
     actor = run.load_model()
     old_actor = run.frozen_copy(actor)
@@ -156,4 +165,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

@@ -10,23 +10,32 @@ Writes out/pretrain_{hidden}[_moe].pth and checkpoints/pretrain_{hidden}[_moe]_r
 import os
 import sys
 
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import Run, common_parser, data_file, parse_args  # noqa: E402
-from losses import next_token_loss  # noqa: E402
-from dataset.lm_dataset import PretrainDataset  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from trainer.args import common_parser, data_file, parse_args  # argparse only
 
 
-def main():
+def arguments(argv=None):
     parser = common_parser("MiniMind pretraining", save_weight="pretrain", epochs=1, batch_size=32,
                            learning_rate=5e-4, accumulation_steps=8, log_interval=100, save_interval=100,
                            max_seq_len=340, data_path="../dataset/pretrain_hq.jsonl", from_weight="none",
                            group_by_length=1)
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
                         help="1 = pack whole documents into full rows (no padding; documents see each other)")
-    args = parse_args(parser)
+    args = parse_args(parser, argv)
+    return args
 
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
+import torch
+
+from dataset.lm_dataset import PretrainDataset
+from trainer.losses import next_token_loss
+from trainer.trainer_utils import Run
+
+
+def main(args):
     run = Run(args)
     tokenizer = run.load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
@@ -51,4 +60,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

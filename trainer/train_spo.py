@@ -15,13 +15,29 @@ The tracker is part of the resume file. Writes out/spo_{hidden}[_moe].pth.
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+from trainer.args import add_rl_arguments, common_parser, parse_args  # argparse only
+
+
+def arguments(argv=None):
+    parser = common_parser("MiniMind SPO", save_weight="spo", epochs=1, batch_size=2, learning_rate=1e-7,
+                           accumulation_steps=4, log_interval=1, save_interval=10, max_seq_len=66,
+                           data_path="../dataset/rlaif-mini.jsonl", from_weight=None)
+    add_rl_arguments(parser, max_gen_len=1536)
+    parser.add_argument("--beta", type=float, default=0.02, help="weight of the KL penalty to the reference")
+    args = parse_args(parser, argv)
+    return args
+
+
+if __name__ == "__main__":
+    args = arguments()  # --help and bad flags are answered here, before torch loads
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_utils import common_parser, parse_args, unwrap  # noqa: E402
-from rewards import MODEL_REWARD_CLIP, RULE_REWARD_RANGE  # noqa: E402
-from rollout import add_rl_arguments, completion_logprobs, masked_mean, sample_and_score, start_rl_run  # noqa: E402
-from losses import k3_kl  # noqa: E402
+from trainer.distributed import unwrap
+from trainer.losses import k3_kl
+from trainer.rewards import MODEL_REWARD_CLIP, RULE_REWARD_RANGE
+from trainer.rollout import completion_logprobs, masked_mean, sample_and_score, start_rl_run
 
 
 class BetaTracker:
@@ -54,14 +70,7 @@ def rescale(rewards, low, high):
     return ((rewards - low) / (high - low)).clamp(0, 1)
 
 
-def main():
-    parser = common_parser("MiniMind SPO", save_weight="spo", epochs=1, batch_size=2, learning_rate=1e-7,
-                           accumulation_steps=4, log_interval=1, save_interval=10, max_seq_len=66,
-                           data_path="../dataset/rlaif-mini.jsonl", from_weight=None)
-    add_rl_arguments(parser, max_gen_len=1536)
-    parser.add_argument("--beta", type=float, default=0.02, help="weight of the KL penalty to the reference")
-    args = parse_args(parser)
-
+def main(args):
     run, tokenizer, data, reward_model = start_rl_run(args)
     low, high = RULE_REWARD_RANGE
     if reward_model is not None:
@@ -106,4 +115,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(args)

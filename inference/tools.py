@@ -2,7 +2,7 @@
 eval'd), a dictionary over the bundled CC-CEDICT entries, and a calendar. Each takes a dict of arguments and
 returns a JSON string, which goes back to the model as the tool message.
 
-    from tools import TOOLS, run_tool
+    from inference.tools import TOOLS, run_tool
     client.chat.completions.create(..., tools=TOOLS)
     run_tool("calculator", {"expression": "12*7"})        # '{"result": 84}'
 """

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from chat_core import ReplyText, TokenSampler
+from inference.chat_core import ReplyText, TokenSampler
 
 
 class Request:

@@ -1,0 +1,2 @@
+"""Helpers shared by training and inference, below both: devices and precision (device.py), command-line help
+(cli.py), which tokenizer a weight reads (tokenizer.py), and measurement for the benchmarks (bench.py)."""

@@ -1,0 +1,104 @@
+"""The command line every training stage shares, and where its files are. It imports argparse and os only, so a
+stage answers --help before it loads torch."""
+import argparse
+import os
+
+from common.cli import HelpFormatter, show_defaults
+from dataset.files import DEMO_STAND_INS
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINER_DIR = os.path.join(REPO_ROOT, "trainer")
+GENERATION_NAMES = ("minimind-3", "minimind2")  # the keys of model_minimind.GENERATIONS (a test checks they agree)
+
+
+def common_parser(description, *, save_weight, epochs, batch_size, learning_rate, accumulation_steps,
+                  log_interval, save_interval, max_seq_len, data_path, from_weight, group_by_length=0):
+    """The options every stage takes; each script passes its own defaults (MiniMind's) and adds extras.
+    group_by_length: 1 for the stages that train on token rows (pretraining, SFT, LoRA, DPO, reasoning, KD),
+    where it trains 2-3x the real tokens per second of MiniMind's random batches (docs/benchmarks.md)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p.add_argument("--save_dir", default="../out", help="weights and metrics (relative to trainer/ by default)")
+    p.add_argument("--checkpoint_dir", default="../checkpoints", help="resume files for --from_resume 1")
+    p.add_argument("--save_weight", default=save_weight, help="name prefix of the saved weight file")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch_size", type=int, default=batch_size, help="rows per process per micro-batch")
+    p.add_argument("--learning_rate", type=float, default=learning_rate)
+    p.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up before the cosine schedule")
+    p.add_argument("--device", default=None, help="cuda / cuda:1 / mps / cpu (default: the best available)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--use_wandb", action="store_true", help="also log to wandb or swanlab (see --tracker)")
+    p.add_argument("--tracker", default="swanlab", choices=["swanlab", "wandb"], help="which one --use_wandb uses")
+    p.add_argument("--wandb_project", default="MiniMind")
+    p.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
+    p.add_argument("--accumulation_steps", type=int, default=accumulation_steps)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--log_interval", type=int, default=log_interval, help="optimizer steps between log lines")
+    p.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between saves")
+    p.add_argument("--generation", default="minimind2", choices=GENERATION_NAMES,
+                   help="architecture: MiniMind2, or minimind-3 (per-head q/k norms, Qwen3-MoE experts)")
+    # "%(default).0s" prints nothing: it only stops the help formatter from adding "(default: None)"
+    p.add_argument("--hidden_size", type=int, default=None,
+                   help="(default: 512, MiniMind2-Small; 768 with --generation minimind-3)%(default).0s")
+    p.add_argument("--num_hidden_layers", type=int, default=8)
+    p.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    p.add_argument("--max_seq_len", type=int, default=max_seq_len)
+    p.add_argument("--data_path", default=data_path)
+    p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed lines instead of stopping")
+    p.add_argument("--from_weight", default=from_weight,
+                   help="weight to start from: a name (out/{name}_{hidden}[_moe].pth), a .pth file, a model folder "
+                        "(a released minimind-3 Qwen3 folder included), or 'none' = random init")
+    p.add_argument("--tokenizer_dir", default=None,
+                   help="tokenizer folder (default: the one a --from_weight folder ships, else model/, this project's)")
+    p.add_argument("--from_resume", type=int, default=0, choices=[0, 1], help="1 = continue from checkpoints/")
+    p.add_argument("--group_by_length", type=int, default=group_by_length, choices=[0, 1],
+                   help="1 = batch rows of similar length together (less padding; see ResumableBatchSampler); "
+                        "0 = MiniMind's random batches")
+    p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = all)")
+    p.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=42)
+    return p
+
+
+def parse_args(parser, argv=None):
+    """Parse, then turn path options into absolute paths: a default written relative to trainer/ (as in
+    MiniMind, e.g. ../out) resolves against trainer/; a path the user typed resolves against the cwd."""
+    args = show_defaults(parser).parse_args(argv)
+    if getattr(args, "hidden_size", 0) is None:  # each generation's default size: MiniMind2-Small, minimind-3
+        args.hidden_size = 768 if args.generation == "minimind-3" else 512
+    for name in ("save_dir", "checkpoint_dir", "data_path", "reward_model_path", "tokenizer_dir"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value and value.lower() != "none":
+            base = TRAINER_DIR if value == parser.get_default(name) else os.getcwd()
+            setattr(args, name, ",".join(os.path.normpath(os.path.join(base, os.path.expanduser(v)))
+                                          for v in value.split(",")))
+    args.data_is_default = getattr(args, "data_path", None) == os.path.normpath(
+        os.path.join(TRAINER_DIR, parser.get_default("data_path") or ""))
+    return args
+
+
+def data_file(args) -> str:
+    """args.data_path, or, when the default full dataset is absent, its bundled demo stand-in."""
+    if os.path.exists(args.data_path.split(",")[0]) or not args.data_is_default:
+        return args.data_path
+    name = os.path.basename(args.data_path)
+    demo = os.path.join(REPO_ROOT, "dataset", DEMO_STAND_INS[name])
+    if int(os.environ.get("RANK", 0)) == 0:  # once under torchrun
+        print(f"{args.data_path} not found. Download the full data with: python scripts/download_data.py {name}\n"
+              f"Training on the bundled demo data instead: {os.path.relpath(demo, REPO_ROOT)}", flush=True)
+    return demo
+
+
+def weight_path(save_dir, name, config) -> str:
+    """MiniMind's naming: out/{name}_{hidden}[_moe].pth"""
+    return os.path.join(save_dir, f"{name}_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth")
+
+
+def add_rl_arguments(parser, max_gen_len):
+    """Options the RL stages share."""
+    parser.add_argument("--max_gen_len", type=int, default=max_gen_len, help="longest sampled answer")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    parser.add_argument("--reasoning", type=int, default=1, choices=[0, 1],
+                        help="1 = start from the reasoning model and reward the <think>/<answer> format")
+    parser.add_argument("--reward_model_path", default=None, help="a local Hugging Face reward model folder")
+    parser.add_argument("--reward_model_resident", type=int, default=0, choices=[0, 1],
+                        help="1 = keep the reward model on the GPU (faster; 0 = on the CPU between scorings)")
