@@ -20,7 +20,7 @@ import time
 import psutil
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
+sys.path.insert(0, REPO_ROOT)  # the repository root: the import root
 
 
 def generate(path, size_gb, seed=0):

@@ -13,7 +13,7 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
+sys.path.insert(0, REPO_ROOT)  # the repository root: the import root
 
 
 def arguments(argv=None):

@@ -28,7 +28,7 @@ import shutil
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
+sys.path.insert(0, REPO_ROOT)  # the repository root: the import root
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 GGUF_OUTTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}

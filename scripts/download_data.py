@@ -21,7 +21,7 @@ import os
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # the repository root is the import root
+if REPO_ROOT not in sys.path:  # the repository root: the import root
     sys.path.insert(0, REPO_ROOT)
 from dataset.files import FILES, HF_REPO, MS_REPO  # noqa: E402
 

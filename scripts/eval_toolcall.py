@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
 from inference.paths import REPO_ROOT, add_model_arguments, resolve_paths
 
 DEMO_REQUESTS = [os.path.join(REPO_ROOT, "dataset", "demo", "tools_eval.jsonl"),

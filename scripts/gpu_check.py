@@ -32,7 +32,7 @@ import sys
 import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
+sys.path.insert(0, REPO_ROOT)  # the repository root: the import root
 from common.cli import HelpFormatter, show_defaults
 
 # (stage, script, arguments, the stage whose weight it starts from)

@@ -34,7 +34,7 @@ import time
 import uuid
 from contextlib import closing
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
 from common.cli import HelpFormatter, show_defaults
 from inference.paths import add_model_arguments, resolve_paths
 

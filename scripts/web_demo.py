@@ -18,7 +18,7 @@ import sys
 import streamlit as st
 from openai import OpenAI
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
 from inference.chat_core import (fit_prompt, load_chat_model, opened_think, split_reply, stream_reply, thinking_kwargs,
                                  tool_turn)
 from inference.paths import REPO_ROOT, find_local_models, newest_chat_model

@@ -11,7 +11,7 @@ under the same autocast. Writes out/full_dist_{student_hidden}[_moe].pth.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
 from trainer.args import common_parser, data_file, parse_args, weight_path  # argparse only
 
 

@@ -10,7 +10,7 @@ not to imitate the user. All parameters train. Writes out/full_sft_{hidden}[_moe
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
 from trainer.args import common_parser, data_file, parse_args  # argparse only
 
 

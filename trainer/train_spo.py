@@ -15,7 +15,7 @@ The tracker is part of the resume file. Writes out/spo_{hidden}[_moe].pth.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
 from trainer.args import add_rl_arguments, common_parser, parse_args  # argparse only
 
 
