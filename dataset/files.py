@@ -29,4 +29,5 @@ FILES = {
 # Where the bundled demo stand-ins of the full MiniMind datasets live (relative to dataset/).
 DEMO_STAND_INS = {"pretrain_hq.jsonl": "demo/pretrain.jsonl", "sft_mini_512.jsonl": "demo/sft.jsonl",
                   "dpo.jsonl": "demo/dpo.jsonl", "r1_mix_1024.jsonl": "demo/r1.jsonl",
-                  "rlaif-mini.jsonl": "demo/rlaif.jsonl", "lora_identity.jsonl": "demo/lora_identity.jsonl"}
+                  "rlaif-mini.jsonl": "demo/rlaif.jsonl", "lora_identity.jsonl": "demo/lora_identity.jsonl",
+                  "agent_rl.jsonl": "demo/agent_rl.jsonl"}

@@ -461,6 +461,61 @@ class RLAIFDataset(_ArrowDataset):
         return dict(prompt=str(row["prompt"]), **json.loads(str(row["extras"])))
 
 
+class AgentRLDataset(Dataset):
+    """Agentic RL tasks, MiniMind's agent_rl.jsonl rows: {"conversations": [...], "gt": [answers]}. The tools offered
+    are in the system message's "tools" (a list, or its JSON string), or in a row-level "tools"; a final assistant
+    turn (the reference answer) is left out, so the conversation ends with the request. gt: what a right final reply
+    contains. Small files: read whole, no cache."""
+
+    def __init__(self, data_path, on_bad_line="error"):
+        self.rows, self.skipped = [], 0
+        for path in data_path.split(","):
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        self.rows.append(self.parse(line))
+                    except (ValueError, TypeError, KeyError) as error:
+                        if on_bad_line == "error":
+                            raise DataError(f"{path}:{number}: {error}") from None
+                        self.skipped += 1
+        if not self.rows:
+            raise DataError(f"{data_path}: no agentic RL rows")
+
+    @staticmethod
+    def parse(line):
+        row = json.loads(line)
+        if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
+            raise ValueError('expected {"conversations": [messages], "gt": [answers]}')
+        gt = row.get("gt")
+        if not isinstance(gt, list) or not all(isinstance(g, (str, int, float)) for g in gt):
+            raise ValueError('"gt" must be a list of answers (strings or numbers)')
+        messages, tools = [], row.get("tools")
+        for message in row["conversations"]:
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise ValueError(f"each message needs a role among {sorted(ROLES)}: {str(message)[:80]}")
+            message = dict(message)
+            if message["role"] == "system" and message.get("tools"):
+                tools = message.pop("tools")
+            messages.append(message)
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) and "function" in t
+                                                                       for t in tools)):
+            raise ValueError('"tools" must be a list of {"type": "function", "function": {...}}')
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError("the conversation must end with the user's request (before an optional final answer)")
+        return dict(messages=messages, tools=tools or [], gt=[str(g) for g in gt])
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[int(index)]
+
+
 def pad_batch(rows, pad_id: int = 0):
     """Collate: pad every tensor field to the longest row of this batch (labels with -100), and add an
     attention_mask per input_ids field. Non-tensor fields are gathered into lists (None where missing)."""

@@ -37,7 +37,7 @@ import zipfile
 from dataclasses import dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)  # the repository root is the import root
+sys.path.insert(0, REPO_ROOT)  # the repository root: the import root
 OUT_DIR = os.path.join(REPO_ROOT, "dataset", "demo")
 SEED = 2026
 EVAL_FRACTION = 0.05
@@ -857,13 +857,41 @@ def cedict_licence(root):
         "Header of the source dictionary:", "", "```", *header, "```", ""])
 
 
+def agent_rows(tool_rows):
+    """Agentic RL tasks (trainer/train_agent.py) from tool conversations: the request with its tools, and as gt the
+    values of the tool's real result (run again here) that the reference answer states - 84 for a sum, Thursday for
+    a weekday. Rows whose answer states none are left out."""
+    from inference.tools import run_tool
+    rows = []
+    for row in tool_rows:
+        request = [m for m in row["conversations"] if m["role"] == "user"][:1]
+        answer = row["conversations"][-1]["content"]
+        result = json.loads(run_tool(row["call"]["name"], row["call"]["arguments"]))
+        values = [v for v in result.values() if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
+        gt = [str(v) for v in values if str(v) in answer and str(v) not in json.dumps(row["call"]["arguments"])]
+        if request and gt and "error" not in result:
+            rows.append({"conversations": request, "tools": row["tools"], "gt": gt[:1], "kind": row["kind"]})
+    return rows
+
+
+def write_agent_rows(out):
+    """agent_rl.jsonl / agent_rl_eval.jsonl from the calculator and calendar conversations already in out/."""
+    for name in ("", "_eval"):
+        with open(os.path.join(out, f"tools{name}.jsonl"), encoding="utf-8") as f:
+            write_jsonl(os.path.join(out, f"agent_rl{name}.jsonl"), agent_rows([json.loads(line) for line in f]))
+
+
 # ----------------------------------------------------------------------------------------------
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source_dir", default=os.path.expanduser("~/.cache/minimind/demo_sources"))
     parser.add_argument("--out_dir", default=OUT_DIR)
+    parser.add_argument("--agent_rows_only", action="store_true",
+                        help="only (re)write agent_rl*.jsonl from the tool conversations already in --out_dir")
     args = parser.parse_args()
+    if args.agent_rows_only:
+        return write_agent_rows(args.out_dir)
     os.makedirs(args.source_dir, exist_ok=True)
     roots = {key: fetch(src, args.source_dir) for key, src in SOURCES.items()}
     sys.path.insert(0, roots["opencc"])
@@ -926,6 +954,7 @@ def main():
     train, held = tool_rows(["calculator", "calendar"], rng, train_count=240, eval_count=100)
     write_jsonl(os.path.join(out, "tools.jsonl"), train)
     write_jsonl(os.path.join(out, "tools_eval.jsonl"), held)
+    write_agent_rows(out)
 
     docs, sft = cedict_rows(cedict)
     write_jsonl(os.path.join(out, "cedict", "pretrain.jsonl"), docs)

@@ -193,6 +193,7 @@ def questions(name):
 @pytest.mark.parametrize("name, fields", [
     ("pretrain", {"text"}), ("sft", {"conversations"}), ("dpo", {"chosen", "rejected"}),
     ("r1", {"conversations"}), ("rlaif", {"conversations", "task", "answers"}), ("lora_identity", {"conversations"}),
+    ("agent_rl", {"conversations", "tools", "gt"}),
 ])
 def test_committed_demo_files_are_well_formed(name, fields):
     for split in (name, f"{name}_eval"):
@@ -205,6 +206,7 @@ def test_no_held_out_question_is_trained_on_anywhere():
     trained = questions("sft.jsonl") | questions("r1.jsonl") | questions("dpo.jsonl") | questions("rlaif.jsonl")
     for held in ("sft_eval.jsonl", "r1_eval.jsonl", "dpo_eval.jsonl", "rlaif_eval.jsonl", "lora_identity_eval.jsonl"):
         assert questions(held).isdisjoint(trained), held
+    assert questions("agent_rl_eval.jsonl").isdisjoint(questions("agent_rl.jsonl") | questions("tools.jsonl"))
     sft_text = json.dumps(read("sft.jsonl"), ensure_ascii=False)
     # a verifiable held-out question is not even inside a multi-turn training conversation (chat lines
     # from the dialogue corpus may recur across its conversations; they carry no exact answer)

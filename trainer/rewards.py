@@ -9,6 +9,7 @@ A reward model (--reward_model_path) adds its score, clipped to [-3, 3]: any loc
 sequence-classification model, or one with a get_score(tokenizer, messages) method such as
 InternLM2-1.8B-Reward. It is moved to the GPU only while scoring.
 """
+import json
 import re
 
 import torch
@@ -113,3 +114,51 @@ def rewards_for(texts, batch, samples_per_prompt, reward_model, reasoning):
         questions = [c for c in batch["conversation"] for _ in range(samples_per_prompt)]
         rewards = rewards + reward_model.score([q + [dict(role="assistant", content=t)] for q, t in zip(questions, texts)])
     return rewards
+
+
+# ----------------------------------------------------------------------------------------------
+# Agentic RL (train_agent.py): rewards of a multi-turn tool-use trajectory
+# ----------------------------------------------------------------------------------------------
+
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w.])")
+AGENT_REWARD_CLIP = 3.0
+
+
+def contains_answer(text, answer):
+    """The answer is in the text: as a number equal to one in it (12 == 12.0; thousands commas ignored), else as a
+    case-insensitive substring."""
+    plain = str(answer).strip().replace(",", "")
+    if NUMBER.fullmatch(plain):
+        return any(abs(float(n) - float(plain)) < 1e-6 for n in NUMBER.findall(str(text).replace(",", "")))
+    return bool(plain) and plain.lower() in str(text).lower()
+
+
+def repetition(text, n=3, cap=0.5):
+    """The share of repeated word 3-grams in the text, doubled and capped: 0 for text that never repeats itself."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return min(cap, 2 * cap * (len(grams) - len(set(grams))) / len(grams)) if grams else 0.0
+
+
+def agent_reward(trajectory, gt, tools):
+    """The reward of one trajectory and its parts, each logged:
+        answer      share of the gt answers its final reply contains (numbers compared as numbers)   x 2.0
+        valid_calls share of its tool calls that name an offered tool with arguments the tool accepts x 0.5
+        unclosed    unbalanced <tool_call> / <think> tags over all turns (0, 1, 2 ...)             x -0.5
+        turn_limit  1 when the last allowed turn still called tools                              x -0.5
+        repetition  repeated 3-grams in the final reply (0 .. 0.5)                               x -1
+    total clipped to [-3, 3]; success: every gt answer is in the final reply."""
+    offered = {t["function"]["name"] for t in tools or []}
+    calls = [(c, r) for turn_calls, results in zip(trajectory.calls, trajectory.results)
+             for c, r in zip(turn_calls, results)]
+    valid = sum(c["name"] in offered and "error" not in json.loads(r) for c, r in calls)
+    final = "" if trajectory.hit_turn_limit or trajectory.cut_off else trajectory.turns[-1].split("</think>")[-1]
+    found = [g for g in gt if contains_answer(final, g)]
+    unclosed = sum(abs(turn.count(a) - turn.count(b)) for turn in trajectory.turns
+                   for a, b in (("<tool_call>", "</tool_call>"), ("<think>", "</think>")))
+    parts = dict(answer=len(found) / len(gt) if gt else 0.0, valid_calls=valid / len(calls) if calls else 0.0,
+                 unclosed=float(unclosed), turn_limit=float(trajectory.hit_turn_limit), repetition=repetition(final))
+    total = 2.0 * parts["answer"] + 0.5 * parts["valid_calls"] - 0.5 * parts["unclosed"] - 0.5 * parts["turn_limit"] \
+        - parts["repetition"]
+    return dict(total=max(-AGENT_REWARD_CLIP, min(AGENT_REWARD_CLIP, total)), success=float(bool(gt) and
+                len(found) == len(gt)), **parts)

@@ -1,0 +1,179 @@
+"""Agentic RL: multi-turn tool-use trajectories token in and token out (trainer/agent_rollout.py), their rewards,
+the agent_rl rows, and trainer/train_agent.py end to end."""
+import json
+import os
+
+import pytest
+import torch
+
+from common.tokenizer import load_tokenizer
+from conftest import REPO_ROOT, tiny_model
+from dataset.lm_dataset import AgentRLDataset, DataError
+from inference.tools import TOOLS
+from trainer.agent_rollout import TorchEngine, Trajectory, pack, render, rollout, trajectory_logprobs
+from trainer.rewards import agent_reward, contains_answer
+
+TOKENIZER = load_tokenizer()
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*7"}}\n</tool_call>'
+QUESTION = [{"role": "user", "content": "What is 12*7?"}]
+
+
+def char_by_char(text):
+    """The text's ids, each character encoded on its own: the same text, but not the ids encoding it whole gives."""
+    return [i for ch in text for i in TOKENIZER(ch, add_special_tokens=False).input_ids]
+
+
+class ScriptedEngine:
+    """Answers each context with the next scripted turn (ids), one log-prob per id; records what it was given."""
+
+    def __init__(self, turns):
+        self.turns, self.contexts = list(turns), []
+
+    def generate(self, contexts, max_new_tokens):
+        self.contexts.append([list(c) for c in contexts])
+        out = []
+        for _ in contexts:
+            ids = self.turns.pop(0)[:max_new_tokens]
+            out.append((ids, [-0.5 - 0.01 * k for k in range(len(ids))]))
+        return out
+
+
+def test_sampled_ids_are_kept_even_where_their_text_would_tokenise_differently():
+    eos = TOKENIZER.eos_token_id
+    call_ids = char_by_char(CALL) + [eos]
+    assert call_ids[:-1] != TOKENIZER(CALL, add_special_tokens=False).input_ids  # re-encoding would change them
+    answer_ids = TOKENIZER("12*7 = 84.", add_special_tokens=False).input_ids + [eos]
+    engine = ScriptedEngine([call_ids, answer_ids])
+    [t] = rollout(engine, TOKENIZER, [QUESTION], [TOOLS], max_turns=3)
+
+    assert t.calls == [[{"name": "calculator", "arguments": {"expression": "12*7"}}], []]
+    assert json.loads(t.results[0][0]) == {"result": 84} and t.finished and not t.hit_turn_limit
+    observation = t.ids[len(call_ids):len(t.ids) - len(answer_ids)]
+    assert t.ids == call_ids + observation + answer_ids  # the sampled ids, untouched
+    # the second turn was asked to continue exactly the trajectory so far
+    assert engine.contexts[1] == [t.prompt_ids + call_ids + observation]
+    # generated tokens (each turn's <|im_end|> included) carry the loss; the observation carries none
+    assert t.loss_mask == [1] * len(call_ids) + [0] * len(observation) + [1] * len(answer_ids)
+    assert t.sample_logps[len(call_ids):len(call_ids) + len(observation)] == [0.0] * len(observation)
+    # the observation is the template's tool turn and the next generation prompt (thinking off: an empty think block)
+    assert TOKENIZER.decode(observation) == ('\n<|im_start|>user\n<tool_response>\n{"result": 84}\n</tool_response>'
+                                             '<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n')
+    assert TOKENIZER.decode(t.prompt_ids) == render(TOKENIZER, QUESTION, TOOLS, False, generation_prompt=True)
+
+
+def test_the_turn_limit_and_the_token_budget_end_a_trajectory():
+    eos = TOKENIZER.eos_token_id
+    call_ids = TOKENIZER(CALL, add_special_tokens=False).input_ids + [eos]
+    [t] = rollout(ScriptedEngine([call_ids, call_ids]), TOKENIZER, [QUESTION], [TOOLS], max_turns=2)
+    assert t.hit_turn_limit and len(t.turns) == 2
+    assert t.ids[-len(call_ids):] == call_ids  # no observation after the last allowed turn
+    # a turn that reaches its budget without <|im_end|> is cut off: no call is read from it
+    [t] = rollout(ScriptedEngine([call_ids]), TOKENIZER, [QUESTION], [TOOLS], max_new_tokens=5)
+    assert t.cut_off and t.calls == [[]] and len(t.ids) == 5
+
+
+def test_samples_step_through_the_turns_together():
+    """Two prompts x two samples: one generate call per turn, over every trajectory still running."""
+    eos = TOKENIZER.eos_token_id
+    call_ids = TOKENIZER(CALL, add_special_tokens=False).input_ids + [eos]
+    plain = TOKENIZER("84", add_special_tokens=False).input_ids + [eos]
+    engine = ScriptedEngine([call_ids, plain, plain, call_ids, plain, plain])
+    trajectories = rollout(engine, TOKENIZER, [QUESTION, QUESTION], [TOOLS, TOOLS], samples_per_prompt=2)
+    assert [len(c) for c in engine.contexts] == [4, 2]  # turn 1: all four; turn 2: the two that called a tool
+    assert [len(t.turns) for t in trajectories] == [2, 1, 1, 2]
+
+
+def test_the_engine_returns_the_log_probs_it_sampled_with():
+    """TorchEngine's log-probs are those of the distribution each token was drawn from (temperature applied): a
+    forward over the packed trajectory under the same weights gives them again, token for token."""
+    torch.manual_seed(0)
+    model = tiny_model(max_position_embeddings=2048).eval()
+    engine = TorchEngine(model, TOKENIZER, temperature=0.7)
+    trajectories = rollout(engine, TOKENIZER, [QUESTION, [{"role": "user", "content": "你好"}]], [TOOLS, None],
+                           samples_per_prompt=2, max_new_tokens=12)
+    packed = pack(trajectories, TOKENIZER.pad_token_id)
+    with torch.no_grad():
+        logps, _ = trajectory_logprobs(model, packed, temperature=0.7)
+    mask = packed["loss_mask"].bool()
+    assert mask.sum() == sum(sum(t.loss_mask) for t in trajectories) > 0
+    assert torch.allclose(logps[mask], packed["sample_logps"][mask], atol=1e-4)
+    assert (logps[~mask] == 0).all()
+
+
+def test_pack_aligns_every_token_with_the_position_that_predicts_it():
+    t = Trajectory(prompt_ids=[5, 6, 7], ids=[8, 9, 10], loss_mask=[1, 0, 1], sample_logps=[-1.0, 0.0, -3.0])
+    packed = pack([t, Trajectory(prompt_ids=[5, 6], ids=[8], loss_mask=[1], sample_logps=[-2.0])], pad_id=0)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 6, 8, 0, 0, 0]]
+    assert packed["loss_mask"].tolist() == [[0, 0, 1, 0, 1], [0, 1, 0, 0, 0]]  # position 2 predicts id 8
+    assert packed["sample_logps"].tolist() == [[0, 0, -1.0, 0, -3.0], [0, -2.0, 0, 0, 0]]
+
+
+def test_agent_reward_parts_by_hand():
+    call = {"name": "calculator", "arguments": {"expression": "12*7"}}
+    right = Trajectory([1], turns=[CALL, "12*7 = 84.0"], calls=[[call], []], results=[['{"result": 84}'], []])
+    assert agent_reward(right, ["84"], TOOLS) == dict(total=2.5, success=1.0, answer=1.0, valid_calls=1.0,
+                                                       unclosed=0.0, turn_limit=0.0, repetition=0.0)
+    # a tool that was not offered, an unclosed tag, and an answer without the number
+    wrong = Trajectory([1], turns=[CALL, "<tool_call> I think it is 48"], calls=[[call], []],
+                       results=[['{"result": 84}'], []])
+    parts = agent_reward(wrong, ["84"], [t for t in TOOLS if t["function"]["name"] != "calculator"])
+    assert (parts["answer"], parts["valid_calls"], parts["unclosed"], parts["total"]) == (0.0, 0.0, 1.0, -0.5)
+    # the turn limit: no final reply counts, and a penalty
+    stuck = Trajectory([1], turns=[CALL], calls=[[call]], results=[['{"result": 84}']], hit_turn_limit=True)
+    assert agent_reward(stuck, ["84"], TOOLS)["total"] == 0.5 * 1.0 - 0.5
+    assert contains_answer("约 1,234.0 元", "1234") and not contains_answer("12345", "1234")
+    assert contains_answer("It is a THURSDAY.", "Thursday")
+    echo = Trajectory([1], turns=["a b c a b c a b c"], calls=[[]], results=[[]])
+    assert agent_reward(echo, [], None)["repetition"] > 0
+
+
+def test_agent_rows_load_upstream_and_demo_layouts(tmp_path):
+    tools = json.dumps(TOOLS[:1], ensure_ascii=False)
+    upstream = {"conversations": [{"role": "system", "content": "你是助手", "tools": tools},
+                                  {"role": "user", "content": "12*7?"}, {"role": "assistant", "content": "84"}],
+                "gt": [84]}
+    path = tmp_path / "agent.jsonl"
+    path.write_text(json.dumps(upstream, ensure_ascii=False) + "\n", encoding="utf-8")
+    [row] = AgentRLDataset(str(path)).rows
+    assert row["tools"] == TOOLS[:1] and row["gt"] == ["84"]
+    assert [m["role"] for m in row["messages"]] == ["system", "user"] and "tools" not in row["messages"][0]
+    demo = AgentRLDataset(os.path.join(REPO_ROOT, "dataset", "demo", "agent_rl_eval.jsonl"))
+    assert len(demo) > 50 and all(r["gt"] and r["tools"] for r in demo.rows)
+    path.write_text(json.dumps(upstream) + "\n" + json.dumps({"conversations": [], "gt": "84"}) + "\n")
+    with pytest.raises(DataError, match=r"agent.jsonl:2: .*gt"):
+        AgentRLDataset(str(path))
+    assert len(AgentRLDataset(str(path), on_bad_line="skip")) == 1
+
+
+def test_the_demo_tasks_gt_comes_from_the_tools_real_results():
+    from inference.tools import run_tool
+    rows = [json.loads(line) for line in open(os.path.join(REPO_ROOT, "dataset", "demo", "agent_rl.jsonl"),
+                                                  encoding="utf-8")]
+    tools_rows = {json.dumps(r["conversations"][0], ensure_ascii=False): r for r in
+                  map(json.loads, open(os.path.join(REPO_ROOT, "dataset", "demo", "tools.jsonl"), encoding="utf-8"))}
+    for row in rows[:40]:
+        call = tools_rows[json.dumps(row["conversations"][0], ensure_ascii=False)]["call"]
+        assert row["gt"][0] in [str(v) for v in json.loads(run_tool(call["name"], call["arguments"])).values()]
+
+
+def test_train_agent_updates_several_times_per_rollout_and_stops_on_kl(tmp_path):
+    """--ppo_epochs 3: three updates on each rollout batch, the ratio pi / pi_sample leaving 1; --kl_stop with a tiny
+    bound keeps only the first update of a batch. A stopped run resumes to the uninterrupted run's metrics."""
+    from test_train import metrics, run_script
+    common = ["--num_generations", "2", "--max_gen_len", "24", "--learning_rate", "1e-2", "--from_weight", "none",
+              "--batch_size", "2", "--log_interval", "1"]
+    run_script("train_agent.py", *common, "--ppo_epochs", "3", "--max_steps", "2", tmp=tmp_path / "a")
+    rows = metrics(tmp_path / "a", "agent_64_metrics.jsonl")
+    assert [r["updates"] for r in rows] == [3, 3]
+    assert abs(rows[-1]["ratio"] - 1) > 1e-4 and rows[-1]["kl_to_sampler"] > 0
+    assert all(k in rows[0] for k in ("reward", "answer", "valid_calls", "unclosed", "turn_limit", "repetition",
+                                      "success", "kl"))
+    run_script("train_agent.py", *common, "--ppo_epochs", "3", "--kl_stop", "1e-12", "--max_steps", "2",
+               tmp=tmp_path / "b")
+    assert [r["updates"] for r in metrics(tmp_path / "b", "agent_64_metrics.jsonl")][-1] == 1
+    # stopped after step 1 and resumed: the same rollouts (the sampling RNG is restored) and the same updates
+    run_script("train_agent.py", *common, "--ppo_epochs", "3", "--max_steps", "1", tmp=tmp_path / "c")
+    run_script("train_agent.py", *common, "--ppo_epochs", "3", "--max_steps", "2", "--from_resume", "1",
+               tmp=tmp_path / "c")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in rows]  # noqa: E731
+    assert strip(metrics(tmp_path / "c", "agent_64_metrics.jsonl")) == strip(rows)

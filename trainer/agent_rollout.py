@@ -1,0 +1,184 @@
+"""Multi-turn tool-use rollouts, token in and token out: the trajectories the agentic RL stage learns from.
+
+A trajectory is one token sequence: the prompt (the conversation rendered with its tools and the generation prompt),
+then every turn's generated ids exactly as they were sampled, each followed - when the turn called tools - by the
+observation: the tool results as the chat template renders a tool turn, up to the next generation prompt.
+
+    prompt | generated turn 1 ... <|im_end|> | observation 1 | generated turn 2 ... <|im_end|> | ...
+    loss:      1  1  1  ...   1                  0 0 0 0          1  1  ...     1
+
+The generated ids are never decoded and encoded again: decoding is only for reading the tool calls, and the
+observation is the text the template adds after the assistant turn, tokenised on its own. (Re-rendering the whole
+conversation and slicing it by length, as MiniMind's own agent trainer does, breaks the trajectory wherever the
+re-encoded text tokenises differently from what was sampled.) Generated tokens - the <|im_end|> that ends a turn
+included - carry the loss; observation tokens carry neither loss nor KL. All samples of a batch step through the
+turns together: each turn is one batched, KV-cached generate over every trajectory still running.
+"""
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from inference.chat_core import parse_tool_calls
+from inference.tools import run_tool
+
+MAX_TOOL_RESULT_CHARS = 2048  # a tool's answer is cut to this before it goes back to the model
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list                     # the conversation up to the first generation prompt
+    ids: list = field(default_factory=list)          # everything after the prompt: turns and observations
+    loss_mask: list = field(default_factory=list)    # 1 on generated tokens, 0 on observation tokens
+    sample_logps: list = field(default_factory=list)  # the sampler's log-prob of each generated token, 0 elsewhere
+    turns: list = field(default_factory=list)        # each turn's generated text
+    calls: list = field(default_factory=list)        # each turn's tool calls: [{"name", "arguments"}], [] for none
+    results: list = field(default_factory=list)      # each turn's tool results (JSON strings), [] for none
+    thinking: bool = False                            # rendered with the thinking switch on
+    hit_turn_limit: bool = False                      # the last allowed turn still called tools
+    cut_off: bool = False                             # a turn reached its token budget without <|im_end|>
+
+    @property
+    def finished(self):
+        """Done: it answered without a call, hit the turn limit, or was cut off."""
+        return self.hit_turn_limit or self.cut_off or bool(self.turns and not self.calls[-1])
+
+
+class TorchEngine:
+    """In-process rollout engine: batched sampling with the KV cache (transformers generate), returning each
+    sampled token's log-probability under the distribution it was drawn from (temperature applied)."""
+
+    def __init__(self, model, tokenizer, temperature=1.0):
+        self.model, self.tokenizer, self.temperature = model, tokenizer, temperature
+
+    @torch.no_grad()
+    def generate(self, contexts, max_new_tokens):
+        """[(ids, log-probs)] for each context (a list of token ids): ids up to and including the first eos, or
+        max_new_tokens of them when there is none."""
+        tokenizer, model = self.tokenizer, self.model
+        device = next(model.parameters()).device
+        width = max(len(c) for c in contexts)
+        ids = torch.full((len(contexts), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(contexts), width), dtype=torch.long)
+        for i, context in enumerate(contexts):  # left padding: every row's answer starts at the same column
+            ids[i, width - len(context):] = torch.tensor(context)
+            mask[i, width - len(context):] = 1
+        was_training = model.training
+        model.eval()
+        # top_k=0 and top_p=1.0 switch those warpers off, so the scores generate returns are logits / temperature:
+        # the sampling distribution itself (transformers' GenerationMixin._sample records them before sampling).
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             return_dict_in_generate=True, output_scores=True)
+        model.train(was_training)
+        new = out.sequences[:, width:].cpu()
+        scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()  # [N, steps, V]
+        logps = torch.gather(scores, 2, new.unsqueeze(-1)).squeeze(-1)
+        samples = []
+        for row, row_logps in zip(new.tolist(), logps.tolist()):
+            end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+            samples.append((row[:end], row_logps[:end]))
+        return samples
+
+
+def render(tokenizer, messages, tools, thinking, generation_prompt):
+    # both switch names: this project's template reads enable_thinking, minimind-3's open_thinking
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                         add_generation_prompt=generation_prompt,
+                                         enable_thinking=thinking, open_thinking=thinking)
+
+
+def observation_text(tokenizer, messages, assistant, tool_messages, tools, thinking):
+    """What the chat template writes after an assistant turn's <|im_end|>: the tool turn(s) and the next generation
+    prompt. Taken from two renderings of the conversation - with the assistant turn, and with the tool results
+    and a generation prompt after it - so it is exactly the text a later render would hold there."""
+    before = render(tokenizer, messages + [assistant], tools, thinking, generation_prompt=False)
+    after = render(tokenizer, messages + [assistant] + tool_messages, tools, thinking, generation_prompt=True)
+    cut = before.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)
+    if after[:cut] != before[:cut]:
+        raise ValueError("the chat template renders the conversation before the tool results differently once they "
+                         "are added: the observation cannot be appended to the sampled turn")
+    return after[cut:]
+
+
+def rollout(engine, tokenizer, conversations, tools, samples_per_prompt=1, max_turns=3, max_new_tokens=256,
+            thinking_ratio=0.0, max_total_tokens=4096, rng=None):
+    """Trajectories for every conversation (samples_per_prompt each, adjacent), run turn by turn together.
+
+    conversations: lists of messages up to the user's request; tools: each conversation's tools (OpenAI layout).
+    thinking_ratio: the share of trajectories rendered with the thinking switch on. A trajectory whose turn calls
+    tools has them run (inference/tools.py; results cut to MAX_TOOL_RESULT_CHARS) and continues, up to max_turns;
+    one that would pass max_total_tokens stops where it is, as cut off."""
+    rng = rng or random.Random(0)  # anything with .random(): the trainer passes the global RNG it resumes
+    runs = []  # (trajectory, its messages so far, its tools)
+    for messages, offered in zip(conversations, tools):
+        for _ in range(samples_per_prompt):
+            thinking = rng.random() < thinking_ratio
+            prompt = render(tokenizer, messages, offered, thinking, generation_prompt=True)
+            trajectory = Trajectory(tokenizer(prompt, add_special_tokens=False).input_ids, thinking=thinking)
+            runs.append((trajectory, [dict(m) for m in messages], offered))
+    for turn in range(max_turns):
+        active = [r for r in runs if not r[0].finished]
+        if not active:
+            break
+        contexts = [t.prompt_ids + t.ids for t, _, _ in active]
+        budget = min(max_new_tokens, max_total_tokens - max(len(c) for c in contexts))
+        if budget <= 0:
+            for trajectory, _, _ in active:
+                trajectory.cut_off = True
+            break
+        for (trajectory, messages, offered), (ids, logps) in zip(active, engine.generate(contexts, budget)):
+            text = tokenizer.decode(ids, skip_special_tokens=True)  # for reading the calls only
+            trajectory.ids += ids
+            trajectory.loss_mask += [1] * len(ids)
+            trajectory.sample_logps += logps
+            trajectory.turns.append(text)
+            ended = bool(ids) and ids[-1] == tokenizer.eos_token_id
+            calls = (parse_tool_calls(text.split("</think>")[-1]) or []) if ended else []
+            trajectory.calls.append(calls)
+            results = [run_tool(c["name"], c["arguments"])[:MAX_TOOL_RESULT_CHARS] for c in calls]
+            trajectory.results.append(results)
+            if not ended:
+                trajectory.cut_off = True
+            if not calls:
+                continue
+            if turn == max_turns - 1:
+                trajectory.hit_turn_limit = True
+                continue
+            assistant = {"role": "assistant", "content": text}
+            tool_messages = [{"role": "tool", "content": r} for r in results]
+            observation = tokenizer(observation_text(tokenizer, messages, assistant, tool_messages, offered,
+                                                     trajectory.thinking), add_special_tokens=False).input_ids
+            messages += [assistant] + tool_messages
+            trajectory.ids += observation
+            trajectory.loss_mask += [0] * len(observation)
+            trajectory.sample_logps += [0.0] * len(observation)
+    return [t for t, _, _ in runs]
+
+
+def pack(trajectories, pad_id):
+    """Right-padded tensors of a list of trajectories for one forward: input_ids and attention_mask [N, L], and
+    loss_mask / sample_logps [N, L - 1] aligned with the predictions (position t predicts token t + 1)."""
+    rows = [t.prompt_ids + t.ids for t in trajectories]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width - 1), dtype=torch.long)
+    sample_logps = torch.zeros((len(rows), width - 1))
+    for i, (row, t) in enumerate(zip(rows, trajectories)):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        attention_mask[i, :len(row)] = 1
+        start = len(t.prompt_ids) - 1  # the prediction of the first token after the prompt
+        loss_mask[i, start:start + len(t.ids)] = torch.tensor(t.loss_mask, dtype=torch.long)
+        sample_logps[i, start:start + len(t.ids)] = torch.tensor(t.sample_logps)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask, sample_logps=sample_logps)
+
+
+def trajectory_logprobs(model, packed, temperature=1.0):
+    """[N, L - 1] log-probs of every next token under `model` (at the sampling temperature), 0 where the loss mask
+    is 0; and the forward's MoE balance loss."""
+    out = model(packed["input_ids"], attention_mask=packed["attention_mask"])
+    logits = out.logits[:, :-1].float() / temperature
+    logps = torch.gather(logits.log_softmax(-1), 2, packed["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    return logps * packed["loss_mask"], out.aux_loss
