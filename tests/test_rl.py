@@ -208,6 +208,7 @@ RL_ARGS = ["--max_gen_len", "12", "--batch_size", "2", "--accumulation_steps", "
 @pytest.mark.parametrize("script, name, extra", [
     ("train_grpo.py", "grpo_64", ["--num_generations", "3"]),
     ("train_grpo.py", "grpo_64", ["--num_generations", "3", "--loss_type", "cispo"]),
+    ("train_grpo.py", "grpo_64", ["--num_generations", "3", "--ppo_epochs", "2"]),
     ("train_ppo.py", "ppo_actor_64", ["--critic_learning_rate", "1e-3", "--update_old_actor_freq", "1"]),
     ("train_ppo.py", "ppo_actor_64", ["--gae", "0"]),
     ("train_spo.py", "spo_64", []),
@@ -250,6 +251,22 @@ def test_moe_router_keeps_its_balancing_loss_in_rl(tmp_path, script, name, extra
     run_script(script, *args, *extra, "--use_moe", "1", "--max_steps", "2", tmp=tmp_path)
     rows = metrics(tmp_path, f"{name}_metrics.jsonl")
     assert len(rows) == 2 and all(row["aux_loss"] > 0 for row in rows)
+
+
+def test_grpo_updates_several_times_per_rollout_and_stops_on_kl(tmp_path, rl_setup):
+    """--ppo_epochs 3: three updates on each rollout batch against the policy that sampled, so the logged ratio
+    leaves 1; --kl_stop with a tiny bound keeps only the first update of a batch."""
+    for run, extra in (("epochs", []), ("stopped", ["--kl_stop", "1e-12"])):
+        (tmp_path / run / "out").mkdir(parents=True)
+        (tmp_path / run / "out" / "full_sft_64.pth").write_bytes((rl_setup / "start.pth").read_bytes())
+        run_script("train_grpo.py", *RL_ARGS, "--num_generations", "2", "--ppo_epochs", "3", "--learning_rate", "1e-2",
+                   "--max_steps", "2", *extra, tmp=tmp_path / run)
+    rows = metrics(tmp_path / "epochs", "grpo_64_metrics.jsonl")
+    assert [r["updates"] for r in rows] == [3, 3]
+    assert all(abs(r["ratio"] - 1) > 1e-5 and r["kl_to_old"] > 0 for r in rows)
+    # (at step 1 the policy is still the reference and every reward 0: the first update moves it by weight decay only)
+    updates = [r["updates"] for r in metrics(tmp_path / "stopped", "grpo_64_metrics.jsonl")]
+    assert max(updates) < 3 and updates[-1] == 1
 
 
 def test_grpo_with_one_generation_is_a_usage_error(tmp_path):

@@ -25,6 +25,7 @@ class Rollout:
     prompt_length: int             # P: the answer starts at this column
     texts: list                    # the decoded answers (special tokens removed)
     temperature: float = 1.0       # log-probs are taken from the distribution the answers were sampled from
+    old_logps: torch.Tensor = None  # [N, C] pi_old: the policy that sampled, kept from the first update's forward
 
 
 def encode_prompts(tokenizer, prompts, max_length, device):

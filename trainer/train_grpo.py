@@ -15,13 +15,17 @@ model (trainer/rewards.py). Writes out/grpo_{hidden}[_moe].pth.
 --loss_type cispo (Chen et al., 2025, "MiniMax-M1", Clipped IS-weight Policy Optimization) replaces the PPO clip:
     loss_t     = -sg(min(rho_t, 1 + eps_high)) A_i logp_t + beta * KL_t
 the importance weight is clipped and taken as a constant, so every token keeps a gradient (PPO-clip zeroes
-the gradient of tokens whose ratio left the clip range). Here each rollout gets one update, so rho = 1 and the
-two losses have the same gradient; they part ways as soon as pi_old differs from pi.
+the gradient of tokens whose ratio left the clip range). With one update per rollout (--ppo_epochs 1, MiniMind's
+setting) rho = 1 and the two losses have the same gradient; --ppo_epochs K updates the policy K times on each
+rollout batch, pi_old staying the policy that sampled (its log-probs kept from the first update's forward), so rho
+moves away from 1 and the clip / the weight cap take effect. --kl_stop skips the rest of a batch's updates once an
+update's forward finds the policy that far from pi_old (the k3 estimate of KL(pi_old || pi) over the answer
+tokens).
 """
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root is the import root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
 from trainer.args import add_rl_arguments, common_parser, parse_args  # argparse only
 
 
@@ -36,10 +40,15 @@ def arguments(argv=None):
     parser.add_argument("--loss_type", default="grpo", choices=["grpo", "cispo"],
                         help="grpo: PPO-clip on the ratio; cispo: clipped importance weight times log-prob")
     parser.add_argument("--epsilon_high", type=float, default=0.28, help="cispo: the weight is at most 1 + this")
+    parser.add_argument("--ppo_epochs", type=int, default=1, help="policy updates on each rollout batch")
+    parser.add_argument("--kl_stop", type=float, default=0.0,
+                        help="end a batch's updates once KL(pi_old || pi) passes this; 0 = never")
     args = parse_args(parser, argv)
     if args.num_generations < 2:  # the group's std of one answer is undefined: every advantage would be nan
         parser.error(f"--num_generations {args.num_generations}: GRPO judges each answer against its siblings, so it "
                      "needs at least 2 answers per prompt (for one answer per prompt use train_spo.py)")
+    if args.ppo_epochs < 1:
+        parser.error("--ppo_epochs must be at least 1")
     return args
 
 
@@ -67,25 +76,39 @@ def main(args):
         with torch.no_grad():
             ref_logps, _ = completion_logprobs(reference, rollout)
         logps, aux_loss = completion_logprobs(model, rollout)
-        # One update per rollout: pi_old is the sampling policy, numerically logps.detach(); the ratio is 1
-        # here but its gradient (and the clip, with more updates per rollout) is the PPO-clip one.
+        # pi_old is the policy that sampled: at the first update the policy itself (rho = 1, the gradient is the
+        # PPO-clip one), kept for the further updates of --ppo_epochs, where rho moves away from 1.
+        if rollout.old_logps is None:
+            rollout.old_logps = logps.detach()
         if args.loss_type == "cispo":
-            policy_loss = cispo_objective(logps, logps.detach(), advantages, args.epsilon_high)
+            policy_loss = cispo_objective(logps, rollout.old_logps, advantages, args.epsilon_high)
         else:
-            policy_loss = clipped_objective(logps, logps.detach(), advantages, args.epsilon)
+            policy_loss = clipped_objective(logps, rollout.old_logps, advantages, args.epsilon)
         per_token = policy_loss + args.beta * k3_kl(logps, ref_logps)
         mask = rollout.completion_mask
         metrics = dict(reward=rewards.mean(), kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask),
                        answer_length=mask.sum(1).float().mean())
+        if args.ppo_epochs > 1:
+            ratio = torch.exp(logps.detach() - rollout.old_logps)
+            # k3 estimate of KL(pi_old || pi) on tokens pi_old sampled: rho - 1 - log rho, never negative
+            metrics.update(ratio=masked_mean(ratio, mask),
+                           kl_to_old=masked_mean(k3_kl(rollout.old_logps, logps.detach()), mask))
         return masked_mean(per_token, mask), aux_loss, metrics
 
     for step, window in run.steps(data):
         with run.autocast():  # rollouts first: G answers to each prompt from the current policy, scored
             for batch in window:
                 batch.update(sample_and_score(unwrap(model), tokenizer, batch, args, reward_model, G))
-        loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))  # prompts weigh alike
-        lr = run.optimizer_step(optimizer)
-        run.log(loss=loss, lr=lr)
+        updates = 0
+        for epoch in range(args.ppo_epochs):  # --ppo_epochs updates on the same rollouts (1: MiniMind's)
+            # prompts weigh alike
+            loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))
+            if epoch and args.kl_stop and float(run.step_metrics["kl_to_old"]) > args.kl_stop:
+                optimizer.zero_grad(set_to_none=True)  # the policy has left the samples behind: no further update
+                break
+            lr = run.optimizer_step(optimizer)
+            updates += 1
+        run.log(loss=loss, lr=lr, **({"updates": updates} if args.ppo_epochs > 1 else {}))
         run.maybe_save(model, optimizer)
         if run.should_stop():
             break
