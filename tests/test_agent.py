@@ -70,6 +70,10 @@ def test_the_turn_limit_and_the_token_budget_end_a_trajectory():
     # a turn that reaches its budget without <|im_end|> is cut off: no call is read from it
     [t] = rollout(ScriptedEngine([call_ids]), TOKENIZER, [QUESTION], [TOOLS], max_new_tokens=5)
     assert t.cut_off and t.calls == [[]] and len(t.ids) == 5
+    # and so is one that reaches --max_total_len: each trajectory is held to its own room
+    prompt = len(TOKENIZER(render(TOKENIZER, QUESTION, TOOLS, False, True), add_special_tokens=False).input_ids)
+    [t] = rollout(ScriptedEngine([call_ids]), TOKENIZER, [QUESTION], [TOOLS], max_total_tokens=prompt + 3)
+    assert t.cut_off and len(t.ids) == 3
 
 
 def test_samples_step_through_the_turns_together():

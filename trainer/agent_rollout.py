@@ -109,7 +109,9 @@ def rollout(engine, tokenizer, conversations, tools, samples_per_prompt=1, max_t
     conversations: lists of messages up to the user's request; tools: each conversation's tools (OpenAI layout).
     thinking_ratio: the share of trajectories rendered with the thinking switch on. A trajectory whose turn calls
     tools has them run (inference/tools.py; results cut to MAX_TOOL_RESULT_CHARS) and continues, up to max_turns;
-    one that would pass max_total_tokens stops where it is, as cut off."""
+    one that reaches max_total_tokens stops there, as cut off. A turn counts as calling tools only when its reply
+    (after any thinking) is nothing but <tool_call> blocks, as the server reads replies; otherwise it is the final
+    answer."""
     rng = rng or random.Random(0)  # anything with .random(): the trainer passes the global RNG it resumes
     runs = []  # (trajectory, its messages so far, its tools)
     for messages, offered in zip(conversations, tools):
@@ -119,16 +121,17 @@ def rollout(engine, tokenizer, conversations, tools, samples_per_prompt=1, max_t
             trajectory = Trajectory(tokenizer(prompt, add_special_tokens=False).input_ids, thinking=thinking)
             runs.append((trajectory, [dict(m) for m in messages], offered))
     for turn in range(max_turns):
+        for trajectory, _, _ in runs:  # no room left for another turn
+            if not trajectory.finished and len(trajectory.prompt_ids) + len(trajectory.ids) >= max_total_tokens:
+                trajectory.cut_off = True
         active = [r for r in runs if not r[0].finished]
         if not active:
             break
         contexts = [t.prompt_ids + t.ids for t, _, _ in active]
-        budget = min(max_new_tokens, max_total_tokens - max(len(c) for c in contexts))
-        if budget <= 0:
-            for trajectory, _, _ in active:
-                trajectory.cut_off = True
-            break
-        for (trajectory, messages, offered), (ids, logps) in zip(active, engine.generate(contexts, budget)):
+        rooms = [min(max_new_tokens, max_total_tokens - len(c)) for c in contexts]
+        for (trajectory, messages, offered), room, (ids, logps) in zip(active, rooms,
+                                                                      engine.generate(contexts, max(rooms))):
+            ids, logps = ids[:room], logps[:room]  # each trajectory within its own room
             text = tokenizer.decode(ids, skip_special_tokens=True)  # for reading the calls only
             trajectory.ids += ids
             trajectory.loss_mask += [1] * len(ids)
