@@ -26,8 +26,7 @@ def arguments(argv=None):
     parser.add_argument("--tag_weight", type=float, default=10.0, help="loss weight of the tag tokens")
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
                         help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
-    args = parse_args(parser, argv)
-    return args
+    return parse_args(parser, argv)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ def arguments(argv=None):
                         help="answer log-prob: per-token mean (MiniMind) or sum (the paper)")
     parser.add_argument("--precompute_ref", type=int, default=0, choices=[0, 1],
                         help="1 = reference log-probs once before training, then free the reference model")
-    args = parse_args(parser, argv)
-    return args
+    return parse_args(parser, argv)
 
 
 if __name__ == "__main__":

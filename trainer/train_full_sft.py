@@ -20,8 +20,7 @@ def arguments(argv=None):
                            data_path="../dataset/sft_mini_512.jsonl", from_weight="pretrain", group_by_length=1)
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
                         help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
-    args = parse_args(parser, argv)
-    return args
+    return parse_args(parser, argv)
 
 
 if __name__ == "__main__":

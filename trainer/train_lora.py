@@ -27,8 +27,7 @@ def arguments(argv=None):
                              "q_proj and o_proj)")
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
                         help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
-    args = parse_args(parser, argv)
-    return args
+    return parse_args(parser, argv)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,7 @@ def arguments(argv=None):
     parser.add_argument("--gae", type=int, default=1, choices=[0, 1], help="1 = per-token GAE, 0 = sequence-level")
     parser.add_argument("--gamma", type=float, default=1.0)
     parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
-    args = parse_args(parser, argv)
-    return args
+    return parse_args(parser, argv)
 
 
 if __name__ == "__main__":

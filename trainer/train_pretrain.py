@@ -21,8 +21,7 @@ def arguments(argv=None):
                            group_by_length=1)
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
                         help="1 = pack whole documents into full rows (no padding; documents see each other)")
-    args = parse_args(parser, argv)
-    return args
+    return parse_args(parser, argv)
 
 
 if __name__ == "__main__":

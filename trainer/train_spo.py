@@ -25,8 +25,7 @@ def arguments(argv=None):
                            data_path="../dataset/rlaif-mini.jsonl", from_weight=None)
     add_rl_arguments(parser, max_gen_len=1536)
     parser.add_argument("--beta", type=float, default=0.02, help="weight of the KL penalty to the reference")
-    args = parse_args(parser, argv)
-    return args
+    return parse_args(parser, argv)
 
 
 if __name__ == "__main__":
