@@ -23,7 +23,7 @@ def setup_device(requested, ddp: bool) -> torch.device:
         dist.init_process_group("nccl", device_id=device)
         return device
     if ddp:
-        dist.init_process_group("gloo")  # gloo reduces CPU tensors only: Run.all_reduce moves them there
+        dist.init_process_group("gloo")  # gloo reduces CPU tensors only: all_reduce below moves them there
     return cuda_device(device) if device.startswith("cuda") else torch.device(device)
 
 
