@@ -21,6 +21,8 @@ import torch
 
 from inference.chat_core import parse_tool_calls
 from inference.tools import run_tool
+from trainer.losses import token_logprobs
+from trainer.rollout import left_pad
 
 MAX_TOOL_RESULT_CHARS = 2048  # a tool's answer is cut to this before it goes back to the model
 
@@ -56,25 +58,19 @@ class TorchEngine:
         """[(ids, log-probs)] for each context (a list of token ids): ids up to and including the first eos, or
         max_new_tokens of them when there is none."""
         tokenizer, model = self.tokenizer, self.model
-        device = next(model.parameters()).device
-        width = max(len(c) for c in contexts)
-        ids = torch.full((len(contexts), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(contexts), width), dtype=torch.long)
-        for i, context in enumerate(contexts):  # left padding: every row's answer starts at the same column
-            ids[i, width - len(context):] = torch.tensor(context)
-            mask[i, width - len(context):] = 1
+        ids, mask = left_pad(contexts, tokenizer.pad_token_id, next(model.parameters()).device)
         was_training = model.training
         model.eval()
         # top_k=0 and top_p=1.0 switch those warpers off, so the scores generate returns are logits / temperature:
         # the sampling distribution itself (transformers' GenerationMixin._sample records them before sampling).
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                              return_dict_in_generate=True, output_scores=True)
         model.train(was_training)
-        new = out.sequences[:, width:].cpu()
-        scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()  # [N, steps, V]
-        logps = torch.gather(scores, 2, new.unsqueeze(-1)).squeeze(-1)
+        new = out.sequences[:, ids.shape[1]:]
+        scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # [N, steps, V], on the device
+        logps = torch.gather(scores, 2, new.unsqueeze(-1)).squeeze(-1)  # only [N, steps] comes to the host
         samples = []
         for row, row_logps in zip(new.tolist(), logps.tolist()):
             end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
@@ -182,6 +178,5 @@ def trajectory_logprobs(model, packed, temperature=1.0):
     """[N, L - 1] log-probs of every next token under `model` (at the sampling temperature), 0 where the loss mask
     is 0; and the forward's MoE balance loss."""
     out = model(packed["input_ids"], attention_mask=packed["attention_mask"])
-    logits = out.logits[:, :-1].float() / temperature
-    logps = torch.gather(logits.log_softmax(-1), 2, packed["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    logps, _ = token_logprobs(out.logits.float() / temperature, packed["input_ids"])  # no -100 here: every position
     return logps * packed["loss_mask"], out.aux_loss

@@ -28,16 +28,21 @@ class Rollout:
     old_logps: torch.Tensor = None  # [N, C] pi_old: the policy that sampled, kept from the first update's forward
 
 
-def encode_prompts(tokenizer, prompts, max_length, device):
-    """Left-truncated, left-padded prompt ids and attention mask."""
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_length:] for p in prompts]
+def left_pad(rows, pad_id, device):
+    """Rows of token ids as left-padded ids and attention mask, so every row's continuation starts at one column."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
+
+
+def encode_prompts(tokenizer, prompts, max_length, device):
+    """Left-truncated, left-padded prompt ids and attention mask."""
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_length:] for p in prompts]
+    return left_pad(rows, tokenizer.pad_token_id, device)
 
 
 def completion_mask(completion, eos_id):
