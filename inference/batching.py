@@ -46,24 +46,44 @@ class Batcher:
         self.rows = []                  # the running requests, in batch order
         self.cache = None               # their KV cache: per layer [rows, kv_heads, T, head_dim], left-padded
         self.mask = None                # [rows, T]: 1 = a real token, 0 = left padding
+        self.swap = None                # (model, event) from swap_model, waiting for the running rows to finish
         if start_thread:
             threading.Thread(target=self.run_forever, daemon=True, name="minimind-batcher").start()
 
     def stream(self, prompt_ids, max_tokens, temperature=0.85, top_p=0.85, stop=(), seed=None):
         """Yield the reply's events (see chat_core.ReplyText) while other requests share the forwards."""
-        request = Request(list(prompt_ids), ReplyText(self.chat.tokenizer, max_tokens, stop),
-                          TokenSampler(temperature, top_p, seed, self.chat.device))
+        return self.events(self.submit(prompt_ids, max_tokens, temperature, top_p, stop, seed))
+
+    def submit(self, prompt_ids, max_tokens, temperature=0.85, top_p=0.85, stop=(), seed=None, top_k=0,
+               stop_token_ids=()):
+        """Queue a request now (so several submitted together decode together); read it with events()."""
+        request = Request(list(prompt_ids), ReplyText(self.chat.tokenizer, max_tokens, stop, stop_token_ids),
+                          TokenSampler(temperature, top_p, seed, self.chat.device, top_k))
         self.waiting.put(request)
+        return request
+
+    @staticmethod
+    def events(request):
+        """A submitted request's events; the last one also holds the generated token_ids and their logprobs (each
+        under the distribution it was sampled from). Closing this early takes the request out of the batch."""
         try:
             while True:
                 event = request.events.get()
                 if isinstance(event, BaseException):
                     raise event
-                yield event
-                if "finish_reason" in event:
+                if "finish_reason" in event:  # the decoding thread is done with the request: its lists are final
+                    yield dict(event, token_ids=request.reply.generated, logprobs=request.sample.logprobs)
                     return
+                yield event
         finally:
             request.cancelled = True
+
+    def swap_model(self, model):
+        """Serve with `model` from now on (new weights, same tokenizer): the requests already running or queued
+        finish on the old weights, later ones start on the new. Returns once the decoding thread has swapped."""
+        swapped = threading.Event()
+        self.waiting.put((model, swapped))
+        swapped.wait()
 
     # -- the decoding thread -----------------------------------------------------------------
     def run_forever(self):
@@ -88,10 +108,19 @@ class Batcher:
     def _admit(self):
         """Prefill waiting requests (blocking when nothing runs) and add them to the batch."""
         while len(self.rows) < self.max_batch:
+            if self.swap is not None:  # new weights: admitted only once the rows before them have finished
+                if self.rows:
+                    return
+                self.chat.model, swapped = self.swap
+                self.swap = None
+                swapped.set()
             try:
                 request = self.waiting.get(block=not self.rows)
             except queue.Empty:
                 return
+            if isinstance(request, tuple):  # from swap_model
+                self.swap = request
+                continue
             if request.cancelled:
                 continue
             cache = DynamicCache(config=self.chat.model.config)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import (AutoModelForCausalLM, DynamicCache, LogitsProcessorList,
-                          TemperatureLogitsWarper, TopPLogitsWarper)
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from common.device import inference_dtype, pick_device, ready_device
 from common.tokenizer import check_tokenizer_fits, tokenizer_for
@@ -139,17 +139,23 @@ class TokenSampler:
     """One request's next-token choice: greedy at temperature 0, else temperature + nucleus (top-p) sampling
     from its own generator, so a seeded request draws the same numbers whatever else is being served."""
 
-    def __init__(self, temperature, top_p, seed, device):
-        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]) \
-            if temperature > 0 else None
+    def __init__(self, temperature, top_p, seed, device, top_k=0):
+        self.warpers = None if temperature <= 0 else LogitsProcessorList(
+            [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k > 0 else []) +
+            [TopPLogitsWarper(top_p)])
         self.generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        self.logprobs = []  # each chosen token's log-prob under the distribution it was drawn from
 
     def __call__(self, logits):
         """logits [1, V] (float) -> the next token id."""
         if self.warpers is None:
-            return int(logits.argmax(-1))
-        probs = torch.softmax(self.warpers(None, logits), dim=-1)  # these warpers never read the input ids
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            token = int(logits.argmax(-1))
+            self.logprobs.append(float(logits.log_softmax(-1)[0, token]))
+            return token
+        warped = self.warpers(None, logits)  # these warpers never read the input ids
+        token = int(torch.multinomial(torch.softmax(warped, dim=-1), 1, generator=self.generator))
+        self.logprobs.append(float(warped.log_softmax(-1)[0, token]))
+        return token
 
 
 class ReplyText:
@@ -157,9 +163,9 @@ class ReplyText:
     {"delta", "finish_reason" ("stop": end token or a stop string, "length": max_tokens), "completion_tokens"}.
     A stop string ends the reply and is not part of it; text that could still become one is held back."""
 
-    def __init__(self, tokenizer, max_tokens, stop=()):
+    def __init__(self, tokenizer, max_tokens, stop=(), stop_token_ids=()):
         self.tokenizer, self.max_tokens, self.stop = tokenizer, max_tokens, list(stop)
-        self.end_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+        self.end_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, *stop_token_ids} - {None}
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.generated, self.text, self.sent, self.finished = [], "", 0, False
 

@@ -42,6 +42,7 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.losses import clipped_objective, group_advantages, k3_kl
 from trainer.rewards import rule_rewards
 from trainer.rollout import completion_logprobs, masked_mean, sample
+from trainer.rollout_engine import TorchEngine
 
 
 def main(args):
@@ -56,6 +57,7 @@ def main(args):
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "计算：37 + 48 = ？"}], tokenize=False,
                                            add_generation_prompt=True)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    engine = TorchEngine(model, tokenizer, min_new_tokens=args.new_tokens)  # full-length answers: a fixed workload
     reset_peak_memory(device)
 
     def timed(fn):
@@ -68,9 +70,8 @@ def main(args):
     phases = []
     for _ in range(args.steps):
         with autocast:
-            rollout, t_sample = timed(lambda: sample(model, tokenizer, [prompt], 66, args.new_tokens,
-                                                     samples_per_prompt=args.num_generations,
-                                                     min_new_tokens=args.new_tokens))
+            rollout, t_sample = timed(lambda: sample(engine, tokenizer, [prompt], 66, args.new_tokens,
+                                                     args.num_generations, device))
             rewards = rule_rewards(rollout.texts, [{"answers": ["85"]}] * len(rollout.texts), True).to(device)
             advantages = group_advantages(rewards, args.num_generations)
             with torch.no_grad():

@@ -24,13 +24,11 @@ merge_lora: folds a LoRA file into its base weight (W + s * B A), giving a plain
 """
 import argparse
 import os
-import shutil
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # the repository root: the import root
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 GGUF_OUTTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 
 
@@ -71,7 +69,7 @@ import torch
 
 from model.model_lora import apply_lora, atomic_torch_save, load_lora, lora_layout, merge_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from model.qwen3_format import qwen3_config, to_qwen3_state_dict
+from model.hf_export import copy_tokenizer, save_llama, save_qwen3
 from model.weights import config_from_state_dict, load_state_dict_strict
 
 
@@ -85,18 +83,13 @@ def load_native(path):
     return model.eval()
 
 
-def copy_tokenizer(out_dir, tokenizer_dir=os.path.join(REPO_ROOT, "model")):
-    for name in TOKENIZER_FILES:
-        shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
-
-
 def to_transformers(pth, out_dir, dtype=torch.float16):
     """Native weights -> a transformers folder that carries its own model code (auto_map)."""
     model = load_native(pth).to(dtype)
     MiniMindConfig.register_for_auto_class()
     MiniMindForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     model.save_pretrained(out_dir)  # also copies model/model_minimind.py into the folder
-    copy_tokenizer(out_dir)
+    copy_tokenizer(out_dir, os.path.join(REPO_ROOT, "model"))
     return out_dir
 
 
@@ -109,46 +102,20 @@ def to_native(folder, pth, dtype=torch.float16):
     return pth
 
 
-def llama_config(config):
-    from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                       intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-                       num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-                       hidden_act=config.hidden_act, max_position_embeddings=config.max_position_embeddings,
-                       rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=True,
-                       rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-                       bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=0)
-
-
 def to_llama(pth, out_dir, dtype=torch.float16):
-    """A dense MiniMind is a Llama: same names, same maths (pre-norm, RMSNorm, rotate-half RoPE, GQA, SwiGLU)."""
-    from transformers import LlamaForCausalLM
-    model = load_native(pth)
-    if model.config.use_moe:
-        raise SystemExit("to_llama: a MoE MiniMind has no Llama equivalent (Llama has no experts); "
-                         "use to_transformers for MoE models")
-    if model.config.qk_norm:
-        raise SystemExit(f"to_llama: {pth} is a minimind-3 weight, whose per-head q/k norms Llama does not have; "
-                         "export it with to_qwen3")
-    llama = LlamaForCausalLM(llama_config(model.config))
-    llama.load_state_dict(model.state_dict(), strict=True)
-    llama.to(dtype).save_pretrained(out_dir)
-    copy_tokenizer(out_dir)
-    return out_dir
+    """A dense MiniMind2 as transformers' LlamaForCausalLM (model/hf_export.py)."""
+    try:
+        return save_llama(load_native(pth), out_dir, os.path.join(REPO_ROOT, "model"), dtype)
+    except ValueError as e:
+        raise SystemExit(f"to_llama: {pth}: {e}")
 
 
 def to_qwen3(pth, out_dir, dtype=torch.float16, tokenizer_dir=os.path.join(REPO_ROOT, "model")):
-    """A minimind-3 weight is a Qwen3 (or Qwen3-MoE): a folder transformers loads with no remote code."""
-    from transformers import AutoModelForCausalLM
-    model = load_native(pth)
-    if model.config.generation != "minimind-3":
-        raise SystemExit(f"to_qwen3: {pth} is a MiniMind2 weight (no per-head q/k norms); export it with to_llama "
-                         "(dense) or to_transformers")
-    qwen3 = AutoModelForCausalLM.from_config(qwen3_config(model.config))
-    qwen3.load_state_dict(to_qwen3_state_dict(model.state_dict(), model.config), strict=True)
-    qwen3.to(dtype).save_pretrained(out_dir)
-    copy_tokenizer(out_dir, tokenizer_dir)
-    return out_dir
+    """A minimind-3 weight as transformers' Qwen3ForCausalLM / Qwen3MoeForCausalLM (model/hf_export.py)."""
+    try:
+        return save_qwen3(load_native(pth), out_dir, tokenizer_dir, dtype)
+    except ValueError as e:
+        raise SystemExit(f"to_qwen3: {pth}: {e}")
 
 
 # GGUF keeps 1-D tensors (the RMSNorm weights) in f32 whatever the file type, as llama.cpp's own converter does.

@@ -18,6 +18,13 @@ opened the think block), and an assistant message's `reasoning_content` goes bac
 Thinking: `open_thinking` or `enable_thinking` (true / false), top-level or in `chat_template_kwargs`; false asks
 for a reply without reasoning, true lets it reason (minimind-3's template then opens the think block).
 
+Rollout endpoints, for the RL stages' --rollout_engine sglang / vllm (trainer/rollout_engine.py) and for anyone
+who wants token ids in and out: POST /generate (SGLang's native form: input_ids, sampling_params, return_logprob;
+ids and each token's log-prob under the distribution it was sampled from), POST /v1/completions (vLLM's
+OpenAI-compatible form: token-id or text prompts, logprobs, return_tokens_as_token_ids, return_token_ids), and new
+weights from a folder - POST /update_weights_from_disk (SGLang) or /collective_rpc reload_weights (vLLM) - only
+when --weight_update_root names the folder they may come from (the Llama / Qwen3 export of the same model).
+
 Binds 127.0.0.1:8998 unless --host / --port say otherwise; --api_key makes every request need
 `Authorization: Bearer KEY`. Bodies over --max_body_mb get 413, JSON nested deeper than 64 levels 400.
 The prompt is fitted to --max_seq_len - max_tokens tokens by dropping the oldest turns. Concurrent requests
@@ -48,6 +55,9 @@ def arguments(argv=None):
     parser.add_argument("--max_body_mb", type=float, default=4, help="larger request bodies get 413")
     parser.add_argument("--max_batch", type=int, default=16,
                         help="requests decoded together (more wait for a free row); 1 = one at a time")
+    parser.add_argument("--weight_update_root", default=None,
+                        help="allow /update_weights_from_disk and /collective_rpc reload_weights from folders under "
+                             "this one (RL weight syncs); off when not given")
     # The key's default is read after parsing, so that --help never prints a key from the environment.
     parser.add_argument("--api_key", default=None,
                         help="require 'Authorization: Bearer KEY'; when not given, $MINIMIND_API_KEY if set, else no key")
@@ -256,16 +266,94 @@ def parse_request(body, max_seq_len):
                 seed=number(body, "seed", None, 0, 2 ** 63 - 1, integer=True))
 
 
+def token_ids(value, field, vocab_size):
+    """A prompt given as token ids: a non-empty list of ints in the vocabulary."""
+    if not isinstance(value, list) or not value or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in value):
+        raise BadRequest(f"'{field}' must be a non-empty list of token ids (integers)", field)
+    bad = next((t for t in value if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise BadRequest(f"'{field}' holds token id {bad}, outside the vocabulary (0 to {vocab_size - 1})", field)
+    return value
+
+
+def token_prompts(value, field, tokenizer, vocab_size, max_seq_len, max_tokens, text=True):
+    """(prompts as lists of token ids, whether a batch was sent) from one prompt or a list of them: token-id lists,
+    or (text=True) strings, tokenised with the served tokenizer as they are (no chat template)."""
+    batch = isinstance(value, list) and bool(value) and all(isinstance(v, (list, str)) for v in value)
+    prompts = []
+    for i, prompt in enumerate(value if batch else [value]):
+        where = f"{field}[{i}]" if batch else field
+        if isinstance(prompt, str) and text and prompt:
+            prompt = tokenizer(prompt, add_special_tokens=False).input_ids
+        prompts.append(token_ids(prompt, where, vocab_size))
+        if len(prompt) + max_tokens > max_seq_len:
+            raise BadRequest(f"'{where}' has {len(prompt)} tokens: with {max_tokens} new ones that passes the "
+                             f"context of {max_seq_len} tokens", where, "context_length_exceeded")
+    return prompts, batch
+
+
+SGLANG_SAMPLING = ("temperature", "max_new_tokens", "top_p", "top_k", "stop_token_ids", "skip_special_tokens",
+                   "no_stop_trim", "ignore_eos", "sampling_seed")
+
+
+def generate_settings(params, max_seq_len):
+    """SGLang's sampling_params as the batcher's settings (its defaults: 128 new tokens, temperature 1, no top-p /
+    top-k; a temperature under 1e-6 is greedy)."""
+    if not isinstance(params, dict):
+        raise BadRequest("'sampling_params' must be an object", "sampling_params")
+    unknown = sorted(set(params) - set(SGLANG_SAMPLING))
+    if unknown:
+        raise BadRequest(f"sampling_params: unknown field(s) {unknown}; this server takes {list(SGLANG_SAMPLING)}",
+                         "sampling_params")
+    if params.get("ignore_eos"):
+        raise BadRequest("sampling_params.ignore_eos is not supported here", "sampling_params.ignore_eos")
+    stop_ids = params.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
+        raise BadRequest("sampling_params.stop_token_ids must be a list of token ids", "sampling_params.stop_token_ids")
+    temperature = number(params, "temperature", 1.0, 0, 2)
+    top_k = number(params, "top_k", -1, -1, 2 ** 30, integer=True)
+    return dict(max_tokens=number(params, "max_new_tokens", 128, 1, max_seq_len - 1, integer=True),
+                temperature=temperature if temperature >= 1e-6 else 0, top_p=number(params, "top_p", 1.0, 1e-6, 1),
+                top_k=max(top_k, 0), seed=number(params, "sampling_seed", None, 0, 2 ** 63 - 1, integer=True),
+                stop_token_ids=stop_ids)
+
+
+def completion_settings(body, max_seq_len):
+    """vLLM's /v1/completions sampling fields as the batcher's settings (its defaults: 16 tokens, temperature 1)."""
+    if body.get("stream"):
+        raise BadRequest("'stream' is not supported on /v1/completions here (use /v1/chat/completions)", "stream")
+    if body.get("n", 1) != 1 or body.get("echo") or body.get("best_of", 1) not in (1, None):
+        raise BadRequest("only n = 1, best_of = 1 and echo = false are supported", "n")
+    if body.get("logprobs") not in (None, 0):
+        raise BadRequest("'logprobs' must be 0 (the sampled token's log-prob) or absent: top alternatives are not "
+                         "returned here", "logprobs")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+        raise BadRequest("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
+        raise BadRequest("'stop_token_ids' must be a list of token ids", "stop_token_ids")
+    return dict(max_tokens=number(body, "max_tokens", 16, 1, max_seq_len - 1, integer=True),
+                temperature=number(body, "temperature", 1.0, 0, 2), top_p=number(body, "top_p", 1.0, 1e-6, 1),
+                top_k=max(number(body, "top_k", -1, -1, 2 ** 30, integer=True), 0),
+                seed=number(body, "seed", None, 0, 2 ** 63 - 1, integer=True), stop=stop, stop_token_ids=stop_ids)
+
+
 def openai_tool_calls(calls):
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
             for c in calls]
 
 
-def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16, batcher_thread=True):
+def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16, batcher_thread=True,
+               weight_update_root=None):
     """The Flask app; app.batcher runs the model (in its own thread, or, with batcher_thread=False, wherever
-    the caller runs app.batcher.run_forever())."""
+    the caller runs app.batcher.run_forever()). weight_update_root: the folder new weights may be loaded from."""
     app = Flask(__name__)
+    app.weight_version = "initial"  # SGLang's label of the weights being served
+    reloading = threading.Lock()   # one weight update at a time
     app.batcher = batcher = Batcher(chat, max_batch, start_thread=batcher_thread)
     app.config["MAX_CONTENT_LENGTH"] = int(max_body_mb * 2 ** 20)  # werkzeug answers 413 past it
     expected_authorization = f"Bearer {api_key}".encode() if api_key else None
@@ -362,6 +450,119 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
 
         return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    def run_batch(prompts, settings):
+        """Every prompt submitted at once (they decode together); each one's final event."""
+        requests = [batcher.submit(prompt, **settings) for prompt in prompts]
+        return [list(batcher.events(r))[-1] for r in requests]
+
+    @app.post("/generate")
+    def generate():
+        """SGLang's native generation: token ids in; ids, text and (return_logprob) each token's log-prob out."""
+        body = parse_body(request.get_data())
+        if not isinstance(body, dict) or "input_ids" not in body:
+            raise BadRequest("send 'input_ids' (a list of token ids, or a list of such lists for a batch); text "
+                             "prompts go to /v1/completions or /v1/chat/completions", "input_ids")
+        settings = generate_settings(body.get("sampling_params") or {}, max_seq_len)
+        prompts, batch = token_prompts(body["input_ids"], "input_ids", chat.tokenizer, chat.model.config.vocab_size,
+                                       max_seq_len, settings["max_tokens"], text=False)
+        with_logprobs = body.get("return_logprob", False)
+        if not isinstance(with_logprobs, bool):
+            raise BadRequest("'return_logprob' must be true or false", "return_logprob")
+        answers = []
+        for prompt, final in zip(prompts, run_batch(prompts, settings)):
+            ids = final["token_ids"]
+            finish = ({"type": "stop", "matched": ids[-1]} if final["finish_reason"] == "stop"
+                      else {"type": "length", "length": len(ids)})
+            meta = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(prompt),
+                    "completion_tokens": len(ids), "cached_tokens": 0, "weight_version": app.weight_version}
+            if with_logprobs:  # SGLang's [logprob, token id, text] triples
+                meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(final["logprobs"], ids)]
+            answers.append({"text": chat.tokenizer.decode(ids, skip_special_tokens=True), "output_ids": ids,
+                            "meta_info": meta})
+        return jsonify(answers if batch else answers[0])
+
+    @app.post("/v1/completions")
+    def completions():
+        """OpenAI's (and vLLM's) completions: a prompt as text or token ids, continued as it is (no chat
+        template); logprobs 0 gives each sampled token's log-prob, return_token_ids the ids (vLLM's fields)."""
+        body = parse_body(request.get_data())
+        if not isinstance(body, dict) or "prompt" not in body:
+            raise BadRequest("'prompt' is required: text, a list of token ids, or a list of either", "prompt")
+        settings = completion_settings(body, max_seq_len)
+        prompts, _ = token_prompts(body["prompt"], "prompt", chat.tokenizer, chat.model.config.vocab_size,
+                                   max_seq_len, settings["max_tokens"])
+        as_ids = body.get("return_tokens_as_token_ids", False)
+        choices, completion_tokens = [], 0
+        for index, (prompt, final) in enumerate(zip(prompts, run_batch(prompts, settings))):
+            ids = final["token_ids"]
+            completion_tokens += len(ids)
+            choice = {"index": index, "text": chat.tokenizer.decode(ids, skip_special_tokens=True),
+                      "finish_reason": final["finish_reason"], "stop_reason": None, "logprobs": None}
+            if body.get("logprobs") is not None:
+                tokens = [f"token_id:{t}" if as_ids else chat.tokenizer.decode([t]) for t in ids]
+                offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+                choice["logprobs"] = {"tokens": tokens, "token_logprobs": final["logprobs"],
+                                      "top_logprobs": [{t: lp} for t, lp in zip(tokens, final["logprobs"])],
+                                      "text_offset": offsets}
+            if body.get("return_token_ids"):
+                choice.update(prompt_token_ids=prompt, token_ids=ids)
+            choices.append(choice)
+        prompt_tokens = sum(len(p) for p in prompts)
+        return jsonify({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                        "model": chat.name, "choices": choices,
+                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                  "total_tokens": prompt_tokens + completion_tokens}})
+
+    def reload_weights(path, field):
+        """Serve the weights of the model folder `path` (under weight_update_root, same tokenizer) from the next
+        request on; the requests already running finish on the old ones."""
+        if not weight_update_root:
+            return 403, "weight updates are off: start the server with --weight_update_root FOLDER"
+        if not isinstance(path, str) or not path:
+            return 400, f"'{field}' must be the path of a model folder"
+        root, folder = os.path.realpath(weight_update_root), os.path.realpath(path)
+        if os.path.commonpath([root, folder]) != root:
+            return 403, f"{path} is not under --weight_update_root {root}"
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            return 400, f"{path}: not a model folder (no config.json)"
+        with reloading:
+            try:  # a folder it cannot load leaves the served weights as they were
+                new = load_chat_model(folder, device=chat.device)
+            except (SystemExit, Exception) as e:
+                return 400, f"{path}: cannot load it: {e}"
+            if new.tokenizer.get_vocab() != chat.tokenizer.get_vocab():
+                return 400, f"{path}: its tokenizer differs from the served model's"
+            batcher.swap_model(new.model)
+        return 200, f"serving the weights of {path}"
+
+    @app.post("/update_weights_from_disk")
+    def update_weights_from_disk():
+        """SGLang's weight update: {"model_path", "weight_version"} -> {"success", "message", "num_paused_requests"}."""
+        body = parse_body(request.get_data())
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        status, message = reload_weights(body.get("model_path"), "model_path")
+        if status == 200:
+            app.weight_version = str(body.get("weight_version") or app.weight_version)
+        return jsonify({"success": status == 200, "message": message, "num_paused_requests": 0}), status
+
+    @app.post("/collective_rpc")
+    def collective_rpc():
+        """vLLM's development control plane, its weight reload only: {"method": "reload_weights",
+        "kwargs": {"weights_path": FOLDER}} -> {"results": [null]}."""
+        body = parse_body(request.get_data())
+        if not isinstance(body, dict) or body.get("method") != "reload_weights":
+            raise BadRequest("only {\"method\": \"reload_weights\", \"kwargs\": {\"weights_path\": FOLDER}} is "
+                             "served here", "method")
+        status, message = reload_weights((body.get("kwargs") or {}).get("weights_path"), "kwargs.weights_path")
+        if status != 200:
+            return jsonify(error_body(message, code="reload_failed")), status
+        return jsonify({"results": [None]})
+
+    @app.post("/reset_prefix_cache")
+    def reset_prefix_cache():  # vLLM's; this server keeps no cache across requests
+        return jsonify({})
+
     return app
 
 
@@ -371,7 +572,8 @@ def main(args):
                            args.tokenizer_dir)
     print(f"serving {chat.name} ({os.path.relpath(path)}{' + ' + os.path.relpath(lora_path) if lora_path else ''}) on "
           f"http://{args.host}:{args.port}/v1 ({chat.device})", flush=True)
-    app = create_app(chat, args.api_key, args.max_seq_len, args.max_body_mb, args.max_batch, batcher_thread=False)
+    app = create_app(chat, args.api_key, args.max_seq_len, args.max_body_mb, args.max_batch, batcher_thread=False,
+                     weight_update_root=args.weight_update_root)
     server = make_server(args.host, args.port, app, threaded=True)  # binds now, so a busy port fails here
     threading.Thread(target=server.serve_forever, daemon=True, name="http").start()
     try:

@@ -10,7 +10,8 @@ from common.tokenizer import load_tokenizer
 from conftest import REPO_ROOT, tiny_model
 from dataset.lm_dataset import AgentRLDataset, DataError
 from inference.tools import TOOLS
-from trainer.agent_rollout import TorchEngine, Trajectory, pack, render, rollout, trajectory_logprobs
+from trainer.agent_rollout import Trajectory, pack, render, rollout, trajectory_logprobs
+from trainer.rollout_engine import TorchEngine
 from trainer.rewards import agent_reward, contains_answer
 
 TOKENIZER = load_tokenizer()

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Qwen
 
 from conftest import REPO_ROOT
 from model.model_minimind import GENERATIONS, MiniMindConfig, MiniMindForCausalLM
+from model.qwen3_format import qwen3_config, to_qwen3_state_dict
 from model.weights import config_from_state_dict
 
 from scripts import convert_model
@@ -39,8 +40,8 @@ def both_models(path):
     config = config_from_state_dict(state)
     ours = MiniMindForCausalLM(config).eval()
     ours.load_state_dict(state, strict=True)
-    qwen3 = AutoModelForCausalLM.from_config(convert_model.qwen3_config(config)).eval()
-    qwen3.load_state_dict(convert_model.to_qwen3_state_dict(state, config), strict=True)
+    qwen3 = AutoModelForCausalLM.from_config(qwen3_config(config)).eval()
+    qwen3.load_state_dict(to_qwen3_state_dict(state, config), strict=True)
     return ours, qwen3
 
 

@@ -16,6 +16,7 @@ from trainer import rollout
 from trainer import losses
 from trainer import train_ppo
 from trainer import train_spo
+from trainer.rollout_engine import TorchEngine
 
 MODEL_DIR = os.path.join(REPO_ROOT, "model")
 
@@ -37,15 +38,36 @@ def small_model(seed=0):
 def test_prompts_are_cut_from_the_left_and_left_padded(tok):
     long_prompt = tok.apply_chat_template([{"role": "user", "content": "很长的问题" * 50}], tokenize=False,
                                           add_generation_prompt=True)
-    ids, mask = rollout.encode_prompts(tok, [long_prompt, "短"], max_length=20, device="cpu")
+    rows = rollout.prompt_rows(tok, [long_prompt, "短"], max_length=20)
+    ids, mask = rollout.left_pad(rows, tok.pad_token_id, device="cpu")
     assert ids.shape == (2, 20)
     assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n")  # the generation prompt survives
     assert mask[1].tolist() == [0] * 19 + [1] and ids[1, 0] == tok.pad_token_id
 
 
-def test_completion_mask_stops_after_the_first_eos():
-    completion = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]])
-    assert rollout.completion_mask(completion, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+class ScriptedEngine:
+    """A rollout engine that answers the given (ids, log-probs) and records what it was asked."""
+    temperature = 0.7
+
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
+
+    def generate(self, contexts, max_new_tokens):
+        self.asked.append((contexts, max_new_tokens))
+        return self.answers[:len(contexts)]
+
+
+def test_a_rollout_holds_each_answer_up_to_its_eos_and_the_engines_log_probs(tok):
+    eos = tok.eos_token_id
+    engine = ScriptedEngine([([5, 6, eos], [-0.5, -1.0, -0.1]), ([7, 8, 9, 10], [-2.0, -0.2, -0.3, -0.4])])
+    batch = rollout.sample(engine, tok, ["问题"], max_prompt_length=64, max_new_tokens=4, samples_per_prompt=2)
+    (contexts, max_new_tokens), = engine.asked
+    assert contexts == [tok("问题").input_ids] * 2 and max_new_tokens == 4  # G copies of the prompt, adjacent
+    assert batch.completion_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert batch.input_ids[0, batch.prompt_length:].tolist() == [5, 6, eos, tok.pad_token_id]
+    assert torch.equal(batch.sample_logps, torch.tensor([[-0.5, -1.0, -0.1, 0.0], [-2.0, -0.2, -0.3, -0.4]]))
+    assert batch.attention_mask[:, batch.prompt_length:].tolist() == batch.completion_mask.tolist()
+    assert batch.texts[1] == tok.decode([7, 8, 9, 10]) and batch.temperature == 0.7
 
 
 def test_log_probs_do_not_depend_on_padding(tok):
@@ -53,13 +75,16 @@ def test_log_probs_do_not_depend_on_padding(tok):
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in ("一个比较长的问题，需要更多的 token？", "短？")]
     torch.manual_seed(0)
-    batch = rollout.sample(model, tok, prompts, 64, 8, samples_per_prompt=2)
-    assert batch.input_ids.shape[0] == 4 and batch.completion_mask.shape == (4, 8)
+    batch = rollout.sample(TorchEngine(model, tok), tok, prompts, 64, 8, samples_per_prompt=2)
+    width = batch.completion_mask.shape[1]
+    assert batch.input_ids.shape[0] == 4 and width <= 8
     together, _ = rollout.completion_logprobs(model, batch)
+    # the in-process engine's log-probs are the policy's own (temperature 1)
+    assert torch.allclose(batch.sample_logps, together, atol=1e-4)
     # the short prompt's answers scored without any left padding
     alone_ids = batch.input_ids[2:][:, batch.attention_mask[2, :batch.prompt_length].argmax():]
     alone = rollout.Rollout(alone_ids, batch.attention_mask[2:, -alone_ids.shape[1]:], batch.completion_mask[2:],
-                            alone_ids.shape[1] - 8, batch.texts[2:])
+                            alone_ids.shape[1] - width, batch.texts[2:])
     assert torch.allclose(rollout.completion_logprobs(model, alone)[0], together[2:], atol=1e-5)
     assert (together[batch.completion_mask == 0] == 0).all()
 

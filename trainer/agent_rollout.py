@@ -12,7 +12,8 @@ observation is the text the template adds after the assistant turn, tokenised on
 conversation and slicing it by length, as MiniMind's own agent trainer does, breaks the trajectory wherever the
 re-encoded text tokenises differently from what was sampled.) Generated tokens - the <|im_end|> that ends a turn
 included - carry the loss; observation tokens carry neither loss nor KL. All samples of a batch step through the
-turns together: each turn is one batched, KV-cached generate over every trajectory still running.
+turns together: each turn is one batched call of the rollout engine (trainer/rollout_engine.py: in-process with the
+KV cache, or an SGLang / vLLM server) over every trajectory still running.
 """
 import random
 from dataclasses import dataclass, field
@@ -22,7 +23,6 @@ import torch
 from inference.chat_core import parse_tool_calls
 from inference.tools import run_tool
 from trainer.losses import token_logprobs
-from trainer.rollout import left_pad
 
 MAX_TOOL_RESULT_CHARS = 2048  # a tool's answer is cut to this before it goes back to the model
 
@@ -44,38 +44,6 @@ class Trajectory:
     def finished(self):
         """Done: it answered without a call, hit the turn limit, or was cut off."""
         return self.hit_turn_limit or self.cut_off or bool(self.turns and not self.calls[-1])
-
-
-class TorchEngine:
-    """In-process rollout engine: batched sampling with the KV cache (transformers generate), returning each
-    sampled token's log-probability under the distribution it was drawn from (temperature applied)."""
-
-    def __init__(self, model, tokenizer, temperature=1.0):
-        self.model, self.tokenizer, self.temperature = model, tokenizer, temperature
-
-    @torch.no_grad()
-    def generate(self, contexts, max_new_tokens):
-        """[(ids, log-probs)] for each context (a list of token ids): ids up to and including the first eos, or
-        max_new_tokens of them when there is none."""
-        tokenizer, model = self.tokenizer, self.model
-        ids, mask = left_pad(contexts, tokenizer.pad_token_id, next(model.parameters()).device)
-        was_training = model.training
-        model.eval()
-        # top_k=0 and top_p=1.0 switch those warpers off, so the scores generate returns are logits / temperature:
-        # the sampling distribution itself (transformers' GenerationMixin._sample records them before sampling).
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             return_dict_in_generate=True, output_scores=True)
-        model.train(was_training)
-        new = out.sequences[:, ids.shape[1]:]
-        scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # [N, steps, V], on the device
-        logps = torch.gather(scores, 2, new.unsqueeze(-1)).squeeze(-1)  # only [N, steps] comes to the host
-        samples = []
-        for row, row_logps in zip(new.tolist(), logps.tolist()):
-            end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-            samples.append((row[:end], row_logps[:end]))
-        return samples
 
 
 def render(tokenizer, messages, tools, thinking, generation_prompt):

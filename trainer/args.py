@@ -9,6 +9,7 @@ from dataset.files import DEMO_STAND_INS
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINER_DIR = os.path.join(REPO_ROOT, "trainer")
 GENERATION_NAMES = ("minimind-3", "minimind2")  # the keys of model_minimind.GENERATIONS (a test checks they agree)
+ROLLOUT_ENGINES = ("torch", "sglang", "vllm")  # trainer/rollout_engine.py
 
 
 def common_parser(description, *, save_weight, epochs, batch_size, learning_rate, accumulation_steps,
@@ -65,7 +66,11 @@ def parse_args(parser, argv=None):
     args = show_defaults(parser).parse_args(argv)
     if getattr(args, "hidden_size", 0) is None:  # each generation's default size: MiniMind2-Small, minimind-3
         args.hidden_size = 768 if args.generation == "minimind-3" else 512
-    for name in ("save_dir", "checkpoint_dir", "data_path", "reward_model_path", "tokenizer_dir"):
+    if getattr(args, "rollout_engine", "torch") != "torch" and not args.rollout_url:
+        parser.error(f"--rollout_engine {args.rollout_engine} needs --rollout_url, the engine server's address")
+    if getattr(args, "sync_interval", 1) < 1:
+        parser.error("--sync_interval must be at least 1")
+    for name in ("save_dir", "checkpoint_dir", "data_path", "reward_model_path", "tokenizer_dir", "sync_dir"):
         value = getattr(args, name, None)
         if isinstance(value, str) and value and value.lower() != "none":
             base = TRAINER_DIR if value == parser.get_default(name) else os.getcwd()
@@ -93,8 +98,24 @@ def weight_path(save_dir, name, config) -> str:
     return os.path.join(save_dir, f"{name}_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth")
 
 
+def add_engine_arguments(parser):
+    """Who samples the rollouts (trainer/rollout_engine.py): the RL stages and the agent stage share these."""
+    parser.add_argument("--rollout_engine", default="torch", choices=ROLLOUT_ENGINES,
+                        help="torch = in-process; sglang / vllm = a server at --rollout_url (SGLang, vLLM, or "
+                             "scripts/serve_openai_api.py, which speaks both)")
+    parser.add_argument("--rollout_url", default=None,
+                        help="the engine's address, e.g. http://127.0.0.1:30000 (SGLang), :8000 (vLLM), :8998 (ours)")
+    parser.add_argument("--sync_interval", type=int, default=1, help="steps between weight syncs to a server engine")
+    parser.add_argument("--sync_dir", default=None,
+                        help="where synced weight folders are written (default SAVE_DIR/rollout_weights); the "
+                             "engine server must be able to read it")
+    parser.add_argument("--rollout_timeout", type=float, default=300,
+                        help="seconds to wait for a server engine's answer before stopping with an error")
+
+
 def add_rl_arguments(parser, max_gen_len):
     """Options the RL stages share."""
+    add_engine_arguments(parser)
     parser.add_argument("--max_gen_len", type=int, default=max_gen_len, help="longest sampled answer")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     parser.add_argument("--reasoning", type=int, default=1, choices=[0, 1],

@@ -2,7 +2,7 @@
 
 - prompts are tokenised, cut from the left to --max_seq_len (so the generation prompt at the end always
   survives) and left-padded, so every row's answer starts at the same column;
-- sampling uses the KV cache (transformers generate);
+- a rollout engine samples (trainer/rollout_engine.py: in-process with the KV cache, or an SGLang / vLLM server);
 - the completion mask covers the answer up to and including its first <|im_end|>;
 - every log-prob pass (policy, old policy, reference, critic) gets the attention mask and positions
   counted from it, so padding never changes a score.
@@ -25,6 +25,7 @@ class Rollout:
     prompt_length: int             # P: the answer starts at this column
     texts: list                    # the decoded answers (special tokens removed)
     temperature: float = 1.0       # log-probs are taken from the distribution the answers were sampled from
+    sample_logps: torch.Tensor = None  # [N, C] the log-probs the rollout engine sampled the answer tokens with
     old_logps: torch.Tensor = None  # [N, C] pi_old: the policy that sampled, kept from the first update's forward
 
 
@@ -39,46 +40,37 @@ def left_pad(rows, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
-def encode_prompts(tokenizer, prompts, max_length, device):
-    """Left-truncated, left-padded prompt ids and attention mask."""
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_length:] for p in prompts]
-    return left_pad(rows, tokenizer.pad_token_id, device)
-
-
-def completion_mask(completion, eos_id):
-    """1 on each answer's tokens up to and including its first eos, 0 after it."""
-    is_eos = completion == eos_id
-    seen_before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()  # eos tokens strictly before this position
-    return (seen_before == 0).long()
+def prompt_rows(tokenizer, prompts, max_length):
+    """Each prompt's token ids, cut from the left to max_length (the generation prompt at the end survives)."""
+    return [tokenizer(p, add_special_tokens=False)["input_ids"][-max_length:] for p in prompts]
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts, max_prompt_length, max_new_tokens, temperature=1.0, samples_per_prompt=1,
-           min_new_tokens=0):
-    """Generate `samples_per_prompt` answers for every prompt (answers of one prompt are adjacent)."""
-    device = next(model.parameters()).device
-    ids, mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
-    was_training = model.training
-    model.eval()
-    output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                            min_new_tokens=min_new_tokens, do_sample=True,
-                            temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=samples_per_prompt,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    model.train(was_training)
-    prompt_length = ids.shape[1]
-    completion = output[:, prompt_length:]
-    c_mask = completion_mask(completion, tokenizer.eos_token_id)
-    attention = torch.cat([mask.repeat_interleave(samples_per_prompt, dim=0), c_mask], dim=1)
-    texts = tokenizer.batch_decode(completion * c_mask + tokenizer.pad_token_id * (1 - c_mask), skip_special_tokens=True)
-    return Rollout(output, attention, c_mask, prompt_length, texts, temperature)
+def sample(engine, tokenizer, prompts, max_prompt_length, max_new_tokens, samples_per_prompt=1, device="cpu"):
+    """`samples_per_prompt` answers to every prompt (answers of one prompt adjacent) from the rollout engine
+    (trainer/rollout_engine.py), with the log-probs it sampled them with."""
+    contexts = [row for row in prompt_rows(tokenizer, prompts, max_prompt_length) for _ in range(samples_per_prompt)]
+    answers = engine.generate(contexts, max_new_tokens)
+    prompt_ids, prompt_mask = left_pad(contexts, tokenizer.pad_token_id, device)
+    width = max(len(ids) for ids, _ in answers)
+    completion = torch.full((len(answers), width), tokenizer.pad_token_id, dtype=torch.long)
+    c_mask = torch.zeros((len(answers), width), dtype=torch.long)
+    sample_logps = torch.zeros((len(answers), width))
+    for i, (ids, logps) in enumerate(answers):  # each answer ends at its first eos (or at max_new_tokens)
+        completion[i, :len(ids)], c_mask[i, :len(ids)], sample_logps[i, :len(ids)] = (torch.tensor(ids), 1,
+                                                                                     torch.tensor(logps))
+    completion, c_mask, sample_logps = completion.to(device), c_mask.to(device), sample_logps.to(device)
+    texts = tokenizer.batch_decode([ids for ids, _ in answers], skip_special_tokens=True)
+    return Rollout(torch.cat([prompt_ids, completion], dim=1), torch.cat([prompt_mask, c_mask], dim=1), c_mask,
+                   prompt_ids.shape[1], texts, engine.temperature, sample_logps=sample_logps)
 
 
-def sample_and_score(model, tokenizer, batch, args, reward_model, samples_per_prompt=1):
-    """The rollout of one micro-batch: samples_per_prompt answers to each of its prompts from the current policy
+def sample_and_score(engine, tokenizer, batch, args, reward_model, samples_per_prompt=1, device="cpu"):
+    """The rollout of one micro-batch: samples_per_prompt answers to each of its prompts from the rollout engine
     (no gradients) and their rewards, as fields to add to the batch: rollout, rewards and rollout_attention_mask
     (which the run counts as the step's real tokens)."""
-    rollout = sample(model, tokenizer, batch["prompt"], args.max_seq_len, args.max_gen_len, args.temperature,
-                     samples_per_prompt=samples_per_prompt)
+    rollout = sample(engine, tokenizer, batch["prompt"], args.max_seq_len, args.max_gen_len, samples_per_prompt,
+                     device)
     rewards = rewards_for(rollout.texts, batch, samples_per_prompt, reward_model, args.reasoning)
     return dict(rollout=rollout, rewards=rewards.to(rollout.attention_mask.device),
                 rollout_attention_mask=rollout.attention_mask)

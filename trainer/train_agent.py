@@ -16,13 +16,16 @@ KL_t is the k3 estimate of KL(pi || pi_ref). --ppo_epochs K updates the policy K
 rho moves away from 1 and the clip (or CISPO's weight cap) corrects for the stale samples; --kl_stop skips the rest
 of a batch's updates once an update's forward finds the policy that far from the sampler (the k3 estimate of
 KL(pi_sample || pi) over the sampled tokens).
---thinking_ratio opens the thinking block in that share of the trajectories. Writes out/agent_{hidden}[_moe].pth.
+--thinking_ratio opens the thinking block in that share of the trajectories. --rollout_engine sglang / vllm samples on
+a server (trainer/rollout_engine.py), which gets the weights every --sync_interval steps; pi_sample is then the
+server's log-probs of weights up to that many steps old (the logged staleness), and rho corrects for them.
+Writes out/agent_{hidden}[_moe].pth.
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
-from trainer.args import common_parser, data_file, parse_args  # argparse only
+from trainer.args import add_engine_arguments, common_parser, data_file, parse_args  # argparse only
 
 
 def arguments(argv=None):
@@ -42,6 +45,7 @@ def arguments(argv=None):
     parser.add_argument("--ppo_epochs", type=int, default=1, help="policy updates on each rollout batch")
     parser.add_argument("--kl_stop", type=float, default=0.0,
                         help="end a batch's updates once KL(pi_sample || pi) passes this; 0 = never")
+    add_engine_arguments(parser)
     args = parse_args(parser, argv)
     if args.num_generations < 2:
         parser.error("--num_generations must be at least 2: each trajectory is judged against its group")
@@ -58,10 +62,11 @@ import random
 import torch
 
 from dataset.lm_dataset import AgentRLDataset
-from trainer.agent_rollout import TorchEngine, pack, rollout, trajectory_logprobs
+from trainer.agent_rollout import pack, rollout, trajectory_logprobs
 from trainer.distributed import unwrap
 from trainer.losses import cispo_objective, clipped_objective, group_advantages, k3_kl
 from trainer.rewards import agent_reward
+from trainer.rollout_engine import make_engine
 from trainer.rollout import masked_mean
 from trainer.trainer_utils import Run
 
@@ -82,7 +87,7 @@ def main(args):
     reference = run.frozen_copy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     model = run.prepare(model, optimizer)
-    engine = TorchEngine(unwrap(model), tokenizer, args.temperature)  # in-process: samples with the live weights
+    engine = make_engine(args, unwrap(model), tokenizer, run.tokenizer_dir)  # in-process, or an SGLang / vLLM server
     G = args.num_generations
 
     def loss_fn(batch):
@@ -104,6 +109,7 @@ def main(args):
         return masked_mean(per_token, mask), aux_loss, metrics
 
     for step, window in run.steps(data):
+        engine.maybe_sync(unwrap(model), step - 1)  # a server engine gets the weights every --sync_interval steps
         parts = []
         with run.autocast():  # rollouts first: G trajectories for each task, turn by turn, then scored
             for batch in window:
@@ -124,7 +130,8 @@ def main(args):
             lr = run.optimizer_step(optimizer)
             updates += 1
         rewards = {name: sum(p[name] for p in parts) / len(parts) for name in REWARD_PARTS}
-        run.log(loss=loss, lr=lr, reward=sum(p["total"] for p in parts) / len(parts), updates=updates, **rewards)
+        run.log(loss=loss, lr=lr, reward=sum(p["total"] for p in parts) / len(parts), updates=updates,
+                staleness=engine.staleness(step - 1), **rewards)
         run.maybe_save(model, optimizer)
         if run.should_stop():                          # --max_steps, or Ctrl-C / SIGTERM
             break

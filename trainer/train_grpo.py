@@ -60,6 +60,7 @@ import torch
 from trainer.distributed import unwrap
 from trainer.losses import cispo_objective, clipped_objective, group_advantages, k3_kl  # the formulas
 from trainer.rollout import completion_logprobs, masked_mean, sample_and_score, start_rl_run
+from trainer.rollout_engine import make_engine
 
 
 def main(args):
@@ -68,6 +69,7 @@ def main(args):
     reference = run.frozen_copy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     model = run.prepare(model, optimizer)
+    engine = make_engine(args, unwrap(model), tokenizer, run.tokenizer_dir)
     G = args.num_generations
 
     def loss_fn(batch):
@@ -76,10 +78,12 @@ def main(args):
         with torch.no_grad():
             ref_logps, _ = completion_logprobs(reference, rollout)
         logps, aux_loss = completion_logprobs(model, rollout)
-        # pi_old is the policy that sampled: at the first update the policy itself (rho = 1, the gradient is the
-        # PPO-clip one), kept for the further updates of --ppo_epochs, where rho moves away from 1.
+        # pi_old is the policy that sampled. In-process: the policy itself, its log-probs taken from this first
+        # forward (rho = 1 exactly, the PPO-clip gradient) and kept for the further updates of --ppo_epochs, where
+        # rho moves away from 1. A server engine samples with weights up to --sync_interval steps old: its own
+        # log-probs are pi_old, and the clip corrects for the staleness from the first update on.
         if rollout.old_logps is None:
-            rollout.old_logps = logps.detach()
+            rollout.old_logps = logps.detach() if args.rollout_engine == "torch" else rollout.sample_logps
         if args.loss_type == "cispo":
             policy_loss = cispo_objective(logps, rollout.old_logps, advantages, args.epsilon_high)
         else:
@@ -88,7 +92,7 @@ def main(args):
         mask = rollout.completion_mask
         metrics = dict(reward=rewards.mean(), kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask),
                        answer_length=mask.sum(1).float().mean())
-        if args.ppo_epochs > 1:
+        if args.ppo_epochs > 1 or args.rollout_engine != "torch":
             ratio = torch.exp(logps.detach() - rollout.old_logps)
             # k3 estimate of KL(pi_old || pi) on tokens pi_old sampled: rho - 1 - log rho, never negative
             metrics.update(ratio=masked_mean(ratio, mask),
@@ -96,9 +100,10 @@ def main(args):
         return masked_mean(per_token, mask), aux_loss, metrics
 
     for step, window in run.steps(data):
-        with run.autocast():  # rollouts first: G answers to each prompt from the current policy, scored
+        engine.maybe_sync(unwrap(model), step - 1)  # a server engine gets the weights every --sync_interval steps
+        with run.autocast():  # rollouts first: G answers to each prompt from the rollout engine, scored
             for batch in window:
-                batch.update(sample_and_score(unwrap(model), tokenizer, batch, args, reward_model, G))
+                batch.update(sample_and_score(engine, tokenizer, batch, args, reward_model, G, run.device))
         updates = 0
         for epoch in range(args.ppo_epochs):  # --ppo_epochs updates on the same rollouts (1: MiniMind's)
             # prompts weigh alike
@@ -108,7 +113,8 @@ def main(args):
                 break
             lr = run.optimizer_step(optimizer)
             updates += 1
-        run.log(loss=loss, lr=lr, **({"updates": updates} if args.ppo_epochs > 1 else {}))
+        run.log(loss=loss, lr=lr, **({"updates": updates} if args.ppo_epochs > 1 else {}),
+                **({"staleness": engine.staleness(step - 1)} if args.rollout_engine != "torch" else {}))
         run.maybe_save(model, optimizer)
         if run.should_stop():
             break

@@ -54,6 +54,7 @@ from torch import nn
 from trainer.distributed import unwrap
 from trainer.losses import clipped_objective
 from trainer.rollout import completion_logprobs, masked_mean, positions, sample_and_score, start_rl_run
+from trainer.rollout_engine import make_engine
 
 
 class Critic(nn.Module):
@@ -116,12 +117,15 @@ def main(args):
     extras = dict(critic=critic, critic_optimizer=critic_optimizer, old_actor=old_actor)
     actor = run.prepare(actor, optimizer, extras)
     critic = run.wrap(critic)
+    engine = make_engine(args, unwrap(actor), tokenizer, run.tokenizer_dir)
 
     def loss_fn(batch):
         rollout, rewards = batch["rollout"], batch["rewards"]
         mask = rollout.completion_mask.float()
         with torch.no_grad():
-            old_logps, _ = completion_logprobs(old_actor, rollout)
+            # pi_old: the lagging copy in-process; a server engine's own log-probs (its weights are the stale ones)
+            old_logps = completion_logprobs(old_actor, rollout)[0] if args.rollout_engine == "torch" \
+                else rollout.sample_logps
             ref_logps, _ = completion_logprobs(reference, rollout)
             old_values, _ = completion_values(critic, rollout)
         logps, actor_aux = completion_logprobs(actor, rollout)
@@ -148,15 +152,16 @@ def main(args):
         return loss, actor_aux + critic_aux, metrics  # both MoE routers keep their balancing term
 
     for step, window in run.steps(data):
-        with run.autocast():  # rollouts first: one answer to each prompt from the current actor, scored
+        engine.maybe_sync(unwrap(actor), step - 1)  # a server engine gets the weights every --sync_interval steps
+        with run.autocast():  # rollouts first: one answer to each prompt from the rollout engine, scored
             for batch in window:
-                batch.update(sample_and_score(unwrap(actor), tokenizer, batch, args, reward_model))
+                batch.update(sample_and_score(engine, tokenizer, batch, args, reward_model, device=run.device))
         # both trained models wait for the window's last micro-batch before DDP reduces their gradients
         loss = run.accumulate([actor, critic], window, loss_fn, count=lambda batch: len(batch["prompt"]))
         lr = run.optimizer_step(optimizer, more=[(critic_optimizer, args.critic_learning_rate)])
         if step % args.update_old_actor_freq == 0:  # pi_old catches up with the actor
             old_actor.load_state_dict(unwrap(actor).state_dict())
-        run.log(loss=loss, lr=lr)
+        run.log(loss=loss, lr=lr, **({"staleness": engine.staleness(step - 1)} if args.rollout_engine != "torch" else {}))
         run.maybe_save(actor, optimizer, extras)
         if run.should_stop():
             break

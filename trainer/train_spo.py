@@ -11,6 +11,8 @@ After each step the tracker forgets at a rate set by how far the policy moved, D
 answer log-prob between steps|:
     rho = clip(2^(-D / 0.06), 0.5, 0.96);   alpha <- rho alpha + r_hat_mean,  beta <- rho beta + (1 - r_hat_mean)
 The tracker is part of the resume file. Writes out/spo_{hidden}[_moe].pth.
+With a server rollout engine (--rollout_engine sglang / vllm) the answers come from weights up to --sync_interval
+steps old, so each token's log-prob is weighted by the truncated importance weight sg(min(pi / pi_sample, 2)).
 """
 import os
 import sys
@@ -37,6 +39,9 @@ from trainer.distributed import unwrap
 from trainer.losses import k3_kl
 from trainer.rewards import MODEL_REWARD_CLIP, RULE_REWARD_RANGE
 from trainer.rollout import completion_logprobs, masked_mean, sample_and_score, start_rl_run
+from trainer.rollout_engine import make_engine
+
+STALE_WEIGHT_CAP = 2.0  # a server engine's samples: truncated importance weights (as V-trace truncates rho)
 
 
 class BetaTracker:
@@ -79,6 +84,7 @@ def main(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     tracker = BetaTracker()
     model = run.prepare(model, optimizer, extras=dict(tracker=tracker))
+    engine = make_engine(args, unwrap(model), tokenizer, run.tokenizer_dir)
     step_rewards, step_logps = [], []
 
     def loss_fn(batch):
@@ -89,16 +95,21 @@ def main(args):
         logps, aux_loss = completion_logprobs(model, rollout)
         mask = rollout.completion_mask
         answer_logp = masked_mean(logps, mask, dim=1)  # mean log-prob of each answer
+        weighted_logp = answer_logp
+        if args.rollout_engine != "torch":  # stale samples: each token weighted by sg(min(pi / pi_sample, 2))
+            weight = torch.exp(logps.detach() - rollout.sample_logps).clamp(max=STALE_WEIGHT_CAP)
+            weighted_logp = masked_mean(weight * logps, mask, dim=1)
         kl = masked_mean(k3_kl(logps, ref_logps), mask, dim=1)
         step_rewards.append(rewards.mean())
         step_logps.append(answer_logp.detach().mean())
         metrics = dict(reward=rewards.mean(), baseline=torch.tensor(tracker.baseline()), kl=kl.detach().mean())
-        return (-advantages * answer_logp + args.beta * kl).mean(), aux_loss, metrics
+        return (-advantages * weighted_logp + args.beta * kl).mean(), aux_loss, metrics
 
     for step, window in run.steps(data):
-        with run.autocast():  # rollouts first: one answer to each prompt from the current policy, scored
+        engine.maybe_sync(unwrap(model), step - 1)  # a server engine gets the weights every --sync_interval steps
+        with run.autocast():  # rollouts first: one answer to each prompt from the rollout engine, scored
             for batch in window:
-                batch.update(sample_and_score(unwrap(model), tokenizer, batch, args, reward_model))
+                batch.update(sample_and_score(engine, tokenizer, batch, args, reward_model, device=run.device))
         loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))
         lr = run.optimizer_step(optimizer)
         mean_reward, mean_logp = (float(x) / run.world_size for x in run.all_sum(
@@ -106,7 +117,8 @@ def main(args):
         rho = tracker.update(mean_reward, mean_logp)  # the same on every process
         step_rewards.clear()
         step_logps.clear()
-        run.log(loss=loss, lr=lr, rho=rho)
+        run.log(loss=loss, lr=lr, rho=rho,
+                **({"staleness": engine.staleness(step - 1)} if args.rollout_engine != "torch" else {}))
         run.maybe_save(model, optimizer, extras=dict(tracker=tracker))
         if run.should_stop():
             break
