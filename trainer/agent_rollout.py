@@ -36,7 +36,7 @@ class Trajectory:
     turns: list = field(default_factory=list)        # each turn's generated text
     calls: list = field(default_factory=list)        # each turn's tool calls: [{"name", "arguments"}], [] for none
     results: list = field(default_factory=list)      # each turn's tool results (JSON strings), [] for none
-    thinking: bool = False                            # rendered with the thinking switch on
+    thinking: bool = False                            # rendered with the thinking switches on
     hit_turn_limit: bool = False                      # the last allowed turn still called tools
     cut_off: bool = False                             # a turn reached its token budget without <|im_end|>
 
@@ -47,10 +47,13 @@ class Trajectory:
 
 
 def render(tokenizer, messages, tools, thinking, generation_prompt):
-    # both switch names: this project's template reads enable_thinking, minimind-3's open_thinking
+    """The conversation as the chat template writes it. Thinking on sets both switches (this project's template reads
+    enable_thinking, minimind-3's open_thinking); off passes neither, so the turns look as in the SFT data the model
+    learnt its calls from (minimind-3's default is an empty think block, this project's template writes none; forcing
+    this one's empty block threw a small SFT model off its call format)."""
+    switches = dict(enable_thinking=True, open_thinking=True) if thinking else {}
     return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                         add_generation_prompt=generation_prompt,
-                                         enable_thinking=thinking, open_thinking=thinking)
+                                         add_generation_prompt=generation_prompt, **switches)
 
 
 def observation_text(tokenizer, messages, assistant, tool_messages, tools, thinking):
