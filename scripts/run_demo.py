@@ -1,7 +1,8 @@
-"""The whole pipeline on the bundled demo data, on a CPU: pretrain -> full SFT -> LoRA identity -> DPO ->
-reasoning distillation -> knowledge distillation -> GRPO, each evaluated on held-out data.
+"""The whole pipeline on the bundled demo data, on a CPU: pretrain -> full SFT -> agentic RL -> LoRA identity -> DPO
+-> reasoning distillation -> knowledge distillation -> GRPO, each evaluated on held-out data.
 
-    python scripts/run_demo.py            # about 16 minutes on 2 CPU cores (fp32); writes out/demo_report.md
+    python scripts/run_demo.py            # 40 minutes on a 2-core AMD EPYC VM (fp32), about 19 on a faster 2-core
+                                          # Intel Xeon VM (docs/benchmarks.md); writes out/demo_report.md
     python scripts/run_demo.py --quick    # a 1-minute smoke run with a tiny model (numbers mean nothing)
 
 Each stage runs the real trainer command line (printed as it goes). Every number in the report is
@@ -14,6 +15,10 @@ measured on held-out data that no stage trained on:
   tools      on 150 held-out tool requests (tools_eval.jsonl, cedict/tools_eval.jsonl; scripts/eval_toolcall.py),
              before and after SFT: a valid <tool_call> of the right tool (calculator, dictionary, calendar),
              with the right arguments, and a valid call at all
+  agent      on the held-out tool tasks of agent_rl_eval.jsonl, before (the SFT model) and after agentic RL
+             (train_agent.py, from the SFT model): the agent reward (what the stage maximises) and the task
+             success (every gt answer in the final reply) of 2 multi-turn tool-using trajectories per task sampled
+             as in training, with the share of valid tool calls beside
   LoRA       held-out "who are you?" phrasings answered with "MiniMind", before and after the adapter
   DPO        on dpo_eval.jsonl, whose rejected answers dodge the question, answer in the other language, loop
              or miscount: how often the model gives the chosen answer a higher (per-token mean) log-probability
@@ -31,6 +36,7 @@ report to out/demo_report.md and out/demo_report.json, loss curves to out/demo_l
 import argparse
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -51,6 +57,7 @@ def arguments(argv=None):
     parser.add_argument("--student_hidden_size", type=int, default=96)
     parser.add_argument("--student_num_layers", type=int, default=2)
     parser.add_argument("--grpo_steps", type=int, default=64)
+    parser.add_argument("--agent_steps", type=int, default=16)
     parser.add_argument("--kd_steps", type=int, default=200, help="optimizer steps of each KD run (about a third of an epoch)")
     parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "out"))
     parser.add_argument("--quick", action="store_true", help="tiny model, a few steps per stage: a smoke test")
@@ -67,7 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from common.device import choose_dtype, pick_device
-from dataset.lm_dataset import DPODataset, PretrainDataset, SFTDataset, pad_batch, stack_pairs
+from dataset.lm_dataset import AgentRLDataset, DPODataset, PretrainDataset, SFTDataset, pad_batch, stack_pairs
 from inference.chat_core import greedy_replies, render
 from model.model_lora import apply_lora, load_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
@@ -75,8 +82,10 @@ from model.weights import load_state_dict_strict
 from scripts.eval_toolcall import DEMO_REQUESTS, read_requests, tool_call_scores
 from scripts.plot_metrics import plot
 from trainer.losses import sequence_logps
-from trainer.rewards import answer_reward, normalise, rule_rewards
+from trainer.agent_rollout import rollout
+from trainer.rewards import agent_reward, answer_reward, normalise, rule_rewards
 from trainer.rollout import sample
+from trainer.rollout_engine import TorchEngine
 
 
 DEMO = os.path.join(REPO_ROOT, "dataset", "demo")
@@ -184,13 +193,32 @@ def rl_scores(model, tokenizer, rows, temperature, samples=8, seed=0):
                for r in rows]
     sampled = []
     for start in range(0, len(rows), 16):
-        rollout = sample(model, tokenizer, prompts[start:start + 16], 128, 64, temperature, samples_per_prompt=samples)
+        rollout = sample(TorchEngine(model, tokenizer, temperature), tokenizer, prompts[start:start + 16], 128, 64,
+                         samples)
         extras = [dict(answers=r["answers"]) for r in rows[start:start + 16] for _ in range(samples)]
         sampled += rule_rewards(rollout.texts, extras, reasoning=True).view(-1, samples).mean(1).tolist()
     texts = answer(model, tokenizer, [r["conversations"][0]["content"] for r in rows], max_new_tokens=96)
     extras = [dict(answers=r["answers"]) for r in rows]
     greedy = rule_rewards(texts, extras, reasoning=True).tolist()
     return sampled, greedy, [answer_reward(t, e["answers"]) for t, e in zip(texts, extras)]
+
+
+AGENT_TURNS, AGENT_TURN_TOKENS = 2, 48  # a call and the answer after its result
+
+
+def agent_scores(model, tokenizer, rows, temperature, samples=2, seed=0):
+    """Per held-out tool task, over `samples` trajectories sampled as in training (trainer/agent_rollout.py): the
+    mean agent reward, task success (every gt answer in the final reply) and valid-call share (agent_reward)."""
+    torch.manual_seed(seed)
+    rng, engine, scores = random.Random(seed), TorchEngine(model, tokenizer, temperature), []
+    for start in range(0, len(rows), 16):
+        batch = rows[start:start + 16]
+        trajectories = rollout(engine, tokenizer, [r["messages"] for r in batch], [r["tools"] for r in batch],
+                               samples, AGENT_TURNS, AGENT_TURN_TOKENS, rng=rng)
+        for i, row in enumerate(batch):
+            parts = [agent_reward(t, row["gt"], row["tools"]) for t in trajectories[i * samples:(i + 1) * samples]]
+            scores.append({k: sum(p[k] for p in parts) / samples for k in ("total", "success", "valid_calls")})
+    return scores
 
 
 def exact_match(model, tokenizer, rows):
@@ -219,7 +247,8 @@ def main(args):
     start_all = time.perf_counter()
     save_dir = os.path.join(args.out_dir, "demo")
     shown = lambda p: os.path.relpath(p, REPO_ROOT) if p.startswith(REPO_ROOT) else p  # noqa: E731
-    for old in ("pretrain", "full_sft", "lora_identity", "dpo", "reason", "full_dist", "full_dist_control", "grpo"):
+    for old in ("pretrain", "full_sft", "agent", "lora_identity", "dpo", "reason", "full_dist", "full_dist_control",
+                "grpo"):
         size = args.student_hidden_size if old.startswith("full_dist") else args.hidden_size  # an earlier demo's
         path = os.path.join(save_dir, f"{old}_{size}_metrics.jsonl")
         if os.path.exists(path):
@@ -281,6 +310,25 @@ def main(args):
         results.append(stage_result("tools", f"{what}, {len(tool_requests)} held-out tool requests (after SFT)",
                                     [float(s[key]) for s in tools_before], [float(s[key]) for s in tools_after],
                                     True, primary=primary))
+
+    # Stage 2b: agentic RL on tool tasks (multi-turn, tools run between the turns), from the SFT model
+    agent_eval = AgentRLDataset(os.path.join(DEMO, "agent_rl_eval.jsonl")).rows[sampled]
+    agent_temperature = 0.8
+    agent_before = agent_scores(sft_model, tokenizer, agent_eval, agent_temperature)
+    seconds, cmd_agent = train("train_agent.py", settings + (quick or ["--max_steps", str(args.agent_steps)]),
+                               data_path=shown(os.path.join(DEMO, "agent_rl.jsonl")), from_weight="full_sft",
+                               num_generations=4, batch_size=2, max_turns=AGENT_TURNS, max_gen_len=AGENT_TURN_TOKENS,
+                               temperature=agent_temperature, thinking_ratio=0.0, learning_rate=5e-5, beta=0.02)
+    agent_after = agent_scores(load(config, path("agent")), tokenizer, agent_eval, agent_temperature)
+    for key, what, primary, at in (  # the reward is what the stage maximises (as for GRPO); success is the goal
+            ("total", "agent reward (-3 to 3: the answer, valid tool use, closed tags, turn limit, repetition)", True,
+             seconds),
+            ("success", "task success (every gt answer in the final reply)", False, None),
+            ("valid_calls", "share of tool calls that are valid (an offered tool, arguments it accepts)", False, None)):
+        results.append(stage_result("agent", f"{what}, 2 trajectories sampled as in training (temperature "
+                                    f"{agent_temperature}) per {len(agent_eval)} held-out agent_rl_eval.jsonl tasks",
+                                    [s[key] for s in agent_before], [s[key] for s in agent_after], True, at,
+                                    primary=primary))
 
     # Stage 3: LoRA identity
     identity = read_jsonl(os.path.join(DEMO, "lora_identity_eval.jsonl"))
@@ -360,7 +408,7 @@ def main(args):
                                 primary=False))
 
     curves = plot([os.path.join(save_dir, f"{n}_{args.hidden_size}_metrics.jsonl")
-                   for n in ("pretrain", "full_sft", "lora_identity", "dpo", "reason")] +
+                   for n in ("pretrain", "full_sft", "agent", "lora_identity", "dpo", "reason")] +
                   [os.path.join(save_dir, f"full_dist_{args.student_hidden_size}_metrics.jsonl"),
                    os.path.join(save_dir, f"grpo_{args.hidden_size}_metrics.jsonl")],
                   os.path.join(args.out_dir, "demo_loss_curves.png"), title="MiniMind demo: training loss, stages in order")
@@ -373,7 +421,7 @@ def main(args):
         json.dump(summary, f, ensure_ascii=False, indent=1)
 
     def shown_value(value, metric):
-        return f"{value:.1%}" if any(w in metric for w in ("accuracy", "match", "rate", "answered", "call")) \
+        return f"{value:.1%}" if any(w in metric for w in ("accuracy", "match", "rate", "answered", "call", "success")) \
             else f"{value:.3f}"
 
     def row(r):
@@ -411,7 +459,7 @@ def main(args):
               for q, b, a in zip(identity_questions, before_identity, after_identity)]
     lines += ["", "## Reasoning answers after distillation", "", "| question | answer |", "|---|---|"]
     lines += [f"| {q} | {a.replace(chr(10), ' ')[:100]} |" for q, a in zip(r1_questions[:6], reason_samples[:6])]
-    lines += ["", "## Commands", "", "```", cmd_pretrain, cmd_sft, cmd_lora, cmd_dpo, cmd_reason, cmd_control, cmd_kd,
+    lines += ["", "## Commands", "", "```", cmd_pretrain, cmd_sft, cmd_agent, cmd_lora, cmd_dpo, cmd_reason, cmd_control, cmd_kd,
               cmd_grpo, "```", ""]
     report = os.path.join(args.out_dir, "demo_report.md")
     with open(report, "w", encoding="utf-8") as f:

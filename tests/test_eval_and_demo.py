@@ -175,12 +175,13 @@ def test_demo_pipeline_smoke_run(tmp_path):
                             env=dict(os.environ, MINIMIND_NO_PROGRESS="1", HF_DATASETS_CACHE=str(tmp_path / "cache")))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = (tmp_path / "demo_report.md").read_text(encoding="utf-8")
-    for row in ("| pretrain |", "| sft |", "| tools |", "| lora |", "| dpo |", "| reasoning |", "| kd |", "| grpo |"):
+    for row in ("| pretrain |", "| sft |", "| tools |", "| agent |", "| lora |", "| dpo |", "| reasoning |", "| kd |", "| grpo |"):
         assert row in report
     assert "loss on pretrain_eval.jsonl (48 documents, per token)" in report  # --quick scores a few items
     card = json.loads((tmp_path / "demo_report.json").read_text(encoding="utf-8"))
     primary = [r for r in card["stages"] if r["primary"]]
-    assert [r["stage"] for r in primary] == ["pretrain", "sft", "tools", "lora", "dpo", "reasoning", "kd", "grpo"]
+    assert [r["stage"] for r in primary] == ["pretrain", "sft", "tools", "agent", "lora", "dpo", "reasoning", "kd",
+                                             "grpo"]
     for r in card["stages"]:
         low, high = r["ci95"]
         assert low <= r["after"] - r["before"] + 1e-9 and r["after"] - r["before"] <= high + 1e-9
@@ -188,6 +189,6 @@ def test_demo_pipeline_smoke_run(tmp_path):
     assert card["device"] == "cpu" and card["dtype"] in ("float32", "bfloat16") and card["minutes"] > 0
     assert primary[0]["improved"] and primary[0]["ci95"][1] < 0  # even 3 steps lower the held-out loss
     assert (tmp_path / "demo_loss_curves.png").stat().st_size > 10_000
-    for name in ("pretrain_64.pth", "full_sft_64.pth", "lora/lora_identity_64.pth"):
+    for name in ("pretrain_64.pth", "full_sft_64.pth", "agent_64.pth", "lora/lora_identity_64.pth"):
         assert (tmp_path / "demo" / name).exists()
     shutil.rmtree(tmp_path / "demo")

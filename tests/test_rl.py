@@ -38,8 +38,7 @@ def small_model(seed=0):
 def test_prompts_are_cut_from_the_left_and_left_padded(tok):
     long_prompt = tok.apply_chat_template([{"role": "user", "content": "很长的问题" * 50}], tokenize=False,
                                           add_generation_prompt=True)
-    rows = rollout.prompt_rows(tok, [long_prompt, "短"], max_length=20)
-    ids, mask = rollout.left_pad(rows, tok.pad_token_id, device="cpu")
+    ids, mask = rollout.encode_prompts(tok, [long_prompt, "短"], max_length=20, device="cpu")
     assert ids.shape == (2, 20)
     assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n")  # the generation prompt survives
     assert mask[1].tolist() == [0] * 19 + [1] and ids[1, 0] == tok.pad_token_id

@@ -133,6 +133,25 @@ def test_a_sync_makes_the_server_sample_with_the_new_weights(server, root, kind)
     assert sorted(p.name for p in (root / "sync").iterdir()) == ["step_1"]
 
 
+def test_a_sync_folder_is_the_architecture_engines_load_natively(tmp_path):
+    """minimind-3 goes to the engine as a Qwen3 folder that gives the policy's logits; a MoE MiniMind2, which has no
+    such architecture, is refused when the engine is made, with the reason."""
+    from model.qwen3_format import is_qwen3_folder, load_qwen3_folder
+    torch.manual_seed(0)
+    policy = MiniMindForCausalLM(MiniMindConfig(generation="minimind-3", hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    client = SGLangEngine("http://127.0.0.1:1", TOKENIZER, 1.0, PROJECT_TOKENIZER, str(tmp_path), 1, 5, policy.config)
+    client.dtype = torch.float32
+    folder = client.save(policy, 3)
+    assert folder.endswith("step_3") and is_qwen3_folder(folder)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert torch.allclose(load_qwen3_folder(folder).eval()(ids).logits, policy(ids).logits, atol=1e-5)
+    with pytest.raises(SystemExit, match="MoE MiniMind has no Llama equivalent"):
+        SGLangEngine("http://127.0.0.1:1", TOKENIZER, 1.0, PROJECT_TOKENIZER, str(tmp_path), 1, 5,
+                     MiniMindConfig(hidden_size=64, num_hidden_layers=2, use_moe=True))
+
+
 def test_weights_load_only_from_under_the_allowed_root(server, root, tmp_path):
     status, answer = post(server + "/update_weights_from_disk", {"model_path": str(tmp_path)})
     assert status == 403 and answer["success"] is False and "--weight_update_root" in answer["message"]

@@ -45,6 +45,11 @@ def prompt_rows(tokenizer, prompts, max_length):
     return [tokenizer(p, add_special_tokens=False)["input_ids"][-max_length:] for p in prompts]
 
 
+def encode_prompts(tokenizer, prompts, max_length, device):
+    """Left-truncated, left-padded prompt ids and attention mask."""
+    return left_pad(prompt_rows(tokenizer, prompts, max_length), tokenizer.pad_token_id, device)
+
+
 @torch.no_grad()
 def sample(engine, tokenizer, prompts, max_prompt_length, max_new_tokens, samples_per_prompt=1, device="cpu"):
     """`samples_per_prompt` answers to every prompt (answers of one prompt adjacent) from the rollout engine

@@ -20,7 +20,9 @@ setting) rho = 1 and the two losses have the same gradient; --ppo_epochs K updat
 rollout batch, pi_old staying the policy that sampled (its log-probs kept from the first update's forward), so rho
 moves away from 1 and the clip / the weight cap take effect. --kl_stop skips the rest of a batch's updates once an
 update's forward finds the policy that far from pi_old (the k3 estimate of KL(pi_old || pi) over the answer
-tokens).
+tokens). --rollout_engine sglang / vllm samples on a server (trainer/rollout_engine.py) that gets the weights every
+--sync_interval steps: pi_old is then the server's log-probs, so rho != 1 from the first update and the clip
+corrects for the stale weights (logged: staleness, ratio, kl_to_old).
 """
 import os
 import sys

@@ -18,7 +18,9 @@ Per-token PPO (default, --gae 1), for each answer token t:
     loss       actor + vf_coef * critic
 Sequence-level (--gae 0, MiniMind): one advantage per answer, A = R - V(last token), on the answer's summed
 log-prob ratio, with a squared-error critic and kl_coef * KL(pi || ref) added to the loss.
-Writes out/ppo_actor_{hidden}[_moe].pth; the critic is part of the resume file.
+With --rollout_engine sglang / vllm (trainer/rollout_engine.py) a server samples with weights up to --sync_interval
+steps old, and its log-probs take the old actor's place as pi_old. Writes out/ppo_actor_{hidden}[_moe].pth; the
+critic is part of the resume file.
 """
 import os
 import sys
