@@ -57,7 +57,8 @@ def main(args):
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "计算：37 + 48 = ？"}], tokenize=False,
                                            add_generation_prompt=True)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    engine = TorchEngine(model, tokenizer, min_new_tokens=args.new_tokens)  # full-length answers: a fixed workload
+    engine = TorchEngine(model, tokenizer, min_new_tokens=args.new_tokens,  # full-length answers: a fixed workload
+                         logprobs=False)  # as train_grpo.py samples in-process
     reset_peak_memory(device)
 
     def timed(fn):

@@ -193,8 +193,8 @@ def rl_scores(model, tokenizer, rows, temperature, samples=8, seed=0):
                for r in rows]
     sampled = []
     for start in range(0, len(rows), 16):
-        rollout = sample(TorchEngine(model, tokenizer, temperature), tokenizer, prompts[start:start + 16], 128, 64,
-                         samples)
+        rollout = sample(TorchEngine(model, tokenizer, temperature, logprobs=False), tokenizer,
+                         prompts[start:start + 16], 128, 64, samples)
         extras = [dict(answers=r["answers"]) for r in rows[start:start + 16] for _ in range(samples)]
         sampled += rule_rewards(rollout.texts, extras, reasoning=True).view(-1, samples).mean(1).tolist()
     texts = answer(model, tokenizer, [r["conversations"][0]["content"] for r in rows], max_new_tokens=96)

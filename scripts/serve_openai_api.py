@@ -33,6 +33,7 @@ next token and a finished one leaves at once; each keeps its own sampling settin
 """
 import argparse
 import hmac
+import itertools
 import json
 import os
 import sys
@@ -217,6 +218,15 @@ def thinking_switch(body):
     return next(iter(given.values()), None)
 
 
+def stop_strings(body):
+    """'stop' as a list: a non-empty string or up to 4 of them."""
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    return stop
+
+
 def parse_request(body, max_seq_len):
     """Check a chat-completions body; return its settings or raise BadRequest naming the field."""
     if not isinstance(body, dict):
@@ -247,10 +257,7 @@ def parse_request(body, max_seq_len):
         raise BadRequest("the last message must come from the user or a tool", "messages")
     tools, prefix = check_tools(body)
     template_kwargs = thinking_kwargs(thinking_switch(body))
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise BadRequest("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    stop = stop_strings(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", "stream")
@@ -293,6 +300,18 @@ def token_prompts(value, field, tokenizer, vocab_size, max_seq_len, max_tokens, 
     return prompts, batch
 
 
+def stop_token_ids(params, field):
+    ids = params.get("stop_token_ids") or []
+    if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+        raise BadRequest(f"'{field}' must be a list of token ids", field)
+    return ids
+
+
+def top_k(params):
+    """top_k, with -1 or 0 (both engines' "off") as 0."""
+    return max(number(params, "top_k", -1, -1, 2 ** 30, integer=True), 0)
+
+
 SGLANG_SAMPLING = ("temperature", "max_new_tokens", "top_p", "top_k", "stop_token_ids", "skip_special_tokens",
                    "no_stop_trim", "ignore_eos", "sampling_seed")
 
@@ -308,15 +327,11 @@ def generate_settings(params, max_seq_len):
                          "sampling_params")
     if params.get("ignore_eos"):
         raise BadRequest("sampling_params.ignore_eos is not supported here", "sampling_params.ignore_eos")
-    stop_ids = params.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
-        raise BadRequest("sampling_params.stop_token_ids must be a list of token ids", "sampling_params.stop_token_ids")
     temperature = number(params, "temperature", 1.0, 0, 2)
-    top_k = number(params, "top_k", -1, -1, 2 ** 30, integer=True)
     return dict(max_tokens=number(params, "max_new_tokens", 128, 1, max_seq_len - 1, integer=True),
                 temperature=temperature if temperature >= 1e-6 else 0, top_p=number(params, "top_p", 1.0, 1e-6, 1),
-                top_k=max(top_k, 0), seed=number(params, "sampling_seed", None, 0, 2 ** 63 - 1, integer=True),
-                stop_token_ids=stop_ids)
+                top_k=top_k(params), seed=number(params, "sampling_seed", None, 0, 2 ** 63 - 1, integer=True),
+                stop_token_ids=stop_token_ids(params, "sampling_params.stop_token_ids"))
 
 
 def completion_settings(body, max_seq_len):
@@ -328,17 +343,10 @@ def completion_settings(body, max_seq_len):
     if body.get("logprobs") not in (None, 0):
         raise BadRequest("'logprobs' must be 0 (the sampled token's log-prob) or absent: top alternatives are not "
                          "returned here", "logprobs")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
-        raise BadRequest("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
-    stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
-        raise BadRequest("'stop_token_ids' must be a list of token ids", "stop_token_ids")
     return dict(max_tokens=number(body, "max_tokens", 16, 1, max_seq_len - 1, integer=True),
                 temperature=number(body, "temperature", 1.0, 0, 2), top_p=number(body, "top_p", 1.0, 1e-6, 1),
-                top_k=max(number(body, "top_k", -1, -1, 2 ** 30, integer=True), 0),
-                seed=number(body, "seed", None, 0, 2 ** 63 - 1, integer=True), stop=stop, stop_token_ids=stop_ids)
+                top_k=top_k(body), seed=number(body, "seed", None, 0, 2 ** 63 - 1, integer=True),
+                stop=stop_strings(body), stop_token_ids=stop_token_ids(body, "stop_token_ids"))
 
 
 def openai_tool_calls(calls):
@@ -500,7 +508,7 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
                       "finish_reason": final["finish_reason"], "stop_reason": None, "logprobs": None}
             if body.get("logprobs") is not None:
                 tokens = [f"token_id:{t}" if as_ids else chat.tokenizer.decode([t]) for t in ids]
-                offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+                offsets = [0, *itertools.accumulate(len(x) for x in tokens)][:-1]  # where each token starts
                 choice["logprobs"] = {"tokens": tokens, "token_logprobs": final["logprobs"],
                                       "top_logprobs": [{t: lp} for t, lp in zip(tokens, final["logprobs"])],
                                       "text_offset": offsets}

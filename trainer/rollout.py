@@ -53,7 +53,7 @@ def encode_prompts(tokenizer, prompts, max_length, device):
 @torch.no_grad()
 def sample(engine, tokenizer, prompts, max_prompt_length, max_new_tokens, samples_per_prompt=1, device="cpu"):
     """`samples_per_prompt` answers to every prompt (answers of one prompt adjacent) from the rollout engine
-    (trainer/rollout_engine.py), with the log-probs it sampled them with."""
+    (trainer/rollout_engine.py), with the log-probs it sampled them with (None when it returned none)."""
     contexts = [row for row in prompt_rows(tokenizer, prompts, max_prompt_length) for _ in range(samples_per_prompt)]
     answers = engine.generate(contexts, max_new_tokens)
     prompt_ids, prompt_mask = left_pad(contexts, tokenizer.pad_token_id, device)
@@ -62,12 +62,14 @@ def sample(engine, tokenizer, prompts, max_prompt_length, max_new_tokens, sample
     c_mask = torch.zeros((len(answers), width), dtype=torch.long)
     sample_logps = torch.zeros((len(answers), width))
     for i, (ids, logps) in enumerate(answers):  # each answer ends at its first eos (or at max_new_tokens)
-        completion[i, :len(ids)], c_mask[i, :len(ids)], sample_logps[i, :len(ids)] = (torch.tensor(ids), 1,
-                                                                                     torch.tensor(logps))
-    completion, c_mask, sample_logps = completion.to(device), c_mask.to(device), sample_logps.to(device)
+        completion[i, :len(ids)], c_mask[i, :len(ids)] = torch.tensor(ids), 1
+        if logps is not None:
+            sample_logps[i, :len(ids)] = torch.tensor(logps)
+    with_logps = answers[0][1] is not None  # an in-process engine asked for none (make_engine logprobs=False)
     texts = tokenizer.batch_decode([ids for ids, _ in answers], skip_special_tokens=True)
-    return Rollout(torch.cat([prompt_ids, completion], dim=1), torch.cat([prompt_mask, c_mask], dim=1), c_mask,
-                   prompt_ids.shape[1], texts, engine.temperature, sample_logps=sample_logps)
+    return Rollout(torch.cat([prompt_ids, completion.to(device)], dim=1),
+                   torch.cat([prompt_mask, c_mask.to(device)], dim=1), c_mask.to(device), prompt_ids.shape[1], texts,
+                   engine.temperature, sample_logps=sample_logps.to(device) if with_logps else None)
 
 
 def sample_and_score(engine, tokenizer, batch, args, reward_model, samples_per_prompt=1, device="cpu"):

@@ -31,6 +31,7 @@ import torch
 from model.hf_export import engine_format, save_for_engines
 from trainer.rollout import left_pad
 
+
 class RolloutEngineError(RuntimeError):
     pass
 
@@ -39,9 +40,12 @@ class TorchEngine:
     """In-process rollout engine: batched sampling with the KV cache (transformers generate), returning each
     sampled token's log-probability under the distribution it was drawn from (temperature applied)."""
 
-    def __init__(self, model, tokenizer, temperature=1.0, min_new_tokens=0):
+    def __init__(self, model, tokenizer, temperature=1.0, min_new_tokens=0, logprobs=True):
         self.model, self.tokenizer, self.temperature = model, tokenizer, temperature
         self.min_new_tokens = min_new_tokens  # the RL benchmark forces full-length answers
+        # logprobs=False: return None for them and keep no scores, which generate would hold as [N, steps, V]
+        # (1536 steps x 16 answers x 6400 = 0.6 GB fp32): GRPO / PPO / SPO in-process take pi_old from a forward
+        self.logprobs = logprobs
 
     @torch.no_grad()
     def generate(self, contexts, max_new_tokens):
@@ -54,17 +58,20 @@ class TorchEngine:
         # top_k=0 and top_p=1.0 switch those warpers off, so the scores generate returns are logits / temperature:
         # the sampling distribution itself (transformers' GenerationMixin._sample records them before sampling).
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             min_new_tokens=self.min_new_tokens, do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             return_dict_in_generate=True, output_scores=True)
+                             min_new_tokens=self.min_new_tokens, do_sample=True, temperature=self.temperature,
+                             top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True,
+                             output_scores=self.logprobs)
         model.train(was_training)
         new = out.sequences[:, ids.shape[1]:]
-        scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # [N, steps, V], on the device
-        logps = torch.gather(scores, 2, new.unsqueeze(-1)).squeeze(-1)  # only [N, steps] comes to the host
+        logps = [None] * len(new)
+        if self.logprobs:
+            scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # [N, steps, V], on the device
+            logps = torch.gather(scores, 2, new.unsqueeze(-1)).squeeze(-1).tolist()  # only [N, steps] to the host
         samples = []
-        for row, row_logps in zip(new.tolist(), logps.tolist()):
+        for row, row_logps in zip(new.tolist(), logps):
             end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-            samples.append((row[:end], row_logps[:end]))
+            samples.append((row[:end], row_logps and row_logps[:end]))
         return samples
 
     def maybe_sync(self, model, steps_done):
@@ -90,15 +97,12 @@ def read_json(request, url, timeout, expected):
     except urllib.error.HTTPError as e:
         detail = e.read()[:500].decode("utf-8", "replace")
         raise RolloutEngineError(f"rollout engine {url} answered HTTP {e.code}: {detail}") from None
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, (socket.timeout, TimeoutError)):
+    except (urllib.error.URLError, socket.timeout, TimeoutError) as e:  # a timeout comes either bare or wrapped
+        if isinstance(getattr(e, "reason", e), (socket.timeout, TimeoutError)):
             raise RolloutEngineError(f"rollout engine {url} did not answer within {timeout:g} s "
                                      "(--rollout_timeout)") from None
         raise RolloutEngineError(f"cannot reach the rollout engine at {url} ({e.reason}): is the server running "
                                  "there? (see the README's rollout engine runbook)") from None
-    except (socket.timeout, TimeoutError):
-        raise RolloutEngineError(f"rollout engine {url} did not answer within {timeout:g} s "
-                                 "(--rollout_timeout)") from None
     except ConnectionError as e:
         raise RolloutEngineError(f"rollout engine {url} dropped the connection ({e})") from None
     if not raw.strip():
@@ -237,10 +241,11 @@ class VLLMEngine(HTTPEngine):
         post_json(self.url + "/reset_prefix_cache", {}, self.timeout, "{}")  # cached prefixes hold old keys
 
 
-def make_engine(args, policy, tokenizer, tokenizer_dir):
-    """The engine --rollout_engine names: the in-process one samples with `policy` itself."""
+def make_engine(args, policy, tokenizer, tokenizer_dir, logprobs=True):
+    """The engine --rollout_engine names: the in-process one samples with `policy` itself (and returns no log-probs
+    when logprobs=False; a server engine always returns them)."""
     if args.rollout_engine == "torch":
-        return TorchEngine(policy, tokenizer, args.temperature)
+        return TorchEngine(policy, tokenizer, args.temperature, logprobs=logprobs)
     engine = SGLangEngine if args.rollout_engine == "sglang" else VLLMEngine
     sync_dir = args.sync_dir or os.path.join(args.save_dir, "rollout_weights")
     return engine(args.rollout_url, tokenizer, args.temperature, tokenizer_dir, sync_dir, args.sync_interval,

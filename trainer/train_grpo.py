@@ -71,7 +71,8 @@ def main(args):
     reference = run.frozen_copy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     model = run.prepare(model, optimizer)
-    engine = make_engine(args, unwrap(model), tokenizer, run.tokenizer_dir)
+    # in-process, pi_old comes from the policy's own forward: the engine keeps no sampling log-probs
+    engine = make_engine(args, unwrap(model), tokenizer, run.tokenizer_dir, logprobs=False)
     G = args.num_generations
 
     def loss_fn(batch):

@@ -119,7 +119,8 @@ def main(args):
     extras = dict(critic=critic, critic_optimizer=critic_optimizer, old_actor=old_actor)
     actor = run.prepare(actor, optimizer, extras)
     critic = run.wrap(critic)
-    engine = make_engine(args, unwrap(actor), tokenizer, run.tokenizer_dir)
+    # in-process, pi_old comes from the old actor's forward: the engine keeps no sampling log-probs
+    engine = make_engine(args, unwrap(actor), tokenizer, run.tokenizer_dir, logprobs=False)
 
     def loss_fn(batch):
         rollout, rewards = batch["rollout"], batch["rewards"]
@@ -163,7 +164,8 @@ def main(args):
         lr = run.optimizer_step(optimizer, more=[(critic_optimizer, args.critic_learning_rate)])
         if step % args.update_old_actor_freq == 0:  # pi_old catches up with the actor
             old_actor.load_state_dict(unwrap(actor).state_dict())
-        run.log(loss=loss, lr=lr, **({"staleness": engine.staleness(step - 1)} if args.rollout_engine != "torch" else {}))
+        run.log(loss=loss, lr=lr,
+                **({"staleness": engine.staleness(step - 1)} if args.rollout_engine != "torch" else {}))
         run.maybe_save(actor, optimizer, extras)
         if run.should_stop():
             break

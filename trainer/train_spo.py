@@ -84,7 +84,8 @@ def main(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     tracker = BetaTracker()
     model = run.prepare(model, optimizer, extras=dict(tracker=tracker))
-    engine = make_engine(args, unwrap(model), tokenizer, run.tokenizer_dir)
+    # in-process the samples are on-policy (no ratio): the engine keeps no sampling log-probs
+    engine = make_engine(args, unwrap(model), tokenizer, run.tokenizer_dir, logprobs=False)
     step_rewards, step_logps = [], []
 
     def loss_fn(batch):
