@@ -7,6 +7,7 @@ returns a JSON string, which goes back to the model as the tool message.
     run_tool("calculator", {"expression": "12*7"})        # '{"result": 84}'
 """
 import ast
+import concurrent.futures
 import datetime
 import json
 import operator
@@ -37,6 +38,11 @@ SPELLINGS = {"×": "*", "÷": "/", "（": "(", "）": ")", "^": "**", "，": "",
 WEEKDAYS_ZH = ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]
 
 
+MAX_MAGNITUDE = 10 ** 30     # the calculator's bound on every value, intermediate ones included
+MAX_RESULT_CHARS = 2048      # a tool's answer longer than this is cut (the model reads it in its context)
+TOOL_TIMEOUT_S = 5.0         # a tool that has not answered by then gives an error result
+
+
 class ToolError(ValueError):
     pass
 
@@ -50,12 +56,21 @@ def calculate(expression):
         expression = expression.replace(spelled, canonical)
     try:
         tree = ast.parse(expression.strip(), mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a null byte (Python 3.11)
         raise ToolError(f"not an arithmetic expression: {expression!r}")
+
+    def checked(number):
+        """Every value on the way is a finite real number of at most 10^30: a complex power, an overflow to inf
+        or a nan would otherwise reach later operators (a TypeError) or the JSON answer (which cannot hold them)."""
+        if isinstance(number, complex):
+            raise ToolError("an intermediate result is not a real number")
+        if not abs(number) <= MAX_MAGNITUDE:  # also catches inf and nan
+            raise ToolError("result too large" if number == number else "an intermediate result is not a number")
+        return number
 
     def value(node):
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
+            return checked(node.value)
         if isinstance(node, ast.UnaryOp) and type(node.op) in OPERATORS:
             return OPERATORS[type(node.op)](value(node.operand))
         if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
@@ -63,19 +78,17 @@ def calculate(expression):
             if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 10 ** 6):
                 raise ToolError("exponent too large (at most 64, on a base of at most 10^6)")
             try:
-                result = OPERATORS[type(node.op)](left, right)
+                return checked(OPERATORS[type(node.op)](left, right))
             except ZeroDivisionError:
                 raise ToolError("division by zero")
-            if abs(result) > 10 ** 30:
+            except OverflowError:  # a float power past 1.8e308, e.g. 999999.0 ** 64
                 raise ToolError("result too large")
-            return result
         raise ToolError(f"only numbers and + - * / // % ** ( ) are allowed, not {type(node).__name__}")
 
-    result = value(tree.body)
-    if isinstance(result, complex):
-        raise ToolError("the result is not a real number")
-    if not abs(result) <= 10 ** 30:  # also catches inf and nan, which JSON cannot carry
-        raise ToolError("result too large")
+    try:
+        result = value(tree.body)
+    except RecursionError:  # 200 characters cannot nest this deep, but a parser change must not end a run
+        raise ToolError("the expression nests too deeply")
     if isinstance(result, float) and result.is_integer():
         result = int(result)
     return round(result, 10) if isinstance(result, float) else result
@@ -123,19 +136,49 @@ def calendar(date, days=0):
     return {"date": day.isoformat(), "weekday": day.strftime("%A"), "weekday_zh": WEEKDAYS_ZH[day.weekday()]}
 
 
-def run_tool(name, arguments):
-    """A tool's answer as a JSON string; a bad call gives {"error": why}, never an exception."""
+def call_tool(name, arguments):
+    """A tool's answer as a dict; a bad call raises ToolError."""
+    if not isinstance(arguments, dict):
+        raise ToolError("arguments must be a JSON object")
+    if name == "calculator":
+        return {"result": calculate(arguments.get("expression"))}
+    if name == "dictionary":
+        return look_up(arguments.get("word"))
+    if name == "calendar":
+        return calendar(arguments.get("date"), arguments.get("days", 0))
+    raise ToolError(f"no tool named {str(name)[:64]!r} (tools: {', '.join(t['function']['name'] for t in TOOLS)})")
+
+
+# Calls run in worker threads so that a slow one can be given up on; a thread cannot be killed, so the tools
+# themselves stay bounded (the calculator's sizes, dictionary and calendar look-ups) and the pool has a few spares.
+_workers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="tool")
+
+
+def run_tool(name, arguments, timeout=TOOL_TIMEOUT_S, max_chars=MAX_RESULT_CHARS):
+    """A tool's answer as a JSON string of at most max_chars characters, never an exception: a bad call, a tool
+    that fails in any way or takes longer than `timeout` seconds gives {"error": why}, which goes back to the
+    model as the tool's answer (and the agent reward counts as an invalid call). A longer answer is replaced
+    by {"error": ..., "partial": its start} so that it stays valid JSON."""
     try:
-        if not isinstance(arguments, dict):
-            raise ToolError("arguments must be a JSON object")
-        if name == "calculator":
-            result = {"result": calculate(arguments.get("expression"))}
-        elif name == "dictionary":
-            result = look_up(arguments.get("word"))
-        elif name == "calendar":
-            result = calendar(arguments.get("date"), arguments.get("days", 0))
-        else:
-            raise ToolError(f"no tool named {name!r} (tools: {', '.join(t['function']['name'] for t in TOOLS)})")
+        result = _workers.submit(call_tool, name, arguments).result(timeout=timeout)
     except ToolError as e:
         result = {"error": str(e)}
-    return json.dumps(result, ensure_ascii=False)
+    except concurrent.futures.TimeoutError:
+        result = {"error": f"the tool did not answer within {timeout:g} s"}
+    except Exception as e:  # noqa: BLE001 - any failure of a tool is an answer the model sees, not the end of a run
+        result = {"error": f"the tool failed: {type(e).__name__}: {str(e)[:200]}"}
+    text = json.dumps(result, ensure_ascii=False)
+    if len(text) > max_chars:
+        note = f"the answer is longer than {max_chars} characters; its start:"
+        text = json.dumps({"error": note, "partial": text[:max_chars // 2]}, ensure_ascii=False)
+        text = text if len(text) <= max_chars else json.dumps({"error": note.removesuffix("; its start:")})
+    return text
+
+
+def is_error(result):
+    """True when a tool's answer (run_tool's JSON string) reports an error, or is not such an answer at all."""
+    try:
+        answer = json.loads(result)
+    except (TypeError, ValueError, RecursionError):
+        return True
+    return not isinstance(answer, dict) or "error" in answer

@@ -92,3 +92,80 @@ def test_the_tool_loop_runs_the_calls_and_answers_from_the_result(capsys):
     looping = lambda messages: '<tool_call>\n{"name": "calendar", "arguments": {"date": "2024-01-01"}}\n</tool_call>'
     assert len(tool_turn(looping, ask, tools.TOOLS, tool_rounds=2)) == 2 * 2 + 1
     assert tool_turn(looping, ask, None) == [{"role": "assistant", "content": looping(None)}]
+
+
+# -- No tool input ends a run: every failure is an error answer the model reads --------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from inference.chat_core import parse_tool_calls  # noqa: E402
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                         max_size=4), max_leaves=12)
+ARITHMETIC = st.recursive(
+    st.integers(-10 ** 7, 10 ** 7).map(str) | st.floats(allow_nan=False, allow_infinity=False).map(repr)
+    | st.sampled_from(["999999.0", "1e308", "0.5", "-1", "1e-300", "0"]),
+    lambda inner: st.tuples(inner, st.sampled_from(["+", "-", "*", "/", "//", "%", "**", "^", "×", "÷"]), inner).map(
+        lambda t: f"({t[0]}){t[1]}({t[2]})") | inner.map(lambda e: f"-({e})"), max_leaves=6)
+
+
+def answer_of(name, arguments):
+    """run_tool's answer: it must be JSON of at most MAX_RESULT_CHARS, a result or an error."""
+    text = tools.run_tool(name, arguments)
+    assert isinstance(text, str) and len(text) <= tools.MAX_RESULT_CHARS
+    answer = json.loads(text)
+    assert isinstance(answer, dict) and (("error" in answer) == tools.is_error(text))
+    return answer
+
+
+@pytest.mark.parametrize("expression", ["999999.0**64", "((-1)**0.5)%2", "((-1)**0.5)*0", "1e308*10-1e308*10",
+                                        "(1e308*10)*0", "999999.0**63/999999.0**63", "(-8)**(1/3)+1"])
+def test_the_calculator_refuses_complex_and_non_finite_intermediates(expression):
+    answer = answer_of("calculator", {"expression": expression})
+    assert "error" in answer and set(answer) == {"error"}, answer
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ARITHMETIC | st.text(max_size=60))
+def test_no_expression_escapes_the_calculator(expression):
+    answer = answer_of("calculator", {"expression": expression})
+    if "result" in answer:  # a result is a finite real number within the bound
+        assert isinstance(answer["result"], (int, float)) and abs(answer["result"]) <= tools.MAX_MAGNITUDE
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.sampled_from(["calculator", "dictionary", "calendar", "weather", "", "__init__"]) | st.text(max_size=10),
+       JSON_VALUES | st.fixed_dictionaries({}, optional={"expression": JSON_VALUES, "word": JSON_VALUES,
+                                                         "date": JSON_VALUES | st.dates().map(str),
+                                                         "days": JSON_VALUES | st.integers()}))
+def test_no_arguments_escape_any_tool(name, arguments):
+    answer_of(name, arguments)
+
+
+def test_a_tool_that_fails_slows_or_talks_too_much_gives_an_error_answer(monkeypatch):
+    import time
+
+    def failing(name, arguments):
+        raise KeyError("boom")
+    monkeypatch.setattr(tools, "call_tool", failing)
+    assert "the tool failed: KeyError" in answer_of("calculator", {})["error"]
+    monkeypatch.setattr(tools, "call_tool", lambda name, arguments: time.sleep(0.5) or {"result": 1})
+    assert tools.run_tool("calculator", {}, timeout=0.05) == '{"error": "the tool did not answer within 0.05 s"}'
+    monkeypatch.setattr(tools, "call_tool", lambda name, arguments: {"result": "字" * 10_000})
+    answer = answer_of("calculator", {})
+    assert "longer than" in answer["error"] and answer["partial"].startswith('{"result": "字字')
+
+
+CALL_PIECES = st.sampled_from(['<tool_call>', '</tool_call>', '{"name": "calculator", "arguments": ', '{', '}', '"',
+                               '{"expression": "1+1"}', '"{\\"expression\\": \\"2\\"}"', '[', ']', 'null', '\n',
+                               '<think>', '</think>', '[' * 300, '1e999', 'NaN', '\\ud800', ' ', ','])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(CALL_PIECES | st.text(max_size=8), max_size=12).map("".join))
+def test_no_reply_escapes_the_call_parser(text):
+    calls = parse_tool_calls(text)
+    assert calls is None or (calls and all(isinstance(c["name"], str) and c["name"] and isinstance(c["arguments"], dict)
+                                           for c in calls))
+    for call in calls or []:
+        answer_of(call["name"], call["arguments"])
