@@ -176,10 +176,113 @@ def test_train_agent_updates_several_times_per_rollout_and_stops_on_kl(tmp_path)
                                       "success", "kl"))
     run_script("train_agent.py", *common, "--ppo_epochs", "3", "--kl_stop", "1e-12", "--max_steps", "2",
                tmp=tmp_path / "b")
-    assert [r["updates"] for r in metrics(tmp_path / "b", "agent_64_metrics.jsonl")][-1] == 1
+    stopped = metrics(tmp_path / "b", "agent_64_metrics.jsonl")
+    assert [r["updates"] for r in stopped][-1] == 1
+    # the loss logged is that of the update applied (the first), not of the second, computed and discarded
+    run_script("train_agent.py", *common, "--ppo_epochs", "1", "--max_steps", "1", tmp=tmp_path / "d")
+    assert stopped[0]["loss"] == metrics(tmp_path / "d", "agent_64_metrics.jsonl")[0]["loss"]
     # stopped after step 1 and resumed: the same rollouts (the sampling RNG is restored) and the same updates
     run_script("train_agent.py", *common, "--ppo_epochs", "3", "--max_steps", "1", tmp=tmp_path / "c")
     run_script("train_agent.py", *common, "--ppo_epochs", "3", "--max_steps", "2", "--from_resume", "1",
                tmp=tmp_path / "c")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in rows]  # noqa: E731
     assert strip(metrics(tmp_path / "c", "agent_64_metrics.jsonl")) == strip(rows)
+
+
+# -- Hardening: tools that fail, the prompt's open <think>, answers that spray, settings that must act --------------
+MINIMIND3_STYLE_TEMPLATE = (  # minimind-3's generation prompt: <think> opened with open_thinking, else an empty block
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if open_thinking is defined and open_thinking is true %}{{- '<think>\\n' }}"
+    "{%- else %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+
+
+def minimind3_style_tokenizer():
+    tokenizer = load_tokenizer()
+    tokenizer.chat_template = MINIMIND3_STYLE_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("expression", ["999999.0**64", "((-1)**0.5)%2"])
+def test_a_tool_that_fails_is_an_invalid_call_the_model_sees_not_the_end_of_the_run(expression):
+    eos = TOKENIZER.eos_token_id
+    call = CALL.replace("12*7", expression)
+    call_ids = TOKENIZER(call, add_special_tokens=False).input_ids + [eos]
+    answer_ids = TOKENIZER("84", add_special_tokens=False).input_ids + [eos]
+    [t] = rollout(ScriptedEngine([call_ids, answer_ids]), TOKENIZER, [QUESTION], [TOOLS], max_turns=3)
+    assert "error" in json.loads(t.results[0][0]) and len(t.turns) == 2  # the trajectory went on after it
+    assert "error" in TOKENIZER.decode(t.ids[len(call_ids):len(t.ids) - len(answer_ids)])  # the model reads it
+    assert agent_reward(t, ["84"], TOOLS)["valid_calls"] == 0.0
+
+
+def test_the_think_block_the_prompt_opened_is_not_an_unclosed_tag():
+    """minimind-3's template opens <think> in the generation prompt: a turn that closes it is balanced, and its
+    answer is what follows </think>; a turn that never closes it has given no answer."""
+    tokenizer = minimind3_style_tokenizer()
+    eos = tokenizer.eos_token_id
+    turn = tokenizer("12 times 7.\n</think>\n\n84", add_special_tokens=False).input_ids + [eos]
+    [t] = rollout(ScriptedEngine([turn]), tokenizer, [QUESTION], [None], thinking_ratio=1.0)
+    assert t.thinking and t.opened_think == [True]
+    parts = agent_reward(t, ["84"], None)
+    assert (parts["unclosed"], parts["answer"], parts["success"]) == (0.0, 1.0, 1.0)
+    still_thinking = tokenizer("the answer might be 84", add_special_tokens=False).input_ids + [eos]
+    [t] = rollout(ScriptedEngine([still_thinking]), tokenizer, [QUESTION], [None], thinking_ratio=1.0)
+    parts = agent_reward(t, ["84"], None)
+    assert (parts["unclosed"], parts["answer"]) == (1.0, 0.0)
+    # thinking off: the template's empty think block is closed in the prompt itself
+    [t] = rollout(ScriptedEngine([tokenizer("84", add_special_tokens=False).input_ids + [eos]]), tokenizer,
+                  [QUESTION], [None])
+    assert t.opened_think == [False] and agent_reward(t, ["84"], None)["total"] == 2.0
+
+
+def reply(text):
+    return Trajectory([1], turns=[text], calls=[[]], results=[[]])
+
+
+def test_an_answer_that_lists_candidates_does_not_score():
+    spray = " ".join(str(n) for n in range(200))
+    assert agent_reward(reply(spray), ["84"], None)["answer"] == 0.0  # it named 199 last
+    weekdays = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday"
+    assert agent_reward(reply(weekdays), ["Thursday"], None)["answer"] == 0.0
+    assert agent_reward(reply("星期一、星期二、星期四"), ["星期四"], None)["answer"] == 0.0
+    # one stated answer scores, the question's numbers restated before it included
+    for text, gt in [("12*7 = 84.0", ["84"]), ("95 加 6 等于 101。", ["101"]), ("1,234 元", ["1234"]),
+                     ("2024-03-01 is a Friday.", ["Friday"]), ("<answer>\n84\n</answer>", ["84"]),
+                     ("25°C and 7.2", ["7.2", "25"]), ("<answer>84</answer> (not 85)", ["84"])]:
+        assert agent_reward(reply(text), gt, None)["success"] == 1.0, text
+    assert agent_reward(reply("84 or maybe 85"), ["84"], None)["answer"] == 0.0
+
+
+def test_thinking_ratio_acts_or_is_refused(tmp_path):
+    from test_train import run_script
+    from trainer.agent_rollout import has_thinking_switch
+    assert has_thinking_switch(minimind3_style_tokenizer()) and not has_thinking_switch(TOKENIZER)
+    prompts = {render(minimind3_style_tokenizer(), QUESTION, None, thinking, True) for thinking in (True, False)}
+    assert len(prompts) == 2
+    result = run_script("train_agent.py", "--from_weight", "none", "--thinking_ratio", "0.5", "--max_steps", "1",
+                        tmp=tmp_path, check=False)
+    assert result.returncode != 0 and "has no thinking switch" in result.stderr
+
+
+def test_prompts_too_long_are_skipped_and_cut_off_trajectories_can_be_masked(tmp_path):
+    """A prompt longer than --max_total_len gives no trajectory to train on: skipped and counted, no update. With
+    --mask_truncated cut-off trajectories carry no loss; with --dynamic_sampling groups whose rewards are all equal are
+    drawn again, then dropped; the loss aggregations all run."""
+    from test_train import metrics, run_script
+    [t] = rollout(ScriptedEngine([]), TOKENIZER, [QUESTION], [TOOLS], max_total_tokens=10)
+    assert t.prompt_too_long and t.ids == [] and t.turns == []  # the engine was not even asked
+    common = ["--num_generations", "2", "--from_weight", "none", "--batch_size", "2", "--max_steps", "1"]
+    run_script("train_agent.py", *common, "--max_total_len", "16", tmp=tmp_path / "long")
+    [row] = metrics(tmp_path / "long", "agent_64_metrics.jsonl")
+    assert row["skipped_prompts"] == 4 and row["updates"] == 0 and "loss" not in row
+    run_script("train_agent.py", *common, "--max_gen_len", "3", "--mask_truncated", "1", "--loss_agg", "token",
+               tmp=tmp_path / "masked")
+    [row] = metrics(tmp_path / "masked", "agent_64_metrics.jsonl")
+    assert row["masked_truncated"] == 4 and row["updates"] == 0  # three random tokens never reach <|im_end|>
+    run_script("train_agent.py", *common, "--max_gen_len", "3", "--dynamic_sampling", "2", "--loss_agg", "sequence",
+               tmp=tmp_path / "dynamic")
+    [row] = metrics(tmp_path / "dynamic", "agent_64_metrics.jsonl")
+    assert row["redrawn_groups"] == 4 and row["dropped_groups"] == 2 and row["updates"] == 0  # cut off: all 0
+    run_script("train_agent.py", *common, "--max_gen_len", "6", "--loss_agg", "sequence", tmp=tmp_path / "sequence")
+    [row] = metrics(tmp_path / "sequence", "agent_64_metrics.jsonl")
+    assert row["updates"] == 1 and row["loss"] == row["loss"]  # finite

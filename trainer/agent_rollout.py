@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inference.chat_core import parse_tool_calls
+from inference.chat_core import opened_think, parse_tool_calls
 from inference.tools import run_tool
 from trainer.losses import token_logprobs
-
-MAX_TOOL_RESULT_CHARS = 2048  # a tool's answer is cut to this before it goes back to the model
 
 
 @dataclass
@@ -36,9 +34,11 @@ class Trajectory:
     turns: list = field(default_factory=list)        # each turn's generated text
     calls: list = field(default_factory=list)        # each turn's tool calls: [{"name", "arguments"}], [] for none
     results: list = field(default_factory=list)      # each turn's tool results (JSON strings), [] for none
+    opened_think: list = field(default_factory=list)  # each turn: its context ended inside an open <think>
     thinking: bool = False                            # rendered with the thinking switches on
     hit_turn_limit: bool = False                      # the last allowed turn still called tools
     cut_off: bool = False                             # a turn reached its token budget without <|im_end|>
+    prompt_too_long: bool = False                     # the prompt alone filled max_total_tokens: nothing sampled
 
     @property
     def finished(self):
@@ -54,6 +54,22 @@ def render(tokenizer, messages, tools, thinking, generation_prompt):
     switches = dict(enable_thinking=True, open_thinking=True) if thinking else {}
     return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
                                          add_generation_prompt=generation_prompt, **switches)
+
+
+def has_thinking_switch(tokenizer):
+    """Whether the chat template renders a generation prompt differently with thinking on: minimind-3's opens
+    <think> there; this project's writes the same prompt either way (its only switch, enable_thinking=false, writes
+    an empty think block, which the rollouts leave out), so a thinking share would change nothing."""
+    probe = [{"role": "user", "content": "1+1?"}]
+    return render(tokenizer, probe, None, True, True) != render(tokenizer, probe, None, False, True)
+
+
+def final_reply(turn, opened_think=False):
+    """What a turn says after its thinking: the text after the last </think>; nothing when the turn began inside
+    an open think block (the prompt opened it) and never closed it."""
+    if opened_think and "</think>" not in turn:
+        return ""
+    return turn.split("</think>")[-1]
 
 
 def observation_text(tokenizer, messages, assistant, tool_messages, tools, thinking):
@@ -75,10 +91,11 @@ def rollout(engine, tokenizer, conversations, tools, samples_per_prompt=1, max_t
 
     conversations: lists of messages up to the user's request; tools: each conversation's tools (OpenAI layout).
     thinking_ratio: the share of trajectories rendered with the thinking switch on. A trajectory whose turn calls
-    tools has them run (inference/tools.py; results cut to MAX_TOOL_RESULT_CHARS) and continues, up to max_turns;
-    one that reaches max_total_tokens stops there, as cut off. A turn counts as calling tools only when its reply
-    (after any thinking) is nothing but <tool_call> blocks, as the server reads replies; otherwise it is the final
-    answer."""
+    tools has them run (inference/tools.py: any failure, a slow tool or a long answer comes back as an error result,
+    never an exception) and continues, up to max_turns; one that reaches max_total_tokens stops there, as cut off,
+    and one whose prompt alone fills it is marked prompt_too_long and gets no turn. A turn counts as calling tools
+    only when its reply (after any thinking) is nothing but <tool_call> blocks, as the server reads replies;
+    otherwise it is the final answer."""
     rng = rng or random.Random(0)  # anything with .random(): the trainer passes the global RNG it resumes
     runs = []  # (trajectory, its messages so far, its tools)
     for messages, offered in zip(conversations, tools):
@@ -86,6 +103,8 @@ def rollout(engine, tokenizer, conversations, tools, samples_per_prompt=1, max_t
             thinking = rng.random() < thinking_ratio
             prompt = render(tokenizer, messages, offered, thinking, generation_prompt=True)
             trajectory = Trajectory(tokenizer(prompt, add_special_tokens=False).input_ids, thinking=thinking)
+            if len(trajectory.prompt_ids) >= max_total_tokens:  # no room for a single token: nothing to learn from
+                trajectory.prompt_too_long = trajectory.cut_off = True
             runs.append((trajectory, [dict(m) for m in messages], offered))
     for turn in range(max_turns):
         for trajectory, _, _ in runs:  # no room left for another turn
@@ -96,18 +115,19 @@ def rollout(engine, tokenizer, conversations, tools, samples_per_prompt=1, max_t
             break
         contexts = [t.prompt_ids + t.ids for t, _, _ in active]
         rooms = [min(max_new_tokens, max_total_tokens - len(c)) for c in contexts]
-        for (trajectory, messages, offered), room, (ids, logps) in zip(active, rooms,
-                                                                      engine.generate(contexts, max(rooms))):
+        samples = engine.generate(contexts, max(rooms))
+        for (trajectory, messages, offered), context, room, (ids, logps) in zip(active, contexts, rooms, samples):
             ids, logps = ids[:room], logps[:room]  # each trajectory within its own room
             text = tokenizer.decode(ids, skip_special_tokens=True)  # for reading the calls only
             trajectory.ids += ids
             trajectory.loss_mask += [1] * len(ids)
             trajectory.sample_logps += logps
             trajectory.turns.append(text)
+            trajectory.opened_think.append(bool(opened_think(tokenizer, context)))
             ended = bool(ids) and ids[-1] == tokenizer.eos_token_id
-            calls = (parse_tool_calls(text.split("</think>")[-1]) or []) if ended else []
+            calls = (parse_tool_calls(final_reply(text, trajectory.opened_think[-1])) or []) if ended else []
             trajectory.calls.append(calls)
-            results = [run_tool(c["name"], c["arguments"])[:MAX_TOOL_RESULT_CHARS] for c in calls]
+            results = [run_tool(c["name"], c["arguments"]) for c in calls]  # bounded, and never raises
             trajectory.results.append(results)
             if not ended:
                 trajectory.cut_off = True

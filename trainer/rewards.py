@@ -9,12 +9,15 @@ A reward model (--reward_model_path) adds its score, clipped to [-3, 3]: any loc
 sequence-classification model, or one with a get_score(tokenizer, messages) method such as
 InternLM2-1.8B-Reward. It is moved to the GPU only while scoring.
 """
-import json
 import re
 
 import torch
 
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+from inference.tools import WEEKDAYS_ZH, is_error
+from trainer.agent_rollout import final_reply
+
+THINK, END_THINK, CALL, END_CALL = "<think>", "</think>", "<tool_call>", "</tool_call>"
+TAGS = (THINK, END_THINK, "<answer>", "</answer>")
 EXACT_LAYOUT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.S)
 ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.S)
 RULE_REWARD_RANGE = (0.0, 2.5)
@@ -122,6 +125,8 @@ def rewards_for(texts, batch, samples_per_prompt, reward_model, reasoning):
 
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w.])")
 AGENT_REWARD_CLIP = 3.0
+# Closed sets of alternatives: an answer that names one of them and another of the same set names neither
+ALTERNATIVES = [("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"), tuple(WEEKDAYS_ZH)]
 
 
 def contains_answer(text, answer):
@@ -133,6 +138,35 @@ def contains_answer(text, answer):
     return bool(plain) and plain.lower() in str(text).lower()
 
 
+def given_answers(reply, gt):
+    """The gt values that the final answer gives, judged by one rule so that listing candidates does not pay:
+    the answer is the reply's <answer> block when it has one, else the whole reply;
+    - numeric gt values (k of them) are compared with the answer's LAST k numbers (thousands commas ignored,
+      12 == 12.0), each number matching at most one value: "0 1 2 ... 199" gives 199 and nothing else;
+    - other values are case-insensitive substrings, and one of a closed set (weekdays) counts only when the
+      answer names no other member of the set."""
+    block = ANSWER_BLOCK.search(reply)
+    answer = (block.group(1) if block else reply).replace(",", "")
+    numeric = [g for g in gt if NUMBER.fullmatch(str(g).strip().replace(",", ""))]
+    last_numbers = [float(n) for n in NUMBER.findall(answer)][-len(numeric):] if numeric else []
+    found = []
+    for g in gt:
+        if g in numeric:
+            value = float(str(g).strip().replace(",", ""))
+            match = next((i for i, n in enumerate(last_numbers) if abs(n - value) < 1e-6), None)
+            if match is not None:
+                last_numbers.pop(match)
+                found.append(g)
+            continue
+        if not contains_answer(answer, g):
+            continue
+        named = str(g).strip().lower()
+        rivals = [word for group in ALTERNATIVES if named in group for word in group if word != named]
+        if not any(word in answer.lower() for word in rivals):
+            found.append(g)
+    return found
+
+
 def repetition(text, n=3, cap=0.5):
     """The share of repeated word 3-grams in the text, doubled and capped: 0 for text that never repeats itself."""
     words = re.findall(r"\w+|[^\w\s]", text.lower())
@@ -142,20 +176,23 @@ def repetition(text, n=3, cap=0.5):
 
 def agent_reward(trajectory, gt, tools):
     """The reward of one trajectory and its parts, each logged:
-        answer      share of the gt answers its final reply contains (numbers compared as numbers)   x 2.0
+        answer      share of the gt answers its final answer gives (given_answers: one rule, no sprays) x 2.0
         valid_calls share of its tool calls that name an offered tool with arguments the tool accepts x 0.5
-        unclosed    unbalanced <tool_call> / <think> tags over all turns (0, 1, 2 ...)             x -0.5
+        unclosed    unbalanced <tool_call> / <think> tags over all turns (0, 1, 2 ...); a <think> that the
+                    prompt opened (minimind-3's generation prompt with thinking on) counts as the turn's own x -0.5
         turn_limit  1 when the last allowed turn still called tools                              x -0.5
         repetition  repeated 3-grams in the final reply (0 .. 0.5)                               x -1
-    total clipped to [-3, 3]; success: every gt answer is in the final reply."""
+    total clipped to [-3, 3]; success: every gt answer is in the final answer."""
     offered = {t["function"]["name"] for t in tools or []}
     calls = [(c, r) for turn_calls, results in zip(trajectory.calls, trajectory.results)
              for c, r in zip(turn_calls, results)]
-    valid = sum(c["name"] in offered and "error" not in json.loads(r) for c, r in calls)
-    final = "" if trajectory.hit_turn_limit or trajectory.cut_off else trajectory.turns[-1].split("</think>")[-1]
-    found = [g for g in gt if contains_answer(final, g)]
-    unclosed = sum(abs(turn.count(a) - turn.count(b)) for turn in trajectory.turns
-                   for a, b in (("<tool_call>", "</tool_call>"), ("<think>", "</think>")))
+    valid = sum(c["name"] in offered and not is_error(r) for c, r in calls)
+    opened = list(trajectory.opened_think) + [False] * (len(trajectory.turns) - len(trajectory.opened_think))
+    final = "" if trajectory.hit_turn_limit or trajectory.cut_off or not trajectory.turns else \
+        final_reply(trajectory.turns[-1], opened[len(trajectory.turns) - 1])
+    found = given_answers(final, gt) if gt else []
+    unclosed = sum(abs(turn.count(CALL) - turn.count(END_CALL)) + abs(turn.count(THINK) + was_open - turn.count(END_THINK))
+                   for turn, was_open in zip(trajectory.turns, opened))
     parts = dict(answer=len(found) / len(gt) if gt else 0.0, valid_calls=valid / len(calls) if calls else 0.0,
                  unclosed=float(unclosed), turn_limit=float(trajectory.hit_turn_limit), repetition=repetition(final))
     total = 2.0 * parts["answer"] + 0.5 * parts["valid_calls"] - 0.5 * parts["unclosed"] - 0.5 * parts["turn_limit"] \

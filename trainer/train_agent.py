@@ -37,20 +37,36 @@ def arguments(argv=None):
     parser.add_argument("--max_gen_len", type=int, default=256, help="tokens per generated turn, at most")
     parser.add_argument("--max_total_len", type=int, default=2500, help="tokens of a whole trajectory, at most")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the rollouts")
-    parser.add_argument("--thinking_ratio", type=float, default=0.1, help="share of trajectories with thinking open")
+    parser.add_argument("--thinking_ratio", type=float, default=None,
+                        help="share of trajectories with thinking open (default: 0.1 where the chat template has a "
+                             "thinking switch, as minimind-3's does; 0 for this project's template, which has none)")
     parser.add_argument("--loss_type", default="cispo", choices=["cispo", "grpo"])
+    parser.add_argument("--loss_agg", default="batch", choices=["batch", "token", "sequence"],
+                        help="batch: token mean in each micro-batch, micro-batches weighted by their trajectories; "
+                             "token: one token mean over the whole step (DAPO, CISPO); sequence: each trajectory's "
+                             "token mean, then their mean (GRPO)")
     parser.add_argument("--beta", type=float, default=0.1, help="weight of the KL penalty to the reference")
     parser.add_argument("--epsilon", type=float, default=0.2, help="grpo: clip range of the ratio")
     parser.add_argument("--epsilon_high", type=float, default=5.0, help="cispo: the weight is at most 1 + this")
     parser.add_argument("--ppo_epochs", type=int, default=1, help="policy updates on each rollout batch")
     parser.add_argument("--kl_stop", type=float, default=0.0,
                         help="end a batch's updates once KL(pi_sample || pi) passes this; 0 = never")
+    parser.add_argument("--mask_truncated", type=int, default=0, choices=[0, 1],
+                        help="1 = cut-off trajectories (token budget or turn limit) carry no loss (DAPO's overlong "
+                             "filtering)")
+    parser.add_argument("--dynamic_sampling", type=int, default=0,
+                        help="redraw a task's G trajectories when their rewards are all equal (no signal), up to "
+                             "this many times; groups still equal then are dropped (DAPO); 0 = off")
     add_engine_arguments(parser)
     args = parse_args(parser, argv)
     if args.num_generations < 2:
         parser.error("--num_generations must be at least 2: each trajectory is judged against its group")
     if args.ppo_epochs < 1:
         parser.error("--ppo_epochs must be at least 1")
+    if args.thinking_ratio is not None and not 0 <= args.thinking_ratio <= 1:
+        parser.error("--thinking_ratio must be between 0 and 1")
+    if args.dynamic_sampling < 0:
+        parser.error("--dynamic_sampling must be 0 (off) or more")
     return args
 
 
@@ -62,26 +78,44 @@ import random
 import torch
 
 from dataset.lm_dataset import AgentRLDataset
-from trainer.agent_rollout import pack, rollout, trajectory_logprobs
+from trainer.agent_rollout import has_thinking_switch, pack, rollout, trajectory_logprobs
 from trainer.distributed import unwrap
-from trainer.losses import cispo_objective, clipped_objective, group_advantages, k3_kl
+from trainer.losses import cispo_objective, clipped_objective, group_advantages, importance_ratio, k3_kl, \
+    k3_kl_to_sampler
 from trainer.rewards import agent_reward
-from trainer.rollout_engine import make_engine
+from trainer.rollout_engine import check_sampler_ratio, make_engine
 from trainer.rollout import masked_mean
 from trainer.trainer_utils import Run
 
 REWARD_PARTS = ("answer", "valid_calls", "unclosed", "turn_limit", "repetition", "success")
 
 
-def score(trajectories, batch, group_size):
-    """Each trajectory's reward parts (agent_reward), its task's gt and tools repeated over the group."""
-    tasks = [i for i in range(len(batch["gt"])) for _ in range(group_size)]
-    return [agent_reward(t, batch["gt"][i], batch["tools"][i]) for t, i in zip(trajectories, tasks)]
+def thinking_share(args, tokenizer):
+    """--thinking_ratio, or its default, once the chat template is known to have a thinking switch."""
+    if has_thinking_switch(tokenizer):
+        return 0.1 if args.thinking_ratio is None else args.thinking_ratio
+    if args.thinking_ratio:
+        raise SystemExit(f"--thinking_ratio {args.thinking_ratio}: this tokenizer's chat template has no thinking "
+                         "switch (thinking on and off render the same prompt), so the share would change nothing. "
+                         "Leave it out (or 0), or train with a tokenizer whose template opens <think> (minimind-3's).")
+    return 0.0
+
+
+def draw(engine, tokenizer, tasks, batch, args, thinking_ratio):
+    """G trajectories for each of the batch's tasks (indices into it), and each one's reward parts (agent_reward)."""
+    G = args.num_generations
+    trajectories = rollout(engine, tokenizer, [batch["messages"][i] for i in tasks], [batch["tools"][i] for i in tasks],
+                           G, args.max_turns, args.max_gen_len, thinking_ratio, args.max_total_len,
+                           rng=random)  # Run seeds and resumes the global RNG
+    scores = [agent_reward(t, batch["gt"][i], batch["tools"][i])
+              for t, i in zip(trajectories, [i for i in tasks for _ in range(G)])]
+    return trajectories, scores
 
 
 def main(args):
     run = Run(args)
     tokenizer = run.load_tokenizer()
+    thinking_ratio = thinking_share(args, tokenizer)
     data = AgentRLDataset(data_file(args), on_bad_line="skip" if args.skip_bad_lines else "error")
     model = run.load_model()
     reference = run.frozen_copy(model)
@@ -100,38 +134,72 @@ def main(args):
             policy_loss = cispo_objective(logps, sampled, advantages, args.epsilon_high)
         else:
             policy_loss = clipped_objective(logps, sampled, advantages, args.epsilon)
-        mask = packed["loss_mask"]  # the sampled tokens only: observations carry neither loss nor KL
+        # the sampled tokens of the kept trajectories only: observations carry neither loss nor KL
+        mask = packed["loss_mask"] * batch["keep"][:, None]
         per_token = policy_loss + args.beta * k3_kl(logps, ref_logps)
-        # k3 estimate of KL(pi_sample || pi) on the sampled tokens: rho - 1 - log rho, never negative
+        if args.loss_agg == "sequence":  # (1/N) sum_i (1/|o_i|) sum_t loss_it over the kept trajectories
+            kept = batch["keep"]
+            loss = (masked_mean(per_token, mask, dim=1) * kept).sum() / kept.sum().clamp(min=1)
+        else:  # batch: (1/|tokens of the micro-batch|) sum loss_t; token: the same, weighted by tokens (below)
+            loss = masked_mean(per_token, mask)
         metrics = dict(kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask),
-                       ratio=masked_mean(torch.exp(logps.detach() - sampled), mask),
-                       kl_to_sampler=masked_mean(k3_kl(sampled, logps.detach()), mask))
-        return masked_mean(per_token, mask), aux_loss, metrics
+                       ratio=masked_mean(importance_ratio(logps.detach(), sampled), mask),
+                       kl_to_sampler=masked_mean(k3_kl_to_sampler(logps.detach(), sampled), mask))
+        return loss, aux_loss, metrics
+
+    # What each micro-batch weighs in the step's loss (Run.accumulate: its share of the step's total)
+    weigh = {"batch": lambda batch: batch["kept_trajectories"], "token": lambda batch: batch["kept_tokens"],
+             "sequence": lambda batch: batch["kept_trajectories"]}[args.loss_agg]
 
     for step, window in run.steps(data):
         engine.maybe_sync(unwrap(model), step - 1)  # a server engine gets the weights every --sync_interval steps
-        parts = []
+        parts, counts = [], dict(redrawn_groups=0, dropped_groups=0, skipped_prompts=0, masked_truncated=0)
         with run.autocast():  # rollouts first: G trajectories for each task, turn by turn, then scored
             for batch in window:
-                trajectories = rollout(engine, tokenizer, batch["messages"], batch["tools"], G, args.max_turns,
-                                       args.max_gen_len, args.thinking_ratio, args.max_total_len,
-                                       rng=random)  # Run seeds and resumes the global RNG
-                scores = score(trajectories, batch, G)
+                tasks = range(len(batch["gt"]))
+                trajectories, scores = draw(engine, tokenizer, tasks, batch, args, thinking_ratio)
+                dropped = set()
+                for attempt in range(args.dynamic_sampling + 1):  # DAPO's dynamic sampling: groups with no signal
+                    flat = [i for i in tasks if len({s["total"] for s in scores[i * G:(i + 1) * G]}) == 1]
+                    if attempt == args.dynamic_sampling or not flat:
+                        dropped = set(flat) if args.dynamic_sampling else set()
+                        break
+                    again, rescored = draw(engine, tokenizer, flat, batch, args, thinking_ratio)
+                    for k, i in enumerate(flat):
+                        trajectories[i * G:(i + 1) * G] = again[k * G:(k + 1) * G]
+                        scores[i * G:(i + 1) * G] = rescored[k * G:(k + 1) * G]
+                    counts["redrawn_groups"] += len(flat)
+                keep = [not (t.prompt_too_long or (args.mask_truncated and (t.cut_off or t.hit_turn_limit))
+                             or k // G in dropped) for k, t in enumerate(trajectories)]
+                counts["dropped_groups"] += len(dropped)
+                counts["skipped_prompts"] += sum(t.prompt_too_long for t in trajectories)
+                counts["masked_truncated"] += sum(bool(args.mask_truncated and (t.cut_off or t.hit_turn_limit)
+                                                       and not t.prompt_too_long) for t in trajectories)
                 parts += scores
                 packed = run.to_device(pack(trajectories, tokenizer.pad_token_id))
                 batch.update(packed=packed, trajectory_attention_mask=packed["attention_mask"],
+                             keep=torch.tensor(keep, dtype=torch.float32, device=run.device),
+                             kept_trajectories=sum(keep),
+                             kept_tokens=sum(sum(t.loss_mask) for t, k in zip(trajectories, keep) if k),
                              advantages=group_advantages(torch.tensor([s["total"] for s in scores]), G).to(run.device))
-        updates = 0
+        updates, loss, lr = 0, None, None
+        kept = int(run.all_sum(sum(batch["kept_trajectories"] for batch in window))[0])  # on every process
         for epoch in range(args.ppo_epochs):  # several updates on one rollout batch: rho != 1 from the second on
-            loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["gt"]))  # tasks weigh alike
+            step_loss = run.accumulate(model, window, loss_fn, count=weigh)
+            if not kept:  # every trajectory skipped or dropped: nothing to learn from (AdamW would still decay)
+                optimizer.zero_grad(set_to_none=True)
+                break
+            if epoch == 0 and engine.staleness(step - 1) == 0:  # the sampler is the policy: rho must be 1
+                check_sampler_ratio(float(run.step_metrics["ratio"]), args.ratio_check, engine)
             if epoch and args.kl_stop and float(run.step_metrics["kl_to_sampler"]) > args.kl_stop:
                 optimizer.zero_grad(set_to_none=True)  # the policy has left the samples behind: no further update
                 break
             lr = run.optimizer_step(optimizer)
-            updates += 1
+            loss, updates = step_loss, updates + 1  # the loss of the update applied, not of one skipped
         rewards = {name: sum(p[name] for p in parts) / len(parts) for name in REWARD_PARTS}
-        run.log(loss=loss, lr=lr, reward=sum(p["total"] for p in parts) / len(parts), updates=updates,
-                staleness=engine.staleness(step - 1), **rewards)
+        run.log(**({"loss": loss, "lr": lr} if updates else {}), reward=sum(p["total"] for p in parts) / len(parts),
+                updates=updates, staleness=engine.staleness(step - 1), **rewards,
+                **{name: n for name, n in counts.items() if n})
         run.maybe_save(model, optimizer)
         if run.should_stop():                          # --max_steps, or Ctrl-C / SIGTERM
             break
