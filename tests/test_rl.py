@@ -181,6 +181,31 @@ def test_cispo_objective_by_hand():
     assert torch.allclose(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("objective", ["grpo", "cispo"])
+@pytest.mark.parametrize("advantage", [-1.0, 1.0])
+def test_a_sampler_log_prob_of_minus_infinity_gives_a_bounded_loss_and_gradient(objective, advantage):
+    """vLLM writes -inf as -9999: rho = exp(logp + 9999) overflows. The dual clip bounds PPO-clip's loss for A < 0
+    at c |A| (without it: inf, and nan gradients); CISPO's weight is capped; the log-ratio is clamped first."""
+    logps = torch.tensor([[-2.0, -0.5]], requires_grad=True)
+    sampled = torch.tensor([[-9999.0, -0.5]])
+    if objective == "grpo":
+        loss = losses.clipped_objective(logps, sampled, torch.tensor([advantage]), 0.2)
+    else:
+        loss = losses.cispo_objective(logps, sampled, torch.tensor([advantage]), 5.0)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logps.grad).all()
+    if objective == "grpo":
+        # token 1: A > 0 -> -(1 + eps) A (clipped, no gradient); A < 0 -> -c A = 3 (dual clip, no gradient)
+        assert loss[0, 0].item() == pytest.approx(-1.2 if advantage > 0 else 3.0) and logps.grad[0, 0] == 0
+        assert loss[0, 1].item() == pytest.approx(-advantage)  # rho = 1 on the other token
+    else:
+        assert loss[0, 0].item() == pytest.approx(-6.0 * advantage * -2.0)  # weight capped at 1 + eps_high
+    # the dual clip changes nothing while rho <= c
+    ratios = torch.log(torch.tensor([[0.5, 1.0, 2.9]]))
+    assert losses.clipped_objective(ratios, torch.zeros(1, 3), torch.tensor([-1.0]), 0.2).flatten().tolist() == \
+        pytest.approx([0.8, 1.0, 2.9])
+
+
 def test_gae_by_hand():
     token_rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
     values = torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 9.0]])

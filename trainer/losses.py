@@ -52,18 +52,39 @@ def k3_kl(logps, ref_logps):
     return torch.exp(d) - d - 1
 
 
-def clipped_objective(logps, old_logps, advantages, epsilon):
-    """Per-token PPO-clip loss -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp)."""
-    ratio = torch.exp(logps - old_logps)
+MAX_LOG_RATIO = 20.0  # |log rho| is clamped here: a sampler log-prob of -inf (vLLM sends -9999) must not give inf
+DUAL_CLIP = 3.0       # for A < 0 the PPO objective is at most c * |A| per token (dual clip)
+
+
+def importance_ratio(logps, old_logps):
+    """rho = exp(logp - old_logp), the log-ratio clamped to +-MAX_LOG_RATIO so that it stays finite (exp(20) is
+    5e8: far past every clip, and its gradient is 0 beyond the clamp)."""
+    return torch.exp((logps - old_logps).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+
+
+def k3_kl_to_sampler(logps, old_logps):
+    """Per-token k3 estimate of KL(pi_old || pi) on tokens pi_old sampled: rho - 1 - log rho (>= 0), rho clamped."""
+    ratio = importance_ratio(logps, old_logps)
+    return ratio - 1 - ratio.log()
+
+
+def clipped_objective(logps, old_logps, advantages, epsilon, dual_clip=DUAL_CLIP):
+    """Per-token PPO-clip loss with the dual clip (Ye et al., 2020, "Mastering Complex Control in MOBA Games"):
+        -min(rho A, clip(rho, 1 - eps, 1 + eps) A)                 for A >= 0
+        -max(min(rho A, clip(rho, 1 - eps, 1 + eps) A), c A)       for A < 0
+    rho = exp(logp - old_logp). Without the second line a negative advantage makes the loss grow with rho without
+    bound (rho A -> -inf as the sampler's log-prob -> -inf); with rho <= c it changes nothing."""
+    ratio = importance_ratio(logps, old_logps)
     if advantages.dim() == ratio.dim() - 1:  # one advantage per answer, broadcast over its tokens
         advantages = advantages.unsqueeze(-1)
-    return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
+    return -torch.where(advantages < 0, torch.max(surrogate, dual_clip * advantages), surrogate)
 
 
 def cispo_objective(logps, old_logps, advantages, epsilon_high):
     """Per-token CISPO loss -sg(min(rho, 1 + eps_high)) A logp, rho = exp(logp - old_logp); no lower bound on
-    the weight, as in MiniMax-M1."""
-    weight = torch.exp(logps - old_logps).clamp(max=1 + epsilon_high).detach()
+    the weight, as in MiniMax-M1. Bounded by construction: the weight is at most 1 + eps_high."""
+    weight = importance_ratio(logps, old_logps).clamp(max=1 + epsilon_high).detach()
     if advantages.dim() == logps.dim() - 1:
         advantages = advantages.unsqueeze(-1)
     return -weight * advantages * logps

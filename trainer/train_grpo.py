@@ -60,9 +60,10 @@ if __name__ == "__main__":
 import torch
 
 from trainer.distributed import unwrap
-from trainer.losses import cispo_objective, clipped_objective, group_advantages, k3_kl  # the formulas
+from trainer.losses import (cispo_objective, clipped_objective, group_advantages, importance_ratio, k3_kl,  # the formulas
+                            k3_kl_to_sampler)
 from trainer.rollout import completion_logprobs, masked_mean, sample_and_score, start_rl_run
-from trainer.rollout_engine import make_engine
+from trainer.rollout_engine import check_sampler_ratio, make_engine
 
 
 def main(args):
@@ -96,10 +97,10 @@ def main(args):
         metrics = dict(reward=rewards.mean(), kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask),
                        answer_length=mask.sum(1).float().mean())
         if args.ppo_epochs > 1 or args.rollout_engine != "torch":
-            ratio = torch.exp(logps.detach() - rollout.old_logps)
+            ratio = importance_ratio(logps.detach(), rollout.old_logps)
             # k3 estimate of KL(pi_old || pi) on tokens pi_old sampled: rho - 1 - log rho, never negative
             metrics.update(ratio=masked_mean(ratio, mask),
-                           kl_to_old=masked_mean(k3_kl(rollout.old_logps, logps.detach()), mask))
+                           kl_to_old=masked_mean(k3_kl_to_sampler(logps.detach(), rollout.old_logps), mask))
         return masked_mean(per_token, mask), aux_loss, metrics
 
     for step, window in run.steps(data):
@@ -110,12 +111,14 @@ def main(args):
         updates = 0
         for epoch in range(args.ppo_epochs):  # --ppo_epochs updates on the same rollouts (1: MiniMind's)
             # prompts weigh alike
-            loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))
+            step_loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))
+            if epoch == 0 and args.rollout_engine != "torch" and engine.staleness(step - 1) == 0:
+                check_sampler_ratio(float(run.step_metrics["ratio"]), args.ratio_check, engine)  # just synced: 1
             if epoch and args.kl_stop and float(run.step_metrics["kl_to_old"]) > args.kl_stop:
                 optimizer.zero_grad(set_to_none=True)  # the policy has left the samples behind: no further update
                 break
             lr = run.optimizer_step(optimizer)
-            updates += 1
+            loss, updates = step_loss, updates + 1  # the loss of the update applied, not of one skipped
         run.log(loss=loss, lr=lr, **({"updates": updates} if args.ppo_epochs > 1 else {}),
                 **({"staleness": engine.staleness(step - 1)} if args.rollout_engine != "torch" else {}))
         run.maybe_save(model, optimizer)

@@ -54,9 +54,9 @@ import torch
 from torch import nn
 
 from trainer.distributed import unwrap
-from trainer.losses import clipped_objective
+from trainer.losses import clipped_objective, importance_ratio
 from trainer.rollout import completion_logprobs, masked_mean, positions, sample_and_score, start_rl_run
-from trainer.rollout_engine import make_engine
+from trainer.rollout_engine import check_sampler_ratio, make_engine
 
 
 class Critic(nn.Module):
@@ -152,6 +152,8 @@ def main(args):
             loss = actor_loss + args.vf_coef * critic_loss + args.kl_coef * masked_mean(logps - ref_logps, mask)
         metrics = dict(reward=rewards.mean(), kl=kl, actor_loss=actor_loss.detach(), critic_loss=critic_loss.detach(),
                        answer_length=mask.sum(1).mean())
+        if args.rollout_engine != "torch":  # pi / pi_sample, 1 right after a sync (checked below)
+            metrics["ratio"] = masked_mean(importance_ratio(logps.detach(), old_logps), mask)
         return loss, actor_aux + critic_aux, metrics  # both MoE routers keep their balancing term
 
     for step, window in run.steps(data):
@@ -161,6 +163,8 @@ def main(args):
                 batch.update(sample_and_score(engine, tokenizer, batch, args, reward_model, device=run.device))
         # both trained models wait for the window's last micro-batch before DDP reduces their gradients
         loss = run.accumulate([actor, critic], window, loss_fn, count=lambda batch: len(batch["prompt"]))
+        if args.rollout_engine != "torch" and engine.staleness(step - 1) == 0:  # just synced: the ratio must be 1
+            check_sampler_ratio(float(run.step_metrics["ratio"]), args.ratio_check, engine)
         lr = run.optimizer_step(optimizer, more=[(critic_optimizer, args.critic_learning_rate)])
         if step % args.update_old_actor_freq == 0:  # pi_old catches up with the actor
             old_actor.load_state_dict(unwrap(actor).state_dict())

@@ -36,10 +36,10 @@ if __name__ == "__main__":
 import torch
 
 from trainer.distributed import unwrap
-from trainer.losses import k3_kl
+from trainer.losses import importance_ratio, k3_kl
 from trainer.rewards import MODEL_REWARD_CLIP, RULE_REWARD_RANGE
 from trainer.rollout import completion_logprobs, masked_mean, sample_and_score, start_rl_run
-from trainer.rollout_engine import make_engine
+from trainer.rollout_engine import check_sampler_ratio, make_engine
 
 STALE_WEIGHT_CAP = 2.0  # a server engine's samples: truncated importance weights (as V-trace truncates rho)
 
@@ -98,12 +98,14 @@ def main(args):
         answer_logp = masked_mean(logps, mask, dim=1)  # mean log-prob of each answer
         weighted_logp = answer_logp
         if args.rollout_engine != "torch":  # stale samples: each token weighted by sg(min(pi / pi_sample, 2))
-            weight = torch.exp(logps.detach() - rollout.sample_logps).clamp(max=STALE_WEIGHT_CAP)
+            weight = importance_ratio(logps.detach(), rollout.sample_logps).clamp(max=STALE_WEIGHT_CAP)
             weighted_logp = masked_mean(weight * logps, mask, dim=1)
         kl = masked_mean(k3_kl(logps, ref_logps), mask, dim=1)
         step_rewards.append(rewards.mean())
         step_logps.append(answer_logp.detach().mean())
         metrics = dict(reward=rewards.mean(), baseline=torch.tensor(tracker.baseline()), kl=kl.detach().mean())
+        if args.rollout_engine != "torch":  # pi / pi_sample, 1 right after a sync (checked below)
+            metrics["ratio"] = masked_mean(importance_ratio(logps.detach(), rollout.sample_logps), mask)
         return (-advantages * weighted_logp + args.beta * kl).mean(), aux_loss, metrics
 
     for step, window in run.steps(data):
@@ -112,6 +114,8 @@ def main(args):
             for batch in window:
                 batch.update(sample_and_score(engine, tokenizer, batch, args, reward_model, device=run.device))
         loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))
+        if args.rollout_engine != "torch" and engine.staleness(step - 1) == 0:  # just synced: the ratio must be 1
+            check_sampler_ratio(float(run.step_metrics["ratio"]), args.ratio_check, engine)
         lr = run.optimizer_step(optimizer)
         mean_reward, mean_logp = (float(x) / run.world_size for x in run.all_sum(
             torch.stack(step_rewards).mean(), torch.stack(step_logps).mean()))
