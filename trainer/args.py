@@ -98,6 +98,11 @@ def weight_path(save_dir, name, config) -> str:
     return os.path.join(save_dir, f"{name}_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth")
 
 
+def recorded_settings(args):
+    """The settings as the trackers and the resume file record them: every one but secrets (API keys)."""
+    return {k: v for k, v in vars(args).items() if "api_key" not in k}
+
+
 def add_engine_arguments(parser):
     """Who samples the rollouts (trainer/rollout_engine.py): the RL stages and the agent stage share these."""
     parser.add_argument("--rollout_engine", default="torch", choices=ROLLOUT_ENGINES,
@@ -111,6 +116,17 @@ def add_engine_arguments(parser):
                              "engine server must be able to read it")
     parser.add_argument("--rollout_timeout", type=float, default=300,
                         help="seconds to wait for a server engine's answer before stopping with an error")
+    parser.add_argument("--rollout_retries", type=int, default=3,
+                        help="retries of a server engine request that failed transiently (connection refused or "
+                             "dropped, HTTP 429 / 502 / 503 / 504), after 1, 2, 4 ... s")
+    # Read from the environment only when the engine is made, so that --help and the logged settings never hold it
+    parser.add_argument("--rollout_api_key", default=None,
+                        help="sent as 'Authorization: Bearer KEY' to a server engine (default: $MINIMIND_API_KEY, "
+                             "the variable this project's server reads)")
+    parser.add_argument("--ratio_check", type=float, default=0.05,
+                        help="right after a weight sync the sampler is the policy: stop when the mean ratio "
+                             "pi / pi_sample departs from 1 by more than this (the engine's log-probs are not the "
+                             "sampling distribution's); 0 = off")
 
 
 def add_rl_arguments(parser, max_gen_len):

@@ -16,7 +16,7 @@ from torch.utils.data import Sampler
 from common.device import is_main, print0
 from common.tokenizer import tokenizer_id
 from model.model_lora import atomic_torch_save, save_lora
-from trainer.args import REPO_ROOT, weight_path
+from trainer.args import REPO_ROOT, recorded_settings, weight_path
 from trainer.distributed import unwrap
 
 
@@ -114,7 +114,7 @@ def save_checkpoint(run, model, optimizer, extras=None):
                      tokenizer=tokenizer_id(run.tokenizer),
                      rng=all_rng,
                      extras={k: unwrap(m).state_dict() for k, m in (extras or {}).items()},
-                     args={k: v for k, v in vars(run.args).items() if isinstance(v, (int, float, str, bool))})
+                     args={k: v for k, v in recorded_settings(run.args).items() if isinstance(v, (int, float, str, bool))})
         atomic_torch_save(state, run.resume_path)
         if run.progress is not None:
             run.progress.write(f"step {run.step}: saved {os.path.relpath(path, REPO_ROOT)} and "

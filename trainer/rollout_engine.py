@@ -10,19 +10,30 @@
 - sglang: an SGLang server (or this project's), native /generate with input_ids and return_logprob; new weights every
           --sync_interval steps as a folder it loads natively (a dense MiniMind2 as Llama, minimind-3 as Qwen3) through
           /update_weights_from_disk. Protocol as in SGLang 0.5.1 - 0.5.23 (read from its source);
-- vllm:   a vLLM server, OpenAI-compatible /v1/completions with token-id prompts, logprobs 0 and
-          return_tokens_as_token_ids; the same folder through its development control plane, POST /collective_rpc
-          {"method": "reload_weights", "kwargs": {"weights_path": ...}} (VLLM_SERVER_DEV_MODE=1), then
-          /reset_prefix_cache. Start it with --logprobs-mode processed_logprobs (vLLM >= 0.10.2), so its log-probs are
-          the sampling distribution's (temperature applied), as SGLang's are by default.
+- vllm:   a vLLM server (>= 0.10.2, started with --logprobs-mode processed_logprobs), OpenAI-compatible
+          /v1/completions with token-id prompts, logprobs 0 and return_tokens_as_token_ids; the same folder through its
+          development control plane (VLLM_SERVER_DEV_MODE=1), POST /collective_rpc {"method": "reload_weights",
+          "kwargs": {"weights_path": ...}} (vLLM >= 0.16; older releases reload the folder they were started with,
+          which the trainer then writes into), then /reset_prefix_cache.
+The importance ratio is right only if the log-probs are log softmax(logits / T) over the whole vocabulary, the
+distribution the engine sampled from: every other sampling setting goes out at its neutral value (NEUTRAL_SAMPLING),
+so a server's defaults cannot switch on penalties, min-p, top-k or top-p, and the trainers stop (--ratio_check) when
+right after a sync the ratio is not 1. Each prompt gets a seed from the trainer's RNG, so a run can be repeated.
 Between syncs the engine samples with older weights; the trainers take the importance ratio against the log-probs
 the engine returns, so PPO-clip / CISPO correct for it, and log the staleness. An engine that is down, slow or
-answers something else stops the run with the URL and what was expected, after --rollout_timeout seconds at most.
+answers something else stops the run with the URL and what was expected, after --rollout_timeout seconds at most;
+a refused or dropped connection and HTTP 429 / 502 / 503 / 504 are retried --rollout_retries times first, and an
+aborted request is an error, never a cut-off answer.
 """
+import concurrent.futures
 import json
+import math
 import os
+import random
+import re
 import shutil
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -37,6 +48,8 @@ class RolloutEngineError(RuntimeError):
 
 
 class TorchEngine:
+    name = "torch"
+
     """In-process rollout engine: batched sampling with the KV cache (transformers generate), returning each
     sampled token's log-probability under the distribution it was drawn from (temperature applied)."""
 
@@ -57,9 +70,12 @@ class TorchEngine:
         model.eval()
         # top_k=0 and top_p=1.0 switch those warpers off, so the scores generate returns are logits / temperature:
         # the sampling distribution itself (transformers' GenerationMixin._sample records them before sampling).
+        # The processors a model folder's generation_config.json could switch on are set neutral here: explicit
+        # arguments outrank it (GenerationMixin._prepare_generation_config fills only what was not given).
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              min_new_tokens=self.min_new_tokens, do_sample=True, temperature=self.temperature,
-                             top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
+                             top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                             repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True,
                              output_scores=self.logprobs)
         model.train(was_training)
@@ -81,30 +97,52 @@ class TorchEngine:
         return 0
 
 
-def post_json(url, body, timeout, expected):
+TRANSIENT_HTTP = (429, 502, 503, 504)  # busy, or a proxy / load balancer in front of a restarting server
+API_KEY_ENV = "MINIMIND_API_KEY"  # what this project's server reads its key from
+NO_LOGPROB = -9999.0  # an engine's log-prob of -inf (vLLM's own stand-in for it; JSON cannot carry -inf)
+
+
+class TransientEngineError(RolloutEngineError):
+    """A failure that may pass (connection refused or dropped, HTTP 429 / 502 / 503 / 504): worth a retry."""
+
+
+def post_json(url, body, timeout, expected, api_key=None, retries=0, backoff=1.0):
     """POST body as JSON; the parsed answer. A server that cannot be reached, does not answer within timeout
     seconds, answers an HTTP error or something that is not JSON raises RolloutEngineError naming the URL and
-    `expected` (what the answer should have been)."""
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    return read_json(request, url, timeout, expected)
+    `expected` (what the answer should have been); transient failures are retried `retries` times first, after
+    backoff, 2 backoff, 4 backoff ... seconds. api_key goes as 'Authorization: Bearer KEY'."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=headers)
+    return read_json(request, url, timeout, expected, retries, backoff)
 
 
-def read_json(request, url, timeout, expected):
+def read_json(request, url, timeout, expected, retries=0, backoff=1.0):
+    for attempt in range(retries + 1):
+        try:
+            return read_json_once(request, url, timeout, expected)
+        except TransientEngineError as e:
+            if attempt == retries:
+                raise RolloutEngineError(f"{e}{f' (tried {retries + 1} times)' if retries else ''}") from None
+            time.sleep(backoff * 2 ** attempt)
+
+
+def read_json_once(request, url, timeout, expected):
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read()
     except urllib.error.HTTPError as e:
         detail = e.read()[:500].decode("utf-8", "replace")
-        raise RolloutEngineError(f"rollout engine {url} answered HTTP {e.code}: {detail}") from None
+        error = TransientEngineError if e.code in TRANSIENT_HTTP else RolloutEngineError
+        hint = " (the server wants an API key: --rollout_api_key or $MINIMIND_API_KEY)" if e.code == 401 else ""
+        raise error(f"rollout engine {url} answered HTTP {e.code}{hint}: {detail}") from None
     except (urllib.error.URLError, socket.timeout, TimeoutError) as e:  # a timeout comes either bare or wrapped
-        if isinstance(getattr(e, "reason", e), (socket.timeout, TimeoutError)):
+        if isinstance(getattr(e, "reason", e), (socket.timeout, TimeoutError)):  # not retried: it waited already
             raise RolloutEngineError(f"rollout engine {url} did not answer within {timeout:g} s "
                                      "(--rollout_timeout)") from None
-        raise RolloutEngineError(f"cannot reach the rollout engine at {url} ({e.reason}): is the server running "
-                                 "there? (see the README's rollout engine runbook)") from None
+        raise TransientEngineError(f"cannot reach the rollout engine at {url} ({e.reason}): is the server running "
+                                   "there? (see the README's rollout engine runbook)") from None
     except ConnectionError as e:
-        raise RolloutEngineError(f"rollout engine {url} dropped the connection ({e})") from None
+        raise TransientEngineError(f"rollout engine {url} dropped the connection ({e})") from None
     if not raw.strip():
         return {}  # vLLM's control endpoints answer 200 with an empty body
     try:
@@ -115,20 +153,48 @@ def read_json(request, url, timeout, expected):
 
 
 def checked_sample(ids, logps, url, expected):
-    """(ids, logps) once they are lists of ints and numbers of one length; else RolloutEngineError."""
+    """(ids, logps) once they are lists of ints and numbers of one length; else RolloutEngineError. A log-prob
+    the engine could not give as a number (null, -inf, nan: a token its processed distribution ruled out) becomes
+    NO_LOGPROB, as vLLM writes it; the trainers' ratios clamp it (losses.importance_ratio)."""
     if (not isinstance(ids, list) or not isinstance(logps, list) or len(ids) != len(logps) or not ids
-            or not all(isinstance(t, int) for t in ids) or not all(isinstance(x, (int, float)) for x in logps)):
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+            or not all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in logps)):
         raise RolloutEngineError(f"rollout engine {url} answered a sample without matching token ids and log-probs; "
                                  f"expected {expected}")
-    return ids, [float(x) for x in logps]
+    return ids, [float(x) if x is not None and math.isfinite(x) and x > NO_LOGPROB else NO_LOGPROB for x in logps]
+
+
+def check_sampler_ratio(mean_ratio, tolerance, engine):
+    """Stop when, right after a sync (the sampler holding the policy's weights), the mean importance ratio
+    pi / pi_sample over the sampled tokens is not 1 within `tolerance`: the engine's log-probs are then not the
+    log-probs of the distribution it sampled from (penalties, top-k / top-p, raw logits before the temperature),
+    and every ratio the objective takes would be wrong."""
+    if tolerance and abs(mean_ratio - 1) > tolerance:
+        raise SystemExit(
+            f"right after a weight sync the mean ratio pi / pi_sample is {mean_ratio:.4f}, not 1 within "
+            f"{tolerance:g} (--ratio_check): the rollout engine ({engine.name}) returns log-probs of another "
+            "distribution than the one it sampled from. "
+            + ENGINE_SETTINGS.get(engine.name, "Check the model's generation settings."))
+
+
+ENGINE_SETTINGS = {
+    "vllm": "Start vLLM with --logprobs-mode processed_logprobs (vLLM >= 0.10.2); its default returns the raw "
+            "logits' log-probs, before the temperature.",
+    "sglang": "Start SGLang without SGLANG_RETURN_ORIGINAL_LOGPROB set: with it the log-probs are the raw "
+              "logits', before the temperature.",
+    "torch": "The in-process engine should agree exactly: a model generation_config.json with sampling processors "
+             "the engine does not override?",
+}
 
 
 class HTTPEngine:
-    """What the two server engines share: the weight folders and the sync cadence. The folder goes to
-    sync_dir/step_N (written whole, then renamed into place; the previous one removed), which the server must be
-    able to read: the same machine or a shared filesystem."""
+    """What the two server engines share: requests (API key, retries), the weight folders and the sync cadence.
+    The folder goes to sync_dir/step_N (written whole, then renamed into place), which the server must be able to
+    read: the same machine or a shared filesystem. The previous folder is removed only once the server answered
+    that it loaded the new one, so a server that restarts or loads lazily still finds the weights it holds."""
 
-    def __init__(self, url, tokenizer, temperature, tokenizer_dir, sync_dir, sync_interval, timeout, config):
+    def __init__(self, url, tokenizer, temperature, tokenizer_dir, sync_dir, sync_interval, timeout, config,
+                 api_key=None, retries=0, backoff=1.0):
         try:
             engine_format(config)
         except ValueError as e:
@@ -136,8 +202,23 @@ class HTTPEngine:
         self.url, self.tokenizer, self.temperature = url.rstrip("/"), tokenizer, temperature
         self.tokenizer_dir, self.sync_dir, self.sync_interval, self.timeout = (tokenizer_dir, sync_dir, sync_interval,
                                                                                timeout)
+        self.api_key, self.retries, self.backoff = api_key, retries, backoff
         self.synced_step = None  # the step whose weights the engine holds; None before the first sync
         self.dtype = torch.bfloat16  # what GPU engines serve in
+
+    def post(self, path, body, expected):
+        return post_json(self.url + path, body, self.timeout, expected, self.api_key, self.retries, self.backoff)
+
+    def get(self, path, expected, retries=None):
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return read_json(urllib.request.Request(self.url + path, headers=headers), self.url + path, self.timeout,
+                         expected, self.retries if retries is None else retries, self.backoff)
+
+    @staticmethod
+    def seeds(n):
+        """A seed for each request, drawn from the global RNG (which the trainers seed and resume), so that a run
+        on a server engine can be repeated; one per prompt, since the G copies of a prompt must differ."""
+        return [random.getrandbits(31) for _ in range(n)]
 
     def maybe_sync(self, model, steps_done):
         """Send the policy's weights after `steps_done` optimizer steps: at the start (the engine may have been
@@ -146,7 +227,9 @@ class HTTPEngine:
         if self.synced_step is not None and (steps_done % self.sync_interval or steps_done == self.synced_step):
             return
         if int(os.environ.get("RANK", 0)) == 0:
-            self.load(self.save(model, steps_done), steps_done)
+            folder = self.save(model, steps_done)
+            self.load(folder, steps_done)
+            self.remove_older(folder)  # only now: the engine answered that it holds the new weights
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         self.synced_step = steps_done
@@ -155,6 +238,11 @@ class HTTPEngine:
         """Optimizer steps the sampling weights lag behind the policy (0 right after a sync)."""
         return steps_done - self.synced_step
 
+    def remove_older(self, folder):
+        for old in os.listdir(self.sync_dir):
+            if old.startswith("step_") and old != os.path.basename(folder):
+                shutil.rmtree(os.path.join(self.sync_dir, old), ignore_errors=True)
+
     def save(self, model, step):
         folder = os.path.join(self.sync_dir, f"step_{step}")
         partial = folder + ".partial"
@@ -162,28 +250,60 @@ class HTTPEngine:
         save_for_engines(model, partial, self.tokenizer_dir, self.dtype)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(partial, folder)
-        for old in os.listdir(self.sync_dir):  # the engine has the earlier folders loaded already
-            if old.startswith("step_") and old != os.path.basename(folder):
-                shutil.rmtree(os.path.join(self.sync_dir, old), ignore_errors=True)
         return os.path.abspath(folder)
 
 
+def release(text):
+    """(major, minor, patch) of a version string such as "0.16.0" or "0.11.1rc2.dev3+g1234"; None if none."""
+    match = re.match(r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?", str(text))
+    return tuple(int(x or 0) for x in match.groups()) if match else None
+
+
+def dotted(version):
+    return ".".join(map(str, version))
+
+
+# Neutral values of every setting that could change the distribution the engine samples from and returns log-probs
+# of: sent explicitly, so that a server's defaults (vLLM takes them from the model's generation_config.json) cannot
+NEUTRAL_SAMPLING = {"top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                    "frequency_penalty": 0.0}
+
+
 class SGLangEngine(HTTPEngine):
+    """SGLang's native /generate. Its log-probs are log softmax(logits / T) unless the server runs with
+    SGLANG_RETURN_ORIGINAL_LOGPROB (RETURN_ORIGINAL_LOGPROB in 0.5.2 - 0.5.3); a per-prompt sampling_seed exists
+    from 0.5.3 (older servers refuse the field) and takes effect with --enable-deterministic-inference."""
     name = "sglang"
+    SEED_SINCE = (0, 5, 3)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        try:  # SGLang's server info names its release (this project's server has none: it takes every field)
+            info = self.get("/get_server_info", "{\"version\": ...}", retries=0)
+        except RolloutEngineError:
+            info = {}
+        self.version = release(info.get("version")) if isinstance(info, dict) else None
+        self.send_seed = self.version is None or self.version >= self.SEED_SINCE
 
     def generate(self, contexts, max_new_tokens):
         url = self.url + "/generate"
         expected = "a list with one {\"meta_info\": {\"output_token_logprobs\": [[logprob, id, text], ...]}} a prompt"
-        # top_p 1 and top_k -1: the sampling distribution is softmax(logits / T), the one SGLang's logprobs come from
+        params = {"temperature": self.temperature, "max_new_tokens": max_new_tokens, **NEUTRAL_SAMPLING,
+                  "stop_token_ids": [self.tokenizer.eos_token_id]}
+        # one settings object per prompt (SGLang takes a list), each with its own seed: the G copies must differ
         body = {"input_ids": contexts, "return_logprob": True,
-                "sampling_params": {"temperature": self.temperature, "max_new_tokens": max_new_tokens, "top_p": 1.0,
-                                    "top_k": -1, "stop_token_ids": [self.tokenizer.eos_token_id]}}
-        answers = post_json(url, body, self.timeout, expected)
+                "sampling_params": [dict(params, sampling_seed=seed) for seed in self.seeds(len(contexts))]
+                if self.send_seed else params}
+        answers = self.post("/generate", body, expected)
         if not isinstance(answers, list) or len(answers) != len(contexts):
             raise RolloutEngineError(f"rollout engine {url} answered {str(answers)[:200]}; expected {expected}")
         samples = []
         for answer in answers:
-            triples = (answer.get("meta_info") or {}).get("output_token_logprobs") if isinstance(answer, dict) else None
+            meta = (answer.get("meta_info") or {}) if isinstance(answer, dict) else {}
+            finish = meta.get("finish_reason") if isinstance(meta, dict) else None
+            if isinstance(finish, dict) and finish.get("type") == "abort":  # not a cut-off turn: the server gave up
+                raise RolloutEngineError(f"rollout engine {url} aborted a request: {finish.get('message')}")
+            triples = meta.get("output_token_logprobs") if isinstance(meta, dict) else None
             if not isinstance(triples, list) or not all(isinstance(t, list) and len(t) >= 2 for t in triples):
                 raise RolloutEngineError(f"rollout engine {url} answered {str(answer)[:200]}; expected {expected}")
             samples.append(checked_sample([t[1] for t in triples], [t[0] for t in triples], url, expected))
@@ -191,54 +311,100 @@ class SGLangEngine(HTTPEngine):
 
     def load(self, folder, step):
         url = self.url + "/update_weights_from_disk"
-        answer = post_json(url, {"model_path": folder, "weight_version": f"step_{step}"}, self.timeout,
+        answer = self.post("/update_weights_from_disk", {"model_path": folder, "weight_version": f"step_{step}"},
                            "{\"success\": true, ...}")
         if not isinstance(answer, dict) or answer.get("success") is not True:
             raise RolloutEngineError(f"rollout engine {url} did not load {folder}: {str(answer)[:300]}")
 
 
 class VLLMEngine(HTTPEngine):
+    """vLLM's OpenAI-compatible /v1/completions with token-id prompts. Needs vLLM >= 0.10.2 started with
+    --logprobs-mode processed_logprobs (from 0.10.2 the processed log-probs include the temperature; the default,
+    raw_logprobs, is the logits' log-softmax before it) and VLLM_SERVER_DEV_MODE=1 (for /collective_rpc).
+    Weight reload: from 0.16.0 reload_weights takes weights_path; 0.10.2 - 0.15.x reload only from the folder the
+    server was started with, so with those the trainer writes each sync into that folder (GET /v1/models' root)
+    and calls reload_weights without arguments."""
     name = "vllm"
+    MINIMUM = (0, 10, 2)
+    RELOAD_FROM_PATH_SINCE = (0, 16, 0)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        url = self.url + "/v1/models"
-        models = read_json(urllib.request.Request(url), url, self.timeout, "{\"data\": [{\"id\": MODEL}]}")
+        models = self.get("/v1/models", "{\"data\": [{\"id\": MODEL}]}")
         try:
             self.model_name = models["data"][0]["id"]  # the served model's name, which completions must name
         except (KeyError, IndexError, TypeError):
-            raise RolloutEngineError(f"rollout engine {url} answered {str(models)[:200]}; expected "
+            raise RolloutEngineError(f"rollout engine {self.url}/v1/models answered {str(models)[:200]}; expected "
                                      "{\"data\": [{\"id\": MODEL}]}") from None
+        try:
+            version = self.get("/version", "{\"version\": \"0.16.0\"}", retries=0)
+        except RolloutEngineError:  # not vLLM (this project's server speaks the current protocol)
+            version = {}
+        self.version = release(version.get("version")) if isinstance(version, dict) else None
+        if self.version is not None and self.version < self.MINIMUM:
+            raise SystemExit(f"--rollout_engine vllm: the server at {self.url} runs vLLM {dotted(self.version)}; the "
+                             f"trainer needs vLLM >= {dotted(self.MINIMUM)} (--logprobs-mode processed_logprobs with "
+                             "the temperature applied, and /collective_rpc)")
+        self.served_folder = None  # vLLM < 0.16: the folder the server reloads from
+        if self.version is not None and self.version < self.RELOAD_FROM_PATH_SINCE:
+            root = models["data"][0].get("root")
+            if not isinstance(root, str) or not os.path.isfile(os.path.join(root, "config.json")):
+                raise SystemExit(f"--rollout_engine vllm: vLLM {dotted(self.version)} reloads weights only from the "
+                                 f"folder it was started with, and {root!r} is not a model folder this machine can "
+                                 "write to. Start vLLM on a folder here (see the README's vLLM runbook), or use "
+                                 f"vLLM >= {dotted(self.RELOAD_FROM_PATH_SINCE)}.")
+            self.served_folder = os.path.abspath(root)
 
     def generate(self, contexts, max_new_tokens):
+        """One request per prompt, sent together: vLLM gives every prompt of one request the same seed, and the G
+        copies of a prompt must differ."""
         url = self.url + "/v1/completions"
         expected = "{\"choices\": [{\"index\", \"logprobs\": {\"tokens\": [\"token_id:N\", ...], \"token_logprobs\"}}]}"
-        body = {"model": self.model_name, "prompt": contexts, "max_tokens": max_new_tokens,
-                "temperature": self.temperature, "top_p": 1.0, "top_k": -1, "logprobs": 0,
-                "return_tokens_as_token_ids": True, "stop_token_ids": [self.tokenizer.eos_token_id]}
-        answer = post_json(url, body, self.timeout, expected)
-        choices = answer.get("choices") if isinstance(answer, dict) else None
-        if not isinstance(choices, list) or len(choices) != len(contexts):
-            raise RolloutEngineError(f"rollout engine {url} answered {str(answer)[:200]}; expected {expected}")
-        samples = [None] * len(contexts)
-        for choice in choices:
+        bodies = [{"model": self.model_name, "prompt": [context], "max_tokens": max_new_tokens,
+                   "temperature": self.temperature, **NEUTRAL_SAMPLING, "seed": seed, "logprobs": 0,
+                   "return_tokens_as_token_ids": True, "stop_token_ids": [self.tokenizer.eos_token_id]}
+                  for context, seed in zip(contexts, self.seeds(len(contexts)))]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(bodies))) as pool:
+            answers = list(pool.map(lambda body: self.post("/v1/completions", body, expected), bodies))
+        samples = []
+        for answer in answers:
+            choices = answer.get("choices") if isinstance(answer, dict) else None
+            if not isinstance(choices, list) or len(choices) != 1:
+                raise RolloutEngineError(f"rollout engine {url} answered {str(answer)[:200]}; expected {expected}")
+            choice = choices[0]
+            if isinstance(choice, dict) and choice.get("finish_reason") in ("abort", "error"):
+                raise RolloutEngineError(f"rollout engine {url} ended a request with finish_reason "
+                                         f"{choice['finish_reason']!r}: the server gave up on it")
             try:
                 logprobs = choice["logprobs"]
                 ids = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
-                samples[choice["index"]] = checked_sample(ids, logprobs["token_logprobs"], url, expected)
+                samples.append(checked_sample(ids, logprobs["token_logprobs"], url, expected))
             except (KeyError, TypeError, ValueError, AttributeError, IndexError):
                 raise RolloutEngineError(f"rollout engine {url} answered {str(choice)[:200]}; expected "
                                          f"{expected}") from None
-        if None in samples:
-            raise RolloutEngineError(f"rollout engine {url} answered choices {[c.get('index') for c in choices]}; "
-                                     f"expected one for each of the {len(contexts)} prompts")
         return samples
 
+    def save(self, model, step):
+        if self.served_folder is None:
+            return super().save(model, step)
+        # vLLM < 0.16: the new weights take the served folder's place (the old ones kept aside until the reload)
+        partial, aside = self.served_folder + ".partial", self.served_folder + ".previous"
+        shutil.rmtree(partial, ignore_errors=True)
+        save_for_engines(model, partial, self.tokenizer_dir, self.dtype)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(self.served_folder, aside)
+        os.replace(partial, self.served_folder)
+        return self.served_folder
+
     def load(self, folder, step):
-        url = self.url + "/collective_rpc"
-        post_json(url, {"method": "reload_weights", "kwargs": {"weights_path": folder}}, self.timeout,
-                  "{\"results\": [...]}")
-        post_json(self.url + "/reset_prefix_cache", {}, self.timeout, "{}")  # cached prefixes hold old keys
+        kwargs = {} if self.served_folder is not None else {"weights_path": folder}
+        self.post("/collective_rpc", {"method": "reload_weights", "kwargs": kwargs}, "{\"results\": [...]}")
+        self.post("/reset_prefix_cache", {}, "{}")  # cached prefixes hold old keys
+
+    def remove_older(self, folder):
+        if self.served_folder is None:
+            return super().remove_older(folder)
+        shutil.rmtree(self.served_folder + ".previous", ignore_errors=True)
 
 
 def make_engine(args, policy, tokenizer, tokenizer_dir, logprobs=True):
@@ -249,4 +415,5 @@ def make_engine(args, policy, tokenizer, tokenizer_dir, logprobs=True):
     engine = SGLangEngine if args.rollout_engine == "sglang" else VLLMEngine
     sync_dir = args.sync_dir or os.path.join(args.save_dir, "rollout_weights")
     return engine(args.rollout_url, tokenizer, args.temperature, tokenizer_dir, sync_dir, args.sync_interval,
-                  args.rollout_timeout, policy.config)
+                  args.rollout_timeout, policy.config, api_key=args.rollout_api_key or os.environ.get(API_KEY_ENV),
+                  retries=args.rollout_retries)

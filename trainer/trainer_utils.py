@@ -38,7 +38,7 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.qwen3_format import read_weights
 from model.weights import config_from_state_dict, load_state_dict_strict
 from trainer import distributed, resume
-from trainer.args import weight_path
+from trainer.args import recorded_settings, weight_path
 from trainer.distributed import setup_device, unwrap
 from trainer.losses import count_label_tokens
 from trainer.resume import ResumableBatchSampler
@@ -410,11 +410,11 @@ class Run:
             name = f"{self.weight_name}_{self.config.hidden_size}"
             if self.args.tracker == "wandb":
                 import wandb
-                self.tracker = wandb.init(project=self.args.wandb_project, name=name, config=vars(self.args))
+                self.tracker = wandb.init(project=self.args.wandb_project, name=name, config=recorded_settings(self.args))
             else:
                 import swanlab
                 self.tracker = swanlab.init(project=self.args.wandb_project, name=name,
-                                            config=vars(self.args))
+                                            config=recorded_settings(self.args))
         return self.tracker
 
     # -- checkpoints -------------------------------------------------------------------------
