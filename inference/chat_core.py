@@ -41,14 +41,18 @@ class PromptTooLong(ValueError):
 
 
 def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inference_rope_scaling=False,
-                    tokenizer_dir=None):
+                    tokenizer_dir=None, trust_remote_code=True):
     """A ChatModel from a native .pth (any size: the config is read off the tensors) or a transformers
     folder, with an optional from-scratch LoRA file applied on top. Weights are held in inference_dtype:
     bf16 (fp16 before sm80, and on MPS) on a GPU, fp32 on a CPU.
 
     The tokenizer: tokenizer_dir, else the one the folder ships, else model/ (this project's). A tokenizer the
     weight was not trained with stops the load with the reason (check_tokenizer_fits; a warning when tokenizer_dir
-    names it), as does a tokenizer_dir that differs from the one the folder ships."""
+    names it), as does a tokenizer_dir that differs from the one the folder ships.
+
+    trust_remote_code=False (the server's weight updates: folders another process wrote): a folder whose config.json
+    asks for code of its own (auto_map: a module in the folder, imported to load it) is refused instead of run.
+    Plain Llama / Qwen3 layouts need none."""
     device = ready_device(device or pick_device())  # --device cuda:1 becomes the current device, as in training
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")):
@@ -57,7 +61,14 @@ def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inferenc
         if is_qwen3_folder(path):  # a released minimind-3 folder: loaded as our own model, same logits
             model = load_qwen3_folder(path, inference_rope_scaling=inference_rope_scaling)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                             dtype=torch.float32)
+            except ValueError as e:  # transformers' refusal says to pass trust_remote_code=True: not ours to do here
+                if trust_remote_code or "trust_remote_code" not in str(e):
+                    raise
+                raise SystemExit(f"{path} needs code from its own folder to load (config.json's auto_map), which is "
+                                 f"not run here: send a plain Llama / Qwen3 model folder") from e
     elif os.path.isfile(path):
         tokenizer, tokenizer_path = tokenizer_for(path, tokenizer_dir)
         state = torch.load(path, map_location="cpu", weights_only=True)

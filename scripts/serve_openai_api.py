@@ -19,11 +19,14 @@ Thinking: `open_thinking` or `enable_thinking` (true / false), top-level or in `
 for a reply without reasoning, true lets it reason (minimind-3's template then opens the think block).
 
 Rollout endpoints, for the RL stages' --rollout_engine sglang / vllm (trainer/rollout_engine.py) and for anyone
-who wants token ids in and out: POST /generate (SGLang's native form: input_ids, sampling_params, return_logprob;
-ids and each token's log-prob under the distribution it was sampled from), POST /v1/completions (vLLM's
-OpenAI-compatible form: token-id or text prompts, logprobs, return_tokens_as_token_ids, return_token_ids), and new
-weights from a folder - POST /update_weights_from_disk (SGLang) or /collective_rpc reload_weights (vLLM) - only
-when --weight_update_root names the folder they may come from (the Llama / Qwen3 export of the same model).
+who wants token ids in and out: POST /generate (SGLang's native form: input_ids, sampling_params - one object, or
+a list of one per prompt - and return_logprob; ids and each token's log-prob under the distribution it was sampled
+from), POST /v1/completions (vLLM's OpenAI-compatible form: token-id or text prompts, logprobs,
+return_tokens_as_token_ids, return_token_ids), and new weights from a folder - POST /update_weights_from_disk
+(SGLang) or /collective_rpc reload_weights (vLLM) - only when --weight_update_root names the folder they may come
+from (the Llama / Qwen3 export of the same model; code in the folder is never run). repetition_penalty,
+presence_penalty, frequency_penalty and min_p are not implemented: both endpoints take them at their neutral values
+(1, 0, 0, 0), as the RL trainer sends them, and refuse others.
 
 Binds 127.0.0.1:8998 unless --host / --port say otherwise; --api_key makes every request need
 `Authorization: Bearer KEY`. Bodies over --max_body_mb get 413, JSON nested deeper than 64 levels 400.
@@ -96,16 +99,25 @@ def error_body(message, type_="invalid_request_error", param=None, code=None):
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def number(body, name, default, low, high, integer=False):
+def number(body, name, default, low, high, integer=False, where=""):
+    """body[name] checked (where: what holds body, for the error's field name, e.g. "sampling_params.")."""
     value = body.get(name, default)
     if value is None:
         return default
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise BadRequest(f"'{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", name)
+        raise BadRequest(f"'{where}{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}",
+                         where + name)
     if not low <= value <= high:
-        raise BadRequest(f"'{name}' must be between {low} and {high}, got {value}", name)
+        raise BadRequest(f"'{where}{name}' must be between {low} and {high}, got {value}", where + name)
     return value
+
+
+def temperature(body, default, where=""):
+    """A float (transformers' warper refuses an int such as 1); under 1e-6 it is greedy (0), as in SGLang: logits
+    divided by a smaller one overflow to inf and sampling would fail."""
+    value = float(number(body, "temperature", default, 0, 2, where=where))
+    return value if value >= 1e-6 else 0.0
 
 
 def json_depth(value):
@@ -119,6 +131,30 @@ def json_depth(value):
     return deepest
 
 
+def lone_surrogate(value):
+    """Where (e.g. messages[0].content) a parsed JSON value holds a string with a lone UTF-16 surrogate, or None:
+    "\\ud800" is valid JSON but no text, which the tokenizer and the file system refuse."""
+    try:  # the usual case at C speed; the walk below only finds where
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    pending = [(value, "")]
+    while pending:
+        item, where = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "the request body"
+        elif isinstance(item, dict):
+            pending.extend((k, where) for k in item)
+            pending.extend((v, f"{where}.{k}" if where else k) for k, v in item.items())
+        elif isinstance(item, list):
+            pending.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+    return None
+
+
 def parse_body(raw):
     try:
         body = json.loads(raw)
@@ -128,6 +164,9 @@ def parse_body(raw):
         raise BadRequest("the request body is not valid JSON (send Content-Type: application/json)")
     if json_depth(body) > MAX_JSON_DEPTH:
         raise BadRequest(f"the request body nests JSON more than {MAX_JSON_DEPTH} levels deep")
+    where = lone_surrogate(body)
+    if where:
+        raise BadRequest(f"'{where}' holds a lone UTF-16 surrogate (such as \\ud800), which is not text", where)
     return body
 
 
@@ -268,73 +307,89 @@ def parse_request(body, max_seq_len):
                 stream=stream,
                 max_tokens=number(body, length_field, min(DEFAULT_MAX_TOKENS, max_seq_len // 2), 1, max_seq_len - 1,
                                   integer=True),
-                temperature=number(body, "temperature", 0.85, 0, 2),
-                top_p=number(body, "top_p", 0.85, 1e-6, 1),
+                temperature=temperature(body, 0.85), top_p=number(body, "top_p", 0.85, 1e-6, 1),
                 seed=number(body, "seed", None, 0, 2 ** 63 - 1, integer=True))
 
 
-def token_ids(value, field, vocab_size):
-    """A prompt given as token ids: a non-empty list of ints in the vocabulary."""
-    if not isinstance(value, list) or not value or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                           for t in value):
-        raise BadRequest(f"'{field}' must be a non-empty list of token ids (integers)", field)
+def token_ids(value, field, vocab_size, empty=False):
+    """Token ids: a non-empty (or, empty=True, any) list of ints in the vocabulary."""
+    if not isinstance(value, list) or not (value or empty) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                                      for t in value):
+        raise BadRequest(f"'{field}' must be a {'' if empty else 'non-empty '}list of token ids (integers)", field)
     bad = next((t for t in value if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise BadRequest(f"'{field}' holds token id {bad}, outside the vocabulary (0 to {vocab_size - 1})", field)
     return value
 
 
+def prompt_list(value):
+    """(the prompts, whether a batch was sent): a list of prompts (each a list or a string) is a batch."""
+    batch = isinstance(value, list) and bool(value) and all(isinstance(v, (list, str)) for v in value)
+    return (value if batch else [value]), batch
+
+
 def token_prompts(value, field, tokenizer, vocab_size, max_seq_len, max_tokens, text=True):
     """(prompts as lists of token ids, whether a batch was sent) from one prompt or a list of them: token-id lists,
-    or (text=True) strings, tokenised with the served tokenizer as they are (no chat template)."""
-    batch = isinstance(value, list) and bool(value) and all(isinstance(v, (list, str)) for v in value)
+    or (text=True) strings, tokenised with the served tokenizer as they are (no chat template). max_tokens: the new
+    tokens each prompt needs room for, one number for all or a list of one per prompt."""
+    values, batch = prompt_list(value)
     prompts = []
-    for i, prompt in enumerate(value if batch else [value]):
+    for i, prompt in enumerate(values):
         where = f"{field}[{i}]" if batch else field
         if isinstance(prompt, str) and text and prompt:
             prompt = tokenizer(prompt, add_special_tokens=False).input_ids
         prompts.append(token_ids(prompt, where, vocab_size))
-        if len(prompt) + max_tokens > max_seq_len:
-            raise BadRequest(f"'{where}' has {len(prompt)} tokens: with {max_tokens} new ones that passes the "
+        room = max_tokens[i] if isinstance(max_tokens, list) else max_tokens
+        if len(prompt) + room > max_seq_len:
+            raise BadRequest(f"'{where}' has {len(prompt)} tokens: with {room} new ones that passes the "
                              f"context of {max_seq_len} tokens", where, "context_length_exceeded")
     return prompts, batch
 
 
-def stop_token_ids(params, field):
-    ids = params.get("stop_token_ids") or []
-    if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-        raise BadRequest(f"'{field}' must be a list of token ids", field)
-    return ids
-
-
-def top_k(params):
+def top_k(params, where=""):
     """top_k, with -1 or 0 (both engines' "off") as 0."""
-    return max(number(params, "top_k", -1, -1, 2 ** 30, integer=True), 0)
+    return max(number(params, "top_k", -1, -1, 2 ** 30, integer=True, where=where), 0)
+
+
+# Sampling settings this server does not implement, accepted at their neutral values: the RL trainer sends them so
+# that an engine's generation_config.json cannot change its sampling.
+NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0}
+
+
+def neutral_only(params, where=""):
+    """A 400 naming the first of NEUTRAL that params set to another value (a bool is no number here)."""
+    for name, neutral in NEUTRAL.items():
+        value = params.get(name)
+        if value is not None and (isinstance(value, bool) or value != neutral):
+            raise BadRequest(f"'{where}{name}' other than {neutral} is not supported here, got {json.dumps(value)}",
+                             where + name)
 
 
 SGLANG_SAMPLING = ("temperature", "max_new_tokens", "top_p", "top_k", "stop_token_ids", "skip_special_tokens",
-                   "no_stop_trim", "ignore_eos", "sampling_seed")
+                   "no_stop_trim", "ignore_eos", "sampling_seed", *NEUTRAL)
 
 
-def generate_settings(params, max_seq_len):
+def generate_settings(params, max_seq_len, vocab_size, where="sampling_params"):
     """SGLang's sampling_params as the batcher's settings (its defaults: 128 new tokens, temperature 1, no top-p /
-    top-k; a temperature under 1e-6 is greedy)."""
+    top-k; a temperature under 1e-6 is greedy). where: the field's name, e.g. sampling_params[1] in a list."""
     if not isinstance(params, dict):
-        raise BadRequest("'sampling_params' must be an object", "sampling_params")
+        raise BadRequest(f"'{where}' must be an object", where)
     unknown = sorted(set(params) - set(SGLANG_SAMPLING))
     if unknown:
-        raise BadRequest(f"sampling_params: unknown field(s) {unknown}; this server takes {list(SGLANG_SAMPLING)}",
-                         "sampling_params")
+        raise BadRequest(f"{where}: unknown field(s) {unknown}; this server takes {list(SGLANG_SAMPLING)}", where)
+    where += "."
     if params.get("ignore_eos"):
-        raise BadRequest("sampling_params.ignore_eos is not supported here", "sampling_params.ignore_eos")
-    temperature = number(params, "temperature", 1.0, 0, 2)
-    return dict(max_tokens=number(params, "max_new_tokens", 128, 1, max_seq_len - 1, integer=True),
-                temperature=temperature if temperature >= 1e-6 else 0, top_p=number(params, "top_p", 1.0, 1e-6, 1),
-                top_k=top_k(params), seed=number(params, "sampling_seed", None, 0, 2 ** 63 - 1, integer=True),
-                stop_token_ids=stop_token_ids(params, "sampling_params.stop_token_ids"))
+        raise BadRequest(f"{where}ignore_eos is not supported here", where + "ignore_eos")
+    neutral_only(params, where)
+    return dict(max_tokens=number(params, "max_new_tokens", 128, 1, max_seq_len - 1, integer=True, where=where),
+                temperature=temperature(params, 1.0, where), top_p=number(params, "top_p", 1.0, 1e-6, 1, where=where),
+                top_k=top_k(params, where),
+                seed=number(params, "sampling_seed", None, 0, 2 ** 63 - 1, integer=True, where=where),
+                stop_token_ids=token_ids(params.get("stop_token_ids") or [], where + "stop_token_ids", vocab_size,
+                                         empty=True))
 
 
-def completion_settings(body, max_seq_len):
+def completion_settings(body, max_seq_len, vocab_size):
     """vLLM's /v1/completions sampling fields as the batcher's settings (its defaults: 16 tokens, temperature 1)."""
     if body.get("stream"):
         raise BadRequest("'stream' is not supported on /v1/completions here (use /v1/chat/completions)", "stream")
@@ -343,10 +398,12 @@ def completion_settings(body, max_seq_len):
     if body.get("logprobs") not in (None, 0):
         raise BadRequest("'logprobs' must be 0 (the sampled token's log-prob) or absent: top alternatives are not "
                          "returned here", "logprobs")
+    neutral_only(body)
     return dict(max_tokens=number(body, "max_tokens", 16, 1, max_seq_len - 1, integer=True),
-                temperature=number(body, "temperature", 1.0, 0, 2), top_p=number(body, "top_p", 1.0, 1e-6, 1),
+                temperature=temperature(body, 1.0), top_p=number(body, "top_p", 1.0, 1e-6, 1),
                 top_k=top_k(body), seed=number(body, "seed", None, 0, 2 ** 63 - 1, integer=True),
-                stop=stop_strings(body), stop_token_ids=stop_token_ids(body, "stop_token_ids"))
+                stop=stop_strings(body),
+                stop_token_ids=token_ids(body.get("stop_token_ids") or [], "stop_token_ids", vocab_size, empty=True))
 
 
 def openai_tool_calls(calls):
@@ -459,8 +516,10 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
         return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def run_batch(prompts, settings):
-        """Every prompt submitted at once (they decode together); each one's final event."""
-        requests = [batcher.submit(prompt, **settings) for prompt in prompts]
+        """Every prompt submitted at once (they decode together); each one's final event. settings: for all
+        prompts, or a list of one per prompt."""
+        settings = settings if isinstance(settings, list) else [settings] * len(prompts)
+        requests = [batcher.submit(prompt, **each) for prompt, each in zip(prompts, settings)]
         return [list(batcher.events(r))[-1] for r in requests]
 
     @app.post("/generate")
@@ -470,9 +529,20 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
         if not isinstance(body, dict) or "input_ids" not in body:
             raise BadRequest("send 'input_ids' (a list of token ids, or a list of such lists for a batch); text "
                              "prompts go to /v1/completions or /v1/chat/completions", "input_ids")
-        settings = generate_settings(body.get("sampling_params") or {}, max_seq_len)
-        prompts, batch = token_prompts(body["input_ids"], "input_ids", chat.tokenizer, chat.model.config.vocab_size,
-                                       max_seq_len, settings["max_tokens"], text=False)
+        vocab_size, params = chat.model.config.vocab_size, body.get("sampling_params")
+        if isinstance(params, list):  # SGLang's per-prompt form: one object per prompt of the batch
+            count = len(prompt_list(body["input_ids"])[0])
+            if len(params) != count:
+                raise BadRequest(f"'sampling_params' is a list of {len(params)} objects for {count} prompt(s) in "
+                                 f"'input_ids': send one per prompt, or one object for all", "sampling_params")
+            settings = [generate_settings(p, max_seq_len, vocab_size, f"sampling_params[{i}]")
+                        for i, p in enumerate(params)]
+            max_tokens = [s["max_tokens"] for s in settings]
+        else:
+            settings = generate_settings({} if params is None else params, max_seq_len, vocab_size)
+            max_tokens = settings["max_tokens"]
+        prompts, batch = token_prompts(body["input_ids"], "input_ids", chat.tokenizer, vocab_size, max_seq_len,
+                                       max_tokens, text=False)
         with_logprobs = body.get("return_logprob", False)
         if not isinstance(with_logprobs, bool):
             raise BadRequest("'return_logprob' must be true or false", "return_logprob")
@@ -496,7 +566,7 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
         body = parse_body(request.get_data())
         if not isinstance(body, dict) or "prompt" not in body:
             raise BadRequest("'prompt' is required: text, a list of token ids, or a list of either", "prompt")
-        settings = completion_settings(body, max_seq_len)
+        settings = completion_settings(body, max_seq_len, chat.model.config.vocab_size)
         prompts, _ = token_prompts(body["prompt"], "prompt", chat.tokenizer, chat.model.config.vocab_size,
                                    max_seq_len, settings["max_tokens"])
         as_ids = body.get("return_tokens_as_token_ids", False)
@@ -526,7 +596,7 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
         request on; the requests already running finish on the old ones."""
         if not weight_update_root:
             return 403, "weight updates are off: start the server with --weight_update_root FOLDER"
-        if not isinstance(path, str) or not path:
+        if not isinstance(path, str) or not path or "\0" in path:  # the OS refuses a NUL inside a path
             return 400, f"'{field}' must be the path of a model folder"
         root, folder = os.path.realpath(weight_update_root), os.path.realpath(path)
         if os.path.commonpath([root, folder]) != root:
@@ -535,7 +605,8 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
             return 400, f"{path}: not a model folder (no config.json)"
         with reloading:
             try:  # a folder it cannot load leaves the served weights as they were
-                new = load_chat_model(folder, device=chat.device)
+                # never code from the folder: it was written by another process (the RL trainer, or anyone who can)
+                new = load_chat_model(folder, device=chat.device, trust_remote_code=False)
             except (SystemExit, Exception) as e:
                 return 400, f"{path}: cannot load it: {e}"
             if new.tokenizer.get_vocab() != chat.tokenizer.get_vocab():
@@ -562,7 +633,10 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
         if not isinstance(body, dict) or body.get("method") != "reload_weights":
             raise BadRequest("only {\"method\": \"reload_weights\", \"kwargs\": {\"weights_path\": FOLDER}} is "
                              "served here", "method")
-        status, message = reload_weights((body.get("kwargs") or {}).get("weights_path"), "kwargs.weights_path")
+        kwargs = body.get("kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise BadRequest("'kwargs' must be {\"weights_path\": FOLDER}", "kwargs")
+        status, message = reload_weights(kwargs.get("weights_path"), "kwargs.weights_path")
         if status != 200:
             return jsonify(error_body(message, code="reload_failed")), status
         return jsonify({"results": [None]})

@@ -192,3 +192,20 @@ def test_a_run_whose_engine_returns_other_log_probs_stops_at_the_first_update(st
                         "--sync_dir", str(tmp_path / "sync"), tmp=tmp_path, check=False)
     assert result.returncode != 0 and "right after a weight sync the mean ratio" in result.stderr
     assert "--logprobs-mode processed_logprobs" in result.stderr
+
+
+def test_the_api_key_comes_from_the_flag_else_the_servers_variable(stand_in, tmp_path, monkeypatch):
+    import argparse
+    from trainer.rollout_engine import make_engine
+    stand_in.script = {"/generate": [(200, sglang_answer)]}
+    args = argparse.Namespace(rollout_engine="sglang", rollout_url=stand_in.url, temperature=1.0, sync_dir=None,
+                              save_dir=str(tmp_path), sync_interval=1, rollout_timeout=5, rollout_retries=0,
+                              rollout_api_key=None)
+    monkeypatch.setenv("MINIMIND_API_KEY", "from-env")
+    make_engine(args, tiny_policy(), TOKENIZER, PROJECT_TOKENIZER).generate([[1]], 2)
+    assert stand_in.requests[-1][2]["Authorization"] == "Bearer from-env"
+    args.rollout_api_key = "from-flag"
+    make_engine(args, tiny_policy(), TOKENIZER, PROJECT_TOKENIZER).generate([[1]], 2)
+    assert stand_in.requests[-1][2]["Authorization"] == "Bearer from-flag"
+    from trainer.args import recorded_settings
+    assert "rollout_api_key" not in recorded_settings(args)  # never in a tracker's config or a resume file

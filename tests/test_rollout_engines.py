@@ -235,7 +235,10 @@ def test_the_agent_stage_trains_on_a_vllm_style_server(server, root, weight, tmp
     run_script("train_agent.py", "--from_weight", "start", "--tokenizer_dir", PROJECT_TOKENIZER, "--dtype", "float32",
                "--batch_size", "1",
                "--num_generations", "2", "--max_turns", "2", "--max_gen_len", "12", "--max_steps", "2",
-               "--rollout_engine", "vllm", "--rollout_url", server, "--sync_dir", str(root / "sync"), tmp=tmp_path)
+               "--rollout_engine", "vllm", "--rollout_url", server, "--sync_dir", str(root / "sync"),
+               # the sync rounds the talkative random weight to bf16, which moves its log-probs more than a trained
+               # model's: right after a sync its mean ratio is about 1.05 (exactly 1 with an fp32 sync)
+               "--ratio_check", "0.2", tmp=tmp_path)
     rows = metrics(tmp_path, "agent_64_metrics.jsonl")
     assert [r["staleness"] for r in rows] == [0, 0] and all(r["updates"] == 1 for r in rows)
 
@@ -243,3 +246,72 @@ def test_the_agent_stage_trains_on_a_vllm_style_server(server, root, weight, tmp
 def test_a_server_engine_needs_its_url(tmp_path):
     result = run_script("train_grpo.py", *RL_ARGS, "--rollout_engine", "sglang", tmp=tmp_path, check=False)
     assert result.returncode == 2 and "--rollout_url" in result.stderr
+
+
+def test_neutral_sampling_settings_are_accepted_and_per_prompt_settings_kept(server):
+    """The trainer sends every sampling setting, the penalties and min_p at their neutral values, so that an engine's
+    generation_config.json cannot change its sampling: accepted on both endpoints, other values refused naming the
+    field (this server has no penalties). SGLang's sampling_params may be a list: each prompt its own settings."""
+    neutral = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0}
+    params = {"temperature": 0, "max_new_tokens": 5, "top_p": 1.0, "top_k": -1,
+              "stop_token_ids": [TOKENIZER.eos_token_id], "sampling_seed": 1, **neutral}
+    status, one = post(server + "/generate", {"input_ids": PROMPTS[0], "sampling_params": params})
+    assert status == 200
+    status, done = post(server + "/v1/completions", {"prompt": [PROMPTS[0]], "max_tokens": 5, "temperature": 0,
+                                                     "top_p": 1.0, "top_k": -1, "seed": 1, "return_token_ids": True,
+                                                     "stop_token_ids": [TOKENIZER.eos_token_id], **neutral})
+    assert status == 200 and done["choices"][0]["token_ids"] == one["output_ids"]  # greedy on both
+    for name, value in [("repetition_penalty", 1.1), ("presence_penalty", 0.5), ("frequency_penalty", -0.5),
+                        ("min_p", 0.05), ("min_p", True)]:
+        status, error = post(server + "/generate", {"input_ids": PROMPTS[0],
+                                                    "sampling_params": {**params, name: value}})
+        assert status == 400 and error["error"]["param"] == f"sampling_params.{name}"
+        assert "not supported here" in error["error"]["message"]
+        status, error = post(server + "/v1/completions", {"prompt": "1+1=", "max_tokens": 5, name: value})
+        assert status == 400 and error["error"]["param"] == name
+
+    # per prompt: the first as above, the second greedy for 3 tokens - the same answers as each alone
+    short = {**params, "max_new_tokens": 3}
+    status, alone = post(server + "/generate", {"input_ids": PROMPTS[1], "sampling_params": short})
+    status, batch = post(server + "/generate", {"input_ids": PROMPTS, "sampling_params": [params, short]})
+    assert status == 200 and [b["output_ids"] for b in batch] == [one["output_ids"], alone["output_ids"]]
+    status, error = post(server + "/generate", {"input_ids": PROMPTS, "sampling_params": [params]})
+    assert status == 400 and error["error"]["param"] == "sampling_params"
+    status, error = post(server + "/generate", {"input_ids": PROMPTS, "sampling_params": [params, {"top_k": 1.5}]})
+    assert status == 400 and error["error"]["param"] == "sampling_params[1].top_k"
+
+
+def test_a_weight_update_never_runs_code_from_the_folder(server, root, tmp_path):
+    """A folder whose config.json names a module of its own (auto_map) is refused, the module never imported: weight
+    updates load the plain Llama / Qwen3 folders the engines write, and anyone who can write a folder under the root
+    must not get to run code in the server."""
+    marker = tmp_path / "imported"
+    folder = root / "sync" / "remote_code"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "minimind_remote", "auto_map": {
+        "AutoConfig": "remote.RemoteConfig", "AutoModelForCausalLM": "remote.RemoteModel"}}))
+    (folder / "remote.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+    for url, body in [("/update_weights_from_disk", {"model_path": str(folder)}),
+                      ("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}})]:
+        status, answer = post(server + url, body)
+        assert not marker.exists(), f"{url} imported the folder's module"
+        message = answer["message"] if "message" in answer else answer["error"]["message"]
+        assert status == 400 and "auto_map" in message, answer
+
+
+def test_a_server_started_with_an_api_key_serves_the_trainer_that_sends_it(weight, tmp_path):
+    """A server with --api_key guards every endpoint, the reload ones included: the trainer without the key gets a 401
+    that names --rollout_api_key; with it, it syncs and samples."""
+    process, url = start_server(tmp_path, "--load_from", str(weight), "--max_seq_len", "512",
+                                "--weight_update_root", str(tmp_path / "sync"), "--api_key", "s3cret")
+    try:
+        with pytest.raises(RolloutEngineError, match="HTTP 401 .*--rollout_api_key"):
+            engine("sglang", url, tmp_path).generate(PROMPTS, 4)
+        keyed = SGLangEngine(url, TOKENIZER, 0.8, PROJECT_TOKENIZER, str(tmp_path / "sync"), 1, 60,
+                             MiniMindConfig(hidden_size=64, num_hidden_layers=2), api_key="s3cret")
+        keyed.maybe_sync(local_model(weight), 0)
+        samples = keyed.generate(PROMPTS, 4)
+        assert len(samples) == 2 and all(ids and len(ids) == len(logps) for ids, logps in samples)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
