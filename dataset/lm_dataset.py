@@ -11,8 +11,11 @@ file, tokenizer and settings starts at once. Token ids are stored as uint16 (the
                                                    and every extra field (task, answers, ...)
 
 `pad_batch` pads a batch to its longest row only. A malformed line raises an error naming the file and
-line number; with on_bad_line="skip" such lines are skipped and counted instead (see `.report`).
+line number; with on_bad_line="skip" such lines are skipped and counted instead (see `.report`). Whatever a line
+holds - bytes that are not UTF-8, text that is not JSON, JSON of any shape - it is one of these two, never a
+traceback (tests/test_fuzz_data.py generates such lines).
 """
+import codecs
 import hashlib
 import json
 import os
@@ -30,12 +33,53 @@ from dataset.files import FILES as DOWNLOADABLE  # the full MiniMind data files,
 ASSISTANT_START = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
 ROLES = {"system", "user", "assistant", "tool"}
-CACHE_VERSION = "4"  # bump when the tokenisation logic below changes
+CACHE_VERSION = "5"  # bump when the tokenisation logic below changes
 CUT_OFF = "cut off"  # a well-formed row whose answer lies beyond max_length: left out and counted
 
 
 class DataError(ValueError):
     """Bad training data: the message names the file and line and what was expected."""
+
+
+# Bytes that are not UTF-8 must make their line a bad line, not stop the whole file with a UnicodeDecodeError (the
+# file is decoded in chunks by `datasets`, which cannot report a line). Each such byte reads as NUL: a raw NUL is
+# never valid in a JSON line either, so no good line changes, and read_json_line reports the line.
+BAD_BYTE = "\x00"
+UTF8_ERRORS = "minimind_bad_byte"
+codecs.register_error(UTF8_ERRORS, lambda err: (BAD_BYTE * (err.end - err.start), err.end))
+
+
+def json_problem(err) -> str:
+    """What json.loads found wrong, in words: a syntax error, or a value Python will not build."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at column {err.colno}"
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return str(err).split(":")[0]  # "Exceeds the limit (4300 digits) for integer string conversion"
+
+
+def read_json_line(line: str):
+    """One JSONL line -> (row dict, None) or (None, what is wrong with the line)."""
+    if BAD_BYTE in line:
+        return None, f"not valid UTF-8 text (an undecodable byte, or a NUL, at column {line.index(BAD_BYTE) + 1})"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, f"not valid JSON ({json_problem(err)})"
+    except (ValueError, RecursionError) as err:  # valid, but a number of over 4300 digits or arrays nested 1000s deep
+        return None, f"JSON that Python cannot read ({json_problem(err)})"
+    if not isinstance(row, dict):
+        return None, f"expected a JSON object, got {'null' if row is None else type(row).__name__}"
+    # a \ud800-\udfff escape without its pair decodes to a lone surrogate: not text (the tokenizer and Arrow refuse
+    # it, far from this line); only a line with such an escape needs the (slower) check
+    if "\\ud" in line or "\\uD" in line:
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return None, "a string holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape): not text"
+        except RecursionError:
+            return None, "JSON that Python cannot read (nested too deeply)"
+    return row, None
 
 
 def check_file(path: str) -> None:
@@ -65,13 +109,16 @@ def validate_messages(messages, field="conversations"):
     if not isinstance(messages, list) or not messages:
         return f'"{field}" must be a non-empty list of messages'
     for i, m in enumerate(messages):
-        calls = m.get("tool_calls") if isinstance(m, dict) else None
-        content_ok = isinstance(m, dict) and (isinstance(m.get("content", ""), str) or (m.get("content") is None and calls))
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not content_ok:
+        message = m if isinstance(m, dict) else {}
+        calls, role = message.get("tool_calls"), message.get("role")
+        # an assistant turn may leave its content out; the template needs every other turn's text
+        content = message.get("content", "" if role == "assistant" else None)
+        content_ok = isinstance(content, str) or (content is None and calls)
+        if not (isinstance(m, dict) and isinstance(role, str) and role in ROLES and content_ok):  # not `[] in ROLES`
             return (f'{field}[{i}] must be {{"role": one of {sorted(ROLES)}, "content": string}} (or an assistant '
                     f'turn with "tool_calls" and "content": null), got {json.dumps(m, ensure_ascii=False)[:100]}')
         if calls is not None:
-            error = validate_tool_calls(calls, m["role"])
+            error = validate_tool_calls(calls, role)
             if error:
                 return f"{field}[{i}]: {error}"
     return None
@@ -92,6 +139,21 @@ def validate_tool_calls(calls, role):
     return None
 
 
+def read_tools(tools, where='"tools"'):
+    """A conversation's tool schemas: a list of JSON objects, or that list as a JSON string (minimind-3's form).
+    Returns (tools or None, error). Anything else would reach the chat template, which renders a string's
+    characters or a dict's keys as tools, or fails far from the line."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except (ValueError, RecursionError) as err:
+            return None, f"{where} is a string but not valid JSON ({json_problem(err)})"
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return None, (f'{where} must be a list of tool schemas ({{"type": "function", "function": {{...}}}}), '
+                      f"got {json.dumps(tools, ensure_ascii=False)[:100]}")
+    return tools or None, None
+
+
 def normalise_messages(messages, field="conversations"):
     """minimind-3's row forms -> the ones the chat template renders. Returns (messages, tools, error):
     - a system message's "tools" (a JSON string or a list) become the conversation's tools;
@@ -107,13 +169,12 @@ def normalise_messages(messages, field="conversations"):
             normalised.append(message)
             continue
         message = dict(message)
-        for key in ("tools", "tool_calls"):
-            value = message.get(key)
-            if isinstance(value, str):
-                try:
-                    message[key] = json.loads(value) if value.strip() else None
-                except json.JSONDecodeError as err:
-                    return None, None, f"{field}[{i}].{key} is a string but not valid JSON ({err.msg})"
+        calls = message.get("tool_calls")
+        if isinstance(calls, str):
+            try:
+                message["tool_calls"] = json.loads(calls) if calls.strip() else None
+            except (ValueError, RecursionError) as err:  # also a number of 5000 digits, arrays 1000s deep
+                return None, None, f"{field}[{i}].tool_calls is a string but not valid JSON ({json_problem(err)})"
         if isinstance(message.get("tool_calls"), dict):
             message["tool_calls"] = [message["tool_calls"]]
         if message.get("tool_calls") is None:
@@ -121,9 +182,13 @@ def normalise_messages(messages, field="conversations"):
         if "tools" in message:
             if message.get("role") != "system":
                 return None, None, f'{field}[{i}]: only a system message carries "tools"'
-            tools = message.pop("tools") or None
+            tools, error = read_tools(message.pop("tools"), f"{field}[{i}].tools")
+            if error:
+                return None, None, error
         reasoning = message.pop("reasoning_content", None)
-        if reasoning:
+        if reasoning is not None and not isinstance(reasoning, str):
+            return None, None, f"{field}[{i}].reasoning_content must be a string, got {type(reasoning).__name__}"
+        if reasoning and isinstance(message.get("content"), (str, type(None))):  # other content: validate_messages says
             message["content"] = f"<think>\n{reasoning}\n</think>\n\n{message.get('content') or ''}"
         normalised.append(message)
     return normalised, tools, None
@@ -131,10 +196,10 @@ def normalise_messages(messages, field="conversations"):
 
 def read_conversation(row, field="conversations"):
     """(messages, tools, error) of a row's conversation: normalised (normalise_messages), then validated; the
-    tools come from the row's "tools" field or a system message."""
+    tools come from the row's "tools" field (a list or its JSON string) or a system message."""
     messages, tools, error = normalise_messages(row.get(field), field)
-    error = error or validate_messages(messages, field)
-    return messages, row.get("tools") or tools, error
+    row_tools, tools_error = read_tools(row.get("tools"))
+    return messages, row_tools or tools, error or validate_messages(messages, field) or tools_error
 
 
 def has_answer(message) -> bool:
@@ -227,14 +292,18 @@ def rlaif_row(row, tokenizer, max_length):
     messages, tools, error = read_conversation(row)
     if error:
         return None, error + ' (expected {"conversations": [..., {"role": "assistant", "content": ""}]})'
+    taken = [f'"{k}"' for k in ("prompt", "conversation") if k in row]
+    if taken:  # RLAIFDataset's items carry the rendered prompt and its messages under these names
+        return None, (f'the loader fills in "prompt" and "conversation" (the rendered prompt, its messages): '
+                      f"rename this row's {' and '.join(taken)}")
     if messages[-1]["role"] == "assistant":  # the placeholder the policy will fill
         messages = messages[:-1]
     if not messages or messages[-1]["role"] not in ("user", "tool"):
         return None, "the prompt must end with a user (or tool) turn before the assistant placeholder"
     extras = {k: v for k, v in row.items() if k != "conversations"}
     extras["conversation"] = messages  # the prompt as messages, for reward models
-    if tools and not row.get("tools"):
-        extras["tools"] = tools  # offered in the prompt: a tool-use reward can check the calls against them
+    if tools:
+        extras["tools"] = tools  # offered in the prompt (parsed): a tool-use reward can check the calls against them
     return dict(prompt=render(tokenizer, messages, tools, add_generation_prompt=True),
                 extras=json.dumps(extras, ensure_ascii=False)), None
 
@@ -259,18 +328,14 @@ def _parse_batch(batch, indices, kind, tokenizer, max_length, path):
         if not line.strip():
             error = "blank"
         else:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                row, error = None, f"not valid JSON ({err.msg} at column {err.colno})"
+            row, error = read_json_line(line)
             if row is not None:
-                if isinstance(row, dict):
-                    try:
-                        built, error = ROW_BUILDERS[kind](row, tokenizer, max_length)
-                    except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as err:
-                        error = f"the chat template cannot render this row ({type(err).__name__}: {err})"
-                else:
-                    error = f"expected a JSON object, got {type(row).__name__}"
+                try:  # the validators should leave the template nothing to refuse; if it does, it is this line's fault
+                    built, error = ROW_BUILDERS[kind](row, tokenizer, max_length)
+                except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as err:
+                    error = f"the chat template cannot render this row ({type(err).__name__}: {err})"
+                except RecursionError:
+                    error = "nested too deeply to read"
         for name in FEATURES[kind]:
             out[name].append(built[name] if built else empty[name])
         out["error"].append("" if built else (error if error in ("blank", CUT_OFF) else f"{path} line {index + 1}: {error}"))
@@ -296,7 +361,8 @@ def load_jsonl(paths, kind: str, tokenizer, max_length: int, on_bad_line: str = 
         check_file(path)
         size = os.path.getsize(path)
         procs = num_proc or (1 if size < 64 * 2**20 else min(8, os.cpu_count() or 1))
-        lines = datasets.load_dataset("text", data_files=path, split="train", cache_dir=cache_dir)
+        lines = datasets.load_dataset("text", data_files=path, split="train", cache_dir=cache_dir,
+                                      encoding_errors=UTF8_ERRORS)  # a non-UTF-8 byte: a bad line (read_json_line)
         features = datasets.Features({**FEATURES[kind], "error": datasets.Value("string")})
         parsed = lines.map(
             _parse_batch, batched=True, with_indices=True, remove_columns=["text"], features=features,
@@ -470,7 +536,7 @@ class AgentRLDataset(Dataset):
     def __init__(self, data_path, on_bad_line="error"):
         self.rows, self.skipped = [], 0
         for path in data_path.split(","):
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", errors=UTF8_ERRORS) as f:  # non-UTF-8 bytes: a bad line
                 for number, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -485,24 +551,25 @@ class AgentRLDataset(Dataset):
 
     @staticmethod
     def parse(line):
-        row = json.loads(line)
-        if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
+        """A line -> the row train_agent uses, or a ValueError saying what is wrong. The messages are read like
+        SFT's (normalise_messages, validate_messages), so the rollout's chat template renders them."""
+        row, error = read_json_line(line)
+        if error:
+            raise ValueError(error)
+        if not isinstance(row.get("conversations"), list):
             raise ValueError('expected {"conversations": [messages], "gt": [answers]}')
         gt = row.get("gt")
         if not isinstance(gt, list) or not all(isinstance(g, (str, int, float)) for g in gt):
             raise ValueError('"gt" must be a list of answers (strings or numbers)')
-        messages, tools = [], row.get("tools")
-        for message in row["conversations"]:
-            if not isinstance(message, dict) or message.get("role") not in ROLES:
-                raise ValueError(f"each message needs a role among {sorted(ROLES)}: {str(message)[:80]}")
-            message = dict(message)
-            if message["role"] == "system" and message.get("tools"):
-                tools = message.pop("tools")
-            messages.append(message)
-        tools = json.loads(tools) if isinstance(tools, str) else tools
-        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) and "function" in t
-                                                                       for t in tools)):
-            raise ValueError('"tools" must be a list of {"type": "function", "function": {...}}')
+        messages, system_tools, error = normalise_messages(row["conversations"])
+        error = error or validate_messages(messages)
+        tools, tools_error = read_tools(system_tools or row.get("tools"))  # a system message's tools come first
+        if error or tools_error:
+            raise ValueError(error or tools_error)
+        # the reward reads each offered tool's function name
+        if tools and not all(isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+                             for t in tools):
+            raise ValueError('"tools" must be a list of {"type": "function", "function": {"name": string, ...}}')
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages or messages[-1]["role"] != "user":

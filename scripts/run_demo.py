@@ -17,8 +17,8 @@ measured on held-out data that no stage trained on:
              with the right arguments, and a valid call at all
   agent      on the held-out tool tasks of agent_rl_eval.jsonl, before (the SFT model) and after agentic RL
              (train_agent.py, from the SFT model): the agent reward (what the stage maximises) and the task
-             success (every gt answer in the final reply) of 2 multi-turn tool-using trajectories per task sampled
-             as in training, with the share of valid tool calls beside
+             success (every gt answer given by the final answer) of 2 multi-turn tool-using trajectories per task
+             sampled as in training, with the share of valid tool calls beside
   LoRA       held-out "who are you?" phrasings answered with "MiniMind", before and after the adapter
   DPO        on dpo_eval.jsonl, whose rejected answers dodge the question, answer in the other language, loop
              or miscount: how often the model gives the chosen answer a higher (per-token mean) log-probability
@@ -208,7 +208,7 @@ AGENT_TURNS, AGENT_TURN_TOKENS = 2, 48  # a call and the answer after its result
 
 def agent_scores(model, tokenizer, rows, temperature, samples=2, seed=0):
     """Per held-out tool task, over `samples` trajectories sampled as in training (trainer/agent_rollout.py): the
-    mean agent reward, task success (every gt answer in the final reply) and valid-call share (agent_reward)."""
+    mean agent reward, task success (every gt answer given by the final answer) and valid-call share (agent_reward)."""
     torch.manual_seed(seed)
     rng, engine, scores = random.Random(seed), TorchEngine(model, tokenizer, temperature), []
     for start in range(0, len(rows), 16):
@@ -323,7 +323,7 @@ def main(args):
     for key, what, primary, at in (  # the reward is what the stage maximises (as for GRPO); success is the goal
             ("total", "agent reward (-3 to 3: the answer, valid tool use, closed tags, turn limit, repetition)", True,
              seconds),
-            ("success", "task success (every gt answer in the final reply)", False, None),
+            ("success", "task success (every gt answer given by the final answer)", False, None),
             ("valid_calls", "share of tool calls that are valid (an offered tool, arguments it accepts)", False, None)):
         results.append(stage_result("agent", f"{what}, 2 trajectories sampled as in training (temperature "
                                     f"{agent_temperature}) per {len(agent_eval)} held-out agent_rl_eval.jsonl tasks",
