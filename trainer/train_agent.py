@@ -1,24 +1,33 @@
 """Agentic RL: learn to use tools over several turns, rewarded for the final answer (MiniMind's train_agent.py).
 
     cd trainer && python train_agent.py                  # from out/full_sft_{hidden}.pth on dataset/agent_rl.jsonl
-    python trainer/train_agent.py --loss_type grpo --thinking_ratio 0.5 --ppo_epochs 2
+    python trainer/train_agent.py --loss_type grpo --loss_agg token --ppo_epochs 2 --dynamic_sampling 2
 
 For every task the policy runs G = --num_generations trajectories (trainer/agent_rollout.py): each turn is generated
-to <|im_end|>, its <tool_call> blocks are run with the project's offline tools (calculator, dictionary, calendar)
-and the results appended as the chat template renders a tool turn, up to --max_turns turns. A trajectory is one
-token sequence - the sampled ids exactly as sampled, plus the observation ids - and only the sampled tokens carry
-loss and KL. Rewards (trainer/rewards.py agent_reward): the gt answers in the final reply, valid calls, closed
-tags, the turn limit, repetition. Then, with A_i the reward relative to its group (as in GRPO),
+to <|im_end|>, its <tool_call> blocks are run with the project's offline tools (calculator, dictionary, calendar;
+a failing, slow or long-winded call comes back as an error result) and the results appended as the chat template
+renders a tool turn, up to --max_turns turns. A trajectory is one token sequence - the sampled ids exactly as
+sampled, plus the observation ids - and only the sampled tokens carry loss and KL. Rewards (trainer/rewards.py
+agent_reward): the gt answers the final answer gives (one rule: no credit for listing candidates), valid calls,
+closed tags, the turn limit, repetition. Then, with A_i the reward relative to its group (as in GRPO),
     rho_t  = pi(a_t) / pi_sample(a_t)       (pi_sample: the log-probs the rollout engine sampled with)
     cispo  loss_t = -sg(min(rho_t, 1 + eps_high)) A_i log pi(a_t) + beta * KL_t       (Chen et al., 2025, MiniMax-M1)
     grpo   loss_t = -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) + beta * KL_t   (Shao et al., 2024)
-KL_t is the k3 estimate of KL(pi || pi_ref). --ppo_epochs K updates the policy K times on each rollout batch, so
-rho moves away from 1 and the clip (or CISPO's weight cap) corrects for the stale samples; --kl_stop skips the rest
-of a batch's updates once an update's forward finds the policy that far from the sampler (the k3 estimate of
-KL(pi_sample || pi) over the sampled tokens).
---thinking_ratio opens the thinking block in that share of the trajectories. --rollout_engine sglang / vllm samples on
-a server (trainer/rollout_engine.py), which gets the weights every --sync_interval steps; pi_sample is then the
-server's log-probs of weights up to that many steps old (the logged staleness), and rho corrects for them.
+                    and, for A_i < 0, at most -3 A_i + beta * KL_t (the dual clip, Ye et al., 2020)
+KL_t is the k3 estimate of KL(pi || pi_ref). The step's loss (--loss_agg), over the kept trajectories' sampled tokens:
+    batch     (default)  sum_b (n_b / N) (1 / |T_b|) sum_{t in T_b} loss_t     n_b trajectories of micro-batch b, N all
+    token     (DAPO)     (1 / |T|) sum_{t in T} loss_t                         T every token of the step, all processes
+    sequence  (GRPO)     (1 / N) sum_i (1 / |o_i|) sum_{t in o_i} loss_t
+--ppo_epochs K updates the policy K times on each rollout batch, so rho moves away from 1 and the clip (or CISPO's
+weight cap) corrects for the stale samples; --kl_stop skips the rest of a batch's updates once an update's forward
+finds the policy that far from the sampler (the k3 estimate of KL(pi_sample || pi) over the sampled tokens).
+Kept: not a prompt that alone fills --max_total_len (skipped, counted), not a cut-off trajectory with
+--mask_truncated 1, not a group whose rewards are all equal after --dynamic_sampling redraws (DAPO).
+--thinking_ratio renders that share of the trajectories with thinking on (minimind-3's template opens <think>; a
+template without that switch refuses a non-zero share). --rollout_engine sglang / vllm samples on a server
+(trainer/rollout_engine.py), which gets the weights every --sync_interval steps; pi_sample is then the server's
+log-probs of weights up to that many steps old (the logged staleness), and rho corrects for them. Right after each
+sync the sampler is the policy, so the mean rho must be 1: --ratio_check stops the run when it is not.
 Writes out/agent_{hidden}[_moe].pth.
 """
 import os
@@ -197,9 +206,9 @@ def main(args):
             lr = run.optimizer_step(optimizer)
             loss, updates = step_loss, updates + 1  # the loss of the update applied, not of one skipped
         rewards = {name: sum(p[name] for p in parts) / len(parts) for name in REWARD_PARTS}
+        counts = dict(zip(counts, run.all_sum(*counts.values())))  # over every process, read at log steps
         run.log(**({"loss": loss, "lr": lr} if updates else {}), reward=sum(p["total"] for p in parts) / len(parts),
-                updates=updates, staleness=engine.staleness(step - 1), **rewards,
-                **{name: n for name, n in counts.items() if n})
+                updates=updates, staleness=engine.staleness(step - 1), **rewards, **counts)
         run.maybe_save(model, optimizer)
         if run.should_stop():                          # --max_steps, or Ctrl-C / SIGTERM
             break
