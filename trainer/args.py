@@ -122,7 +122,7 @@ def add_engine_arguments(parser):
     # Read from the environment only when the engine is made, so that --help and the logged settings never hold it
     parser.add_argument("--rollout_api_key", default=None,
                         help="sent as 'Authorization: Bearer KEY' to a server engine (default: $MINIMIND_API_KEY, "
-                             "the variable this project's server reads)")
+                             "the variable this project's server reads)%(default).0s")
     parser.add_argument("--ratio_check", type=float, default=0.05,
                         help="right after a weight sync the sampler is the policy: stop when the mean ratio "
                              "pi / pi_sample departs from 1 by more than this (the engine's log-probs are not the "

@@ -48,7 +48,8 @@ def arguments(argv=None):
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the rollouts")
     parser.add_argument("--thinking_ratio", type=float, default=None,
                         help="share of trajectories with thinking open (default: 0.1 where the chat template has a "
-                             "thinking switch, as minimind-3's does; 0 for this project's template, which has none)")
+                             "thinking switch, as minimind-3's does; 0 for this project's template, which has none)"
+                             "%(default).0s")
     parser.add_argument("--loss_type", default="cispo", choices=["cispo", "grpo"])
     parser.add_argument("--loss_agg", default="batch", choices=["batch", "token", "sequence"],
                         help="batch: token mean in each micro-batch, micro-batches weighted by their trajectories; "
@@ -206,6 +207,9 @@ def main(args):
             lr = run.optimizer_step(optimizer)
             loss, updates = step_loss, updates + 1  # the loss of the update applied, not of one skipped
         rewards = {name: sum(p[name] for p in parts) / len(parts) for name in REWARD_PARTS}
+        in_use = dict(redrawn_groups=args.dynamic_sampling, dropped_groups=args.dynamic_sampling,
+                      masked_truncated=args.mask_truncated, skipped_prompts=True)  # what the log shows
+        counts = {name: n for name, n in counts.items() if in_use[name]}
         counts = dict(zip(counts, run.all_sum(*counts.values())))  # over every process, read at log steps
         run.log(**({"loss": loss, "lr": lr} if updates else {}), reward=sum(p["total"] for p in parts) / len(parts),
                 updates=updates, staleness=engine.staleness(step - 1), **rewards, **counts)
