@@ -209,3 +209,18 @@ def test_the_api_key_comes_from_the_flag_else_the_servers_variable(stand_in, tmp
     assert stand_in.requests[-1][2]["Authorization"] == "Bearer from-flag"
     from trainer.args import recorded_settings
     assert "rollout_api_key" not in recorded_settings(args)  # never in a tracker's config or a resume file
+
+
+def test_the_in_process_engine_ignores_sampling_settings_a_model_folder_would_bring():
+    """A generation_config.json with a repetition penalty, min-p and top-k would change the distribution generate
+    samples from and records: the engine overrides them, so its log-probs stay log softmax(logits / T)."""
+    from trainer.rollout_engine import TorchEngine
+    model = tiny_policy()
+    model.generation_config.update(repetition_penalty=1.5, min_p=0.2, top_k=3, no_repeat_ngram_size=2)
+    prompt = TOKENIZER("你好，请介绍一下你自己。", add_special_tokens=False).input_ids
+    torch.manual_seed(1)
+    [(ids, logps)] = TorchEngine(model, TOKENIZER, temperature=0.7).generate([prompt], 12)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float() / 0.7
+    expected = logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(logps), expected, atol=1e-4)

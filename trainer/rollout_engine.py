@@ -71,10 +71,12 @@ class TorchEngine:
         # top_k=0 and top_p=1.0 switch those warpers off, so the scores generate returns are logits / temperature:
         # the sampling distribution itself (transformers' GenerationMixin._sample records them before sampling).
         # The processors a model folder's generation_config.json could switch on are set neutral here: explicit
-        # arguments outrank it (GenerationMixin._prepare_generation_config fills only what was not given).
+        # arguments outrank it (GenerationMixin._prepare_generation_config fills only what was not given). min_p
+        # makes a processor whenever it is not None, so 0.0 is passed only to override a configured one.
+        min_p = 0.0 if getattr(model.generation_config, "min_p", None) is not None else None
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              min_new_tokens=self.min_new_tokens, do_sample=True, temperature=self.temperature,
-                             top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                             top_k=0, top_p=1.0, min_p=min_p, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
                              repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True,
                              output_scores=self.logprobs)
