@@ -17,15 +17,14 @@ import tempfile
 
 import pytest
 
-pytest.importorskip("hypothesis")
-import datasets  # noqa: E402
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-from jinja2 import TemplateError  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+import datasets
+from hypothesis import HealthCheck, given, settings, strategies as st
+from jinja2 import TemplateError
+from transformers import AutoTokenizer
 
-from conftest import REPO_ROOT  # noqa: E402
-from dataset import lm_dataset  # noqa: E402
-from dataset.lm_dataset import (CUT_OFF, ROLES, ROW_BUILDERS, AgentRLDataset, DataError, DPODataset,  # noqa: E402
+from conftest import REPO_ROOT
+from dataset import lm_dataset
+from dataset.lm_dataset import (CUT_OFF, ROLES, ROW_BUILDERS, AgentRLDataset, DataError, DPODataset,
                                 PretrainDataset, RLAIFDataset, SFTDataset, normalise_messages, read_conversation,
                                 render, validate_messages, validate_tool_calls)
 

@@ -11,13 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+from hypothesis import given, settings, strategies as st
+from transformers import AutoTokenizer
 
-from conftest import REPO_ROOT, tiny_model  # noqa: E402
-from inference.chat_core import ChatModel  # noqa: E402
-from scripts import serve_openai_api  # noqa: E402
+from conftest import REPO_ROOT, tiny_model
+from inference.chat_core import ChatModel
+from scripts import serve_openai_api
 
 MAX_SEQ_LEN = 48
 VOCAB = 6400
