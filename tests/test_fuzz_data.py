@@ -15,9 +15,8 @@ import json
 import os
 import tempfile
 
-import pytest
-
 import datasets
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from jinja2 import TemplateError
 from transformers import AutoTokenizer

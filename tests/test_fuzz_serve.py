@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-
 from hypothesis import given, settings, strategies as st
 from transformers import AutoTokenizer
 
