@@ -168,13 +168,25 @@ def test_the_previous_sync_folder_stays_until_the_engine_loaded_the_new_one(stan
     assert os.listdir(tmp_path / "sync") == ["step_1"]
 
 
+class Synced:
+    """An engine as the check sees it: its name, whether it returns log-probs, its weights' staleness."""
+
+    def __init__(self, name, logprobs=True, stale=0):
+        self.name, self.logprobs, self.stale = name, logprobs, stale
+
+    def staleness(self, steps_done):
+        return self.stale
+
+
 def test_the_sampler_ratio_check_names_the_engine_setting():
-    check_sampler_ratio(1.03, 0.05, VLLMEngine)  # within the tolerance
-    check_sampler_ratio(3.0, 0, VLLMEngine)      # off
+    check_sampler_ratio(Synced("vllm"), 3, {"ratio": 1.03}, 0.05)  # within the tolerance
+    check_sampler_ratio(Synced("vllm"), 3, {"ratio": 3.0}, 0)      # off
+    check_sampler_ratio(Synced("vllm", stale=1), 3, {"ratio": 3.0}, 0.05)  # stale weights: rho may move
+    check_sampler_ratio(Synced("torch", logprobs=False), 3, {}, 0.05)  # pi_old from a forward: nothing to check
     with pytest.raises(SystemExit, match="--logprobs-mode processed_logprobs"):
-        check_sampler_ratio(0.7, 0.05, VLLMEngine)
+        check_sampler_ratio(Synced("vllm"), 3, {"ratio": 0.7}, 0.05)
     with pytest.raises(SystemExit, match="SGLANG_RETURN_ORIGINAL_LOGPROB"):
-        check_sampler_ratio(1.2, 0.05, SGLangEngine)
+        check_sampler_ratio(Synced("sglang"), 3, {"ratio": 1.2}, 0.05)
 
 
 def test_a_run_whose_engine_returns_other_log_probs_stops_at_the_first_update(stand_in, tmp_path):

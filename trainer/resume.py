@@ -114,7 +114,8 @@ def save_checkpoint(run, model, optimizer, extras=None):
                      tokenizer=tokenizer_id(run.tokenizer),
                      rng=all_rng,
                      extras={k: unwrap(m).state_dict() for k, m in (extras or {}).items()},
-                     args={k: v for k, v in recorded_settings(run.args).items() if isinstance(v, (int, float, str, bool))})
+                     args={k: v for k, v in recorded_settings(run.args).items()
+                           if isinstance(v, (int, float, str, bool))})
         atomic_torch_save(state, run.resume_path)
         if run.progress is not None:
             run.progress.write(f"step {run.step}: saved {os.path.relpath(path, REPO_ROOT)} and "

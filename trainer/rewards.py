@@ -129,12 +129,18 @@ AGENT_REWARD_CLIP = 3.0
 ALTERNATIVES = [("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"), tuple(WEEKDAYS_ZH)]
 
 
+def as_number(answer):
+    """A gt value that is a number (thousands commas ignored) as a float, else None."""
+    plain = str(answer).strip().replace(",", "")
+    return float(plain) if NUMBER.fullmatch(plain) else None
+
+
 def contains_answer(text, answer):
     """The answer is in the text: as a number equal to one in it (12 == 12.0; thousands commas ignored), else as a
     case-insensitive substring."""
-    plain = str(answer).strip().replace(",", "")
-    if NUMBER.fullmatch(plain):
-        return any(abs(float(n) - float(plain)) < 1e-6 for n in NUMBER.findall(str(text).replace(",", "")))
+    value, plain = as_number(answer), str(answer).strip().replace(",", "")
+    if value is not None:
+        return any(abs(float(n) - value) < 1e-6 for n in NUMBER.findall(str(text).replace(",", "")))
     return bool(plain) and plain.lower() in str(text).lower()
 
 
@@ -147,12 +153,12 @@ def given_answers(reply, gt):
       answer names no other member of the set."""
     block = ANSWER_BLOCK.search(reply)
     answer = (block.group(1) if block else reply).replace(",", "")
-    numeric = [g for g in gt if NUMBER.fullmatch(str(g).strip().replace(",", ""))]
+    numeric = [g for g in gt if as_number(g) is not None]
     last_numbers = [float(n) for n in NUMBER.findall(answer)][-len(numeric):] if numeric else []
     found = []
     for g in gt:
-        if g in numeric:
-            value = float(str(g).strip().replace(",", ""))
+        value = as_number(g)
+        if value is not None:
             match = next((i for i, n in enumerate(last_numbers) if abs(n - value) < 1e-6), None)
             if match is not None:
                 last_numbers.pop(match)
@@ -189,9 +195,10 @@ def agent_reward(trajectory, gt, tools):
     valid = sum(c["name"] in offered and not is_error(r) for c, r in calls)
     opened = list(trajectory.opened_think) + [False] * (len(trajectory.turns) - len(trajectory.opened_think))
     final = "" if trajectory.hit_turn_limit or trajectory.cut_off or not trajectory.turns else \
-        final_reply(trajectory.turns[-1], opened[len(trajectory.turns) - 1])
+        final_reply(trajectory.turns[-1], opened[-1])
     found = given_answers(final, gt) if gt else []
-    unclosed = sum(abs(turn.count(CALL) - turn.count(END_CALL)) + abs(turn.count(THINK) + was_open - turn.count(END_THINK))
+    unclosed = sum(abs(turn.count(CALL) - turn.count(END_CALL))
+                   + abs(turn.count(THINK) + was_open - turn.count(END_THINK))  # was_open: the prompt's <think>
                    for turn, was_open in zip(trajectory.turns, opened))
     parts = dict(answer=len(found) / len(gt) if gt else 0.0, valid_calls=valid / len(calls) if calls else 0.0,
                  unclosed=float(unclosed), turn_limit=float(trajectory.hit_turn_limit), repetition=repetition(final))

@@ -166,12 +166,16 @@ def checked_sample(ids, logps, url, expected):
     return ids, [float(x) if x is not None and math.isfinite(x) and x > NO_LOGPROB else NO_LOGPROB for x in logps]
 
 
-def check_sampler_ratio(mean_ratio, tolerance, engine):
+def check_sampler_ratio(engine, steps_done, metrics, tolerance):
     """Stop when, right after a sync (the sampler holding the policy's weights), the mean importance ratio
-    pi / pi_sample over the sampled tokens is not 1 within `tolerance`: the engine's log-probs are then not the
-    log-probs of the distribution it sampled from (penalties, top-k / top-p, raw logits before the temperature),
-    and every ratio the objective takes would be wrong."""
-    if tolerance and abs(mean_ratio - 1) > tolerance:
+    pi / pi_sample over the sampled tokens (metrics["ratio"], the step's) is not 1 within `tolerance`: the engine's
+    log-probs are then not the log-probs of the distribution it sampled from (penalties, top-k / top-p, raw logits
+    before the temperature), and every ratio the objective takes would be wrong. Nothing to check while the engine's
+    weights are stale, or when it returns no log-probs (in-process GRPO / PPO / SPO take pi_old from a forward)."""
+    if not tolerance or engine.staleness(steps_done) or not engine.logprobs:
+        return
+    mean_ratio = float(metrics["ratio"])  # a host read, once per sync
+    if abs(mean_ratio - 1) > tolerance:
         raise SystemExit(
             f"right after a weight sync the mean ratio pi / pi_sample is {mean_ratio:.4f}, not 1 within "
             f"{tolerance:g} (--ratio_check): the rollout engine ({engine.name}) returns log-probs of another "
@@ -194,6 +198,7 @@ class HTTPEngine:
     The folder goes to sync_dir/step_N (written whole, then renamed into place), which the server must be able to
     read: the same machine or a shared filesystem. The previous folder is removed only once the server answered
     that it loaded the new one, so a server that restarts or loads lazily still finds the weights it holds."""
+    logprobs = True  # a server always returns the log-probs it sampled with
 
     def __init__(self, url, tokenizer, temperature, tokenizer_dir, sync_dir, sync_interval, timeout, config,
                  api_key=None, retries=0, backoff=1.0):
@@ -246,11 +251,17 @@ class HTTPEngine:
                 shutil.rmtree(os.path.join(self.sync_dir, old), ignore_errors=True)
 
     def save(self, model, step):
-        folder = os.path.join(self.sync_dir, f"step_{step}")
+        return self.write(model, os.path.join(self.sync_dir, f"step_{step}"))
+
+    def write(self, model, folder, keep_old_as=None):
+        """The policy as an engine folder at `folder`: written whole beside it, then renamed into place; what was
+        there is removed, or moved to keep_old_as."""
         partial = folder + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
         save_for_engines(model, partial, self.tokenizer_dir, self.dtype)
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(keep_old_as or folder, ignore_errors=True)
+        if keep_old_as:
+            os.replace(folder, keep_old_as)
         os.replace(partial, folder)
         return os.path.abspath(folder)
 
@@ -267,6 +278,7 @@ def dotted(version):
 
 # Neutral values of every setting that could change the distribution the engine samples from and returns log-probs
 # of: sent explicitly, so that a server's defaults (vLLM takes them from the model's generation_config.json) cannot
+# switch on penalties, min-p, top-k or top-p
 NEUTRAL_SAMPLING = {"top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
                     "frequency_penalty": 0.0}
 
@@ -390,13 +402,7 @@ class VLLMEngine(HTTPEngine):
         if self.served_folder is None:
             return super().save(model, step)
         # vLLM < 0.16: the new weights take the served folder's place (the old ones kept aside until the reload)
-        partial, aside = self.served_folder + ".partial", self.served_folder + ".previous"
-        shutil.rmtree(partial, ignore_errors=True)
-        save_for_engines(model, partial, self.tokenizer_dir, self.dtype)
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(self.served_folder, aside)
-        os.replace(partial, self.served_folder)
-        return self.served_folder
+        return self.write(model, self.served_folder, keep_old_as=self.served_folder + ".previous")
 
     def load(self, folder, step):
         kwargs = {} if self.served_folder is not None else {"weights_path": folder}

@@ -199,8 +199,8 @@ def main(args):
             if not kept:  # every trajectory skipped or dropped: nothing to learn from (AdamW would still decay)
                 optimizer.zero_grad(set_to_none=True)
                 break
-            if epoch == 0 and engine.staleness(step - 1) == 0:  # the sampler is the policy: rho must be 1
-                check_sampler_ratio(float(run.step_metrics["ratio"]), args.ratio_check, engine)
+            if epoch == 0:  # right after a sync (in-process: always) the sampler is the policy: rho must be 1
+                check_sampler_ratio(engine, step - 1, run.step_metrics, args.ratio_check)
             if epoch and args.kl_stop and float(run.step_metrics["kl_to_sampler"]) > args.kl_stop:
                 optimizer.zero_grad(set_to_none=True)  # the policy has left the samples behind: no further update
                 break

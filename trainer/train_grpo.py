@@ -60,8 +60,8 @@ if __name__ == "__main__":
 import torch
 
 from trainer.distributed import unwrap
-from trainer.losses import (cispo_objective, clipped_objective, group_advantages, importance_ratio, k3_kl,  # the formulas
-                            k3_kl_to_sampler)
+from trainer.losses import (cispo_objective, clipped_objective, group_advantages, importance_ratio,  # the formulas
+                            k3_kl, k3_kl_to_sampler)
 from trainer.rollout import completion_logprobs, masked_mean, sample_and_score, start_rl_run
 from trainer.rollout_engine import check_sampler_ratio, make_engine
 
@@ -112,8 +112,8 @@ def main(args):
         for epoch in range(args.ppo_epochs):  # --ppo_epochs updates on the same rollouts (1: MiniMind's)
             # prompts weigh alike
             step_loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))
-            if epoch == 0 and args.rollout_engine != "torch" and engine.staleness(step - 1) == 0:
-                check_sampler_ratio(float(run.step_metrics["ratio"]), args.ratio_check, engine)  # just synced: 1
+            if epoch == 0:  # right after a sync the sampler is the policy: rho must be 1
+                check_sampler_ratio(engine, step - 1, run.step_metrics, args.ratio_check)
             if epoch and args.kl_stop and float(run.step_metrics["kl_to_old"]) > args.kl_stop:
                 optimizer.zero_grad(set_to_none=True)  # the policy has left the samples behind: no further update
                 break

@@ -163,8 +163,7 @@ def main(args):
                 batch.update(sample_and_score(engine, tokenizer, batch, args, reward_model, device=run.device))
         # both trained models wait for the window's last micro-batch before DDP reduces their gradients
         loss = run.accumulate([actor, critic], window, loss_fn, count=lambda batch: len(batch["prompt"]))
-        if args.rollout_engine != "torch" and engine.staleness(step - 1) == 0:  # just synced: the ratio must be 1
-            check_sampler_ratio(float(run.step_metrics["ratio"]), args.ratio_check, engine)
+        check_sampler_ratio(engine, step - 1, run.step_metrics, args.ratio_check)  # right after a sync: rho = 1
         lr = run.optimizer_step(optimizer, more=[(critic_optimizer, args.critic_learning_rate)])
         if step % args.update_old_actor_freq == 0:  # pi_old catches up with the actor
             old_actor.load_state_dict(unwrap(actor).state_dict())

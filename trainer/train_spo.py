@@ -114,8 +114,7 @@ def main(args):
             for batch in window:
                 batch.update(sample_and_score(engine, tokenizer, batch, args, reward_model, device=run.device))
         loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))
-        if args.rollout_engine != "torch" and engine.staleness(step - 1) == 0:  # just synced: the ratio must be 1
-            check_sampler_ratio(float(run.step_metrics["ratio"]), args.ratio_check, engine)
+        check_sampler_ratio(engine, step - 1, run.step_metrics, args.ratio_check)  # right after a sync: rho = 1
         lr = run.optimizer_step(optimizer)
         mean_reward, mean_logp = (float(x) / run.world_size for x in run.all_sum(
             torch.stack(step_rewards).mean(), torch.stack(step_logps).mean()))

@@ -410,7 +410,8 @@ class Run:
             name = f"{self.weight_name}_{self.config.hidden_size}"
             if self.args.tracker == "wandb":
                 import wandb
-                self.tracker = wandb.init(project=self.args.wandb_project, name=name, config=recorded_settings(self.args))
+                self.tracker = wandb.init(project=self.args.wandb_project, name=name,
+                                          config=recorded_settings(self.args))
             else:
                 import swanlab
                 self.tracker = swanlab.init(project=self.args.wandb_project, name=name,
