@@ -54,7 +54,8 @@ if __name__ == "__main__":
 import torch
 from transformers import TextStreamer
 
-from inference.chat_core import load_chat_model, opened_think, thinking_kwargs, tool_turn
+from common.chat import opened_think, render
+from inference.chat_core import load_chat_model, tool_turn
 from inference.tools import TOOLS
 
 
@@ -112,8 +113,8 @@ def main(args):
     tools = TOOLS if args.tools else None
 
     def generate(messages):
-        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
-                                             **thinking_kwargs(None if args.open_thinking is None else bool(args.open_thinking)))
+        thinking = None if args.open_thinking is None else bool(args.open_thinking)
+        text = render(tokenizer, messages, tools, thinking=thinking, generation_prompt=True)
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
         # a prompt that opened <think> leaves the reply without it: put it back, so the reply reads whole
         opened = opened_think(tokenizer, inputs["input_ids"][0].tolist())

@@ -9,6 +9,8 @@ file, tokenizer and settings starts at once. Token ids are stored as uint16 (the
     DPODataset       {"chosen", "rejected"}      -> both sides tokenised with their loss masks
     RLAIFDataset     {"conversations", ...}      -> the prompt text ending in the generation prompt, its messages,
                                                    and every extra field (task, answers, ...)
+    AgentRLDataset   {"conversations", "gt"}     -> the messages up to the request, the tools offered, gt answers
+                                                   (small files: read whole, not through `datasets`)
 
 `pad_batch` pads a batch to its longest row only. A malformed line raises an error naming the file and
 line number; with on_bad_line="skip" such lines are skipped and counted instead (see `.report`). Whatever a line
@@ -28,6 +30,7 @@ from torch.utils.data import Dataset
 
 import datasets
 from jinja2 import TemplateError
+from common.chat import render
 from dataset.files import FILES as DOWNLOADABLE  # the full MiniMind data files, by name
 
 ASSISTANT_START = "<|im_start|>assistant\n"
@@ -228,11 +231,6 @@ def tokenize_with_loss_mask(tokenizer, text: str, max_length: int):
     return ids, mask
 
 
-def render(tokenizer, messages, tools=None, add_generation_prompt=False):
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
-
-
 def pretrain_row(row, tokenizer, max_length):
     if not isinstance(row.get("text"), str):
         return None, 'expected {"text": string}'
@@ -304,7 +302,7 @@ def rlaif_row(row, tokenizer, max_length):
     extras["conversation"] = messages  # the prompt as messages, for reward models
     if tools:
         extras["tools"] = tools  # offered in the prompt (parsed): a tool-use reward can check the calls against them
-    return dict(prompt=render(tokenizer, messages, tools, add_generation_prompt=True),
+    return dict(prompt=render(tokenizer, messages, tools, generation_prompt=True),
                 extras=json.dumps(extras, ensure_ascii=False)), None
 
 
@@ -470,8 +468,9 @@ def _long(array):
 
 
 class PretrainDataset(_ArrowDataset):
-    """Next-token prediction on raw text. packing=True fills every row to max_length with whole
-    documents separated by <|im_start|> ... <|im_end|>, so no compute goes to padding."""
+    """Next-token prediction on raw text. packing=True concatenates the documents (each <bos> ... <eos>) into one
+    stream and cuts it into rows of max_length (pack_rows): no compute goes to padding, a document may continue in
+    the next row, and documents in one row see each other."""
     kind = "pretrain"
 
     def __init__(self, data_path, tokenizer, max_length=512, packing=False, **kwargs):

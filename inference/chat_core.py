@@ -1,6 +1,7 @@
 """What eval_llm.py, the OpenAI-compatible server and the web chat share: load a trained model from a native .pth or
-a transformers folder (+ LoRA), fit a conversation into a token budget, and stream a reply token by
-token with the KV cache.
+a transformers folder (+ LoRA), fit a conversation into a token budget, stream a reply token by token with the
+KV cache, and run a turn whose replies call tools. The chat format itself - rendering a conversation, the thinking
+switch, reading a reply's think block and tool calls - is common/chat.py.
 
     chat = load_chat_model("out/full_sft_512.pth")                 # or a folder from convert_model.py
     prompt_ids, kept = fit_prompt(chat.tokenizer, messages, budget=1024)
@@ -8,9 +9,7 @@ token with the KV cache.
         for event in stream_reply(chat, prompt_ids, max_tokens=256):
             print(event["delta"], end="")
 """
-import json
 import os
-import re
 import threading
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ import torch
 from transformers import (AutoModelForCausalLM, DynamicCache, LogitsProcessorList,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
+from common.chat import render, split_reply
 from common.device import inference_dtype, pick_device, ready_device
 from common.tokenizer import check_tokenizer_fits, tokenizer_for
 from inference.tools import run_tool
@@ -90,26 +90,6 @@ def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inferenc
     return ChatModel(model.eval().to(device, dtype=inference_dtype(device)), tokenizer, name, device)
 
 
-def thinking_kwargs(thinking):
-    """The chat-template switches for thinking on (True) / off (False) / the template's default (None). Both names
-    are passed: this project's template reads enable_thinking (false = an empty think block), minimind-3's reads
-    open_thinking (true = the reply starts inside <think>, else an empty think block); each ignores the other."""
-    return {} if thinking is None else {"enable_thinking": thinking, "open_thinking": thinking}
-
-
-def opened_think(tokenizer, prompt_ids):
-    """"<think>\n" when the prompt ends inside an open think block (minimind-3's template with open_thinking): the
-    reply then holds only the reasoning's rest and "</think>", and this is what goes before it to read it whole."""
-    tail = tokenizer.decode(prompt_ids[-4:])
-    return THINK + "\n" if tail.rstrip().endswith(THINK) else ""
-
-
-def render(tokenizer, messages, tools=None, **template_kwargs):
-    """The chat template's text for the conversation, ending in the assistant's generation prompt."""
-    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True,
-                                         **template_kwargs)
-
-
 @torch.no_grad()
 def greedy_replies(model, tokenizer, prompts, max_new_tokens=32, batch_size=32):
     """Greedy replies to rendered prompts, generated in left-padded batches on the model's device."""
@@ -128,15 +108,15 @@ def greedy_replies(model, tokenizer, prompts, max_new_tokens=32, batch_size=32):
     return replies
 
 
-def fit_prompt(tokenizer, messages, budget, tools=None, template_kwargs=None, prefix=""):
+def fit_prompt(tokenizer, messages, budget, tools=None, thinking=None, prefix=""):
     """Token ids of the rendered conversation, at most `budget` of them: whole turns are dropped from
-    the oldest (a leading system message stays), never text sliced by characters. tools and
-    template_kwargs (thinking_kwargs) go to the chat template; prefix is appended after the generation
+    the oldest (a leading system message stays), never text sliced by characters. tools and thinking
+    (True / False / None: common.chat.render) go to the chat template; prefix is appended after the generation
     prompt (the start of the reply, which the model continues). Returns (ids, the messages kept)."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = list(messages[len(system):])
     while turns:
-        text = render(tokenizer, system + turns, tools, **(template_kwargs or {})) + prefix
+        text = render(tokenizer, system + turns, tools, thinking=thinking, generation_prompt=True) + prefix
         ids = tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) <= budget:
             return ids, system + turns
@@ -219,42 +199,6 @@ def stream_reply(chat, prompt_ids, max_tokens, temperature=0.85, top_p=0.85, sto
         inputs = torch.tensor([[token]], device=chat.device)
 
 
-THINK, END_THINK, CALL = "<think>", "</think>", "<tool_call>"
-ANSWER_TAGS = ("<answer>", "</answer>")
-TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
-
-
-def held_back(text, tags):
-    """text without a trailing piece that could still grow into one of the tags."""
-    for cut in range(min(len(text), max(len(t) for t in tags) - 1), 0, -1):
-        if any(t.startswith(text[-cut:]) for t in tags):
-            return text[:-cut]
-    return text
-
-
-def parse_tool_calls(text):
-    """The calls in text made only of <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks (and
-    whitespace): [{"name", "arguments" (a dict)}], or None when anything in it is not such a call."""
-    calls = []
-    for match in TOOL_CALL_BLOCK.finditer(text):
-        try:
-            call = json.loads(match.group(1))
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
-            return None
-        arguments = call.get("arguments", {})
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except (ValueError, RecursionError):
-                return None
-        if not isinstance(arguments, dict):
-            return None
-        calls.append({"name": call["name"], "arguments": arguments})
-    return calls if calls and not TOOL_CALL_BLOCK.sub("", text).strip() else None
-
-
 def tool_turn(generate, messages, tools=None, tool_rounds=3, on_calls=None):
     """One user turn with tools, as eval_llm.py and the web chat run it: generate(messages) -> the reply's text;
     while the reply is a tool call (and rounds are left), run the calls (inference/tools.py), add the call and its
@@ -272,34 +216,3 @@ def tool_turn(generate, messages, tools=None, tool_rounds=3, on_calls=None):
         added.append({"role": "assistant", "content": "",
                       "tool_calls": [{"type": "function", "function": call} for call in calls]})
         added += [{"role": "tool", "content": result} for result in results]
-
-
-def split_reply(text, final=True, tools=True):
-    """A reply's parts as an OpenAI message shows them: (reasoning or None, content, tool calls or None).
-
-    reasoning: the <think>...</think> at its start; content: the rest up to the first <tool_call>, without
-    <answer> tags; tool calls: the <tool_call> blocks, when every one is valid JSON with a name and object
-    arguments (else they stay in the content as text). While streaming (final=False), a tail that could
-    still become a tag is held back, so each part only grows as text arrives. tools=False: <tool_call> is text."""
-    reasoning, rest = None, text
-    stripped = text.lstrip()
-    if stripped.startswith(THINK):
-        inside = stripped[len(THINK):]
-        close = inside.find(END_THINK)
-        if close < 0:
-            reasoning, rest = (inside if final else held_back(inside, [END_THINK])), ""
-        else:
-            reasoning, rest = inside[:close], inside[close + len(END_THINK):]
-        reasoning = reasoning.strip()
-    elif not final and THINK.startswith(stripped):  # perhaps the start of <think>
-        return None, "", None
-    start = rest.find(CALL) if tools else -1
-    content, calls_text = (rest[:start], rest[start:]) if start >= 0 else (rest, "")
-    calls = parse_tool_calls(calls_text) if final and calls_text else None
-    if final and calls_text and calls is None:
-        content = rest  # malformed calls are returned as the text the model wrote
-    if not final and not calls_text:
-        content = held_back(content, ANSWER_TAGS + ((CALL,) if tools else ()))
-    for tag in ANSWER_TAGS:
-        content = content.replace(tag, "")
-    return reasoning, content.strip(), calls

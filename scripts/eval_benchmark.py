@@ -49,8 +49,9 @@ if __name__ == "__main__":
 
 import torch
 
-from inference.chat_core import load_chat_model, render
-from trainer.rollout import encode_prompts, positions  # the RL stages' left padding
+from common.chat import render
+from inference.chat_core import load_chat_model
+from trainer.rl.sampling import encode_prompts, positions  # the RL stages' left padding
 
 
 CHOICES = "ABCD"
@@ -84,7 +85,7 @@ def read_questions(path):
 
 def prompt_text(tokenizer, subject, item, style):
     text = PROMPT.format(subject=subject.replace("_", " "), **item)
-    return render(tokenizer, [{"role": "user", "content": text}]) if style == "chat" else text
+    return render(tokenizer, [{"role": "user", "content": text}], generation_prompt=True) if style == "chat" else text
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ right arguments?
 
 Each row of --data (default: the demo's tools_eval.jsonl files) is {"conversations": [{"role": "user", ...}, ...],
 "tools": [...], "call": {"name", "arguments"}}: the first user turn is asked with the row's tools offered, the
-greedy reply is read the way the server reads it (<tool_call> JSON blocks, inference/chat_core.py split_reply), and
+greedy reply is read the way the server reads it (<tool_call> JSON blocks, common/chat.py split_reply), and
 its first call is compared with "call". Arguments count as right when the tool gives the same result for them
 as for the expected ones (so "12*7" and "12 * 7" are both right), and that result is not an error.
 """
@@ -35,7 +35,8 @@ def arguments(argv=None):
 if __name__ == "__main__":
     args = arguments()  # --help and bad flags are answered here, before torch loads
 
-from inference.chat_core import greedy_replies, load_chat_model, render, split_reply
+from common.chat import render, split_reply
+from inference.chat_core import greedy_replies, load_chat_model
 from inference.tools import run_tool
 
 
@@ -70,7 +71,8 @@ def score_call(text, expected):
 
 def tool_call_scores(model, tokenizer, rows, batch_size=16, max_new_tokens=48):
     """Per row: its kind, the greedy reply to its first user turn (its tools offered) and score_call's answers."""
-    prompts = [render(tokenizer, [next(m for m in r["conversations"] if m["role"] == "user")], r["tools"]) for r in rows]
+    prompts = [render(tokenizer, [next(m for m in r["conversations"] if m["role"] == "user")], r["tools"],
+                      generation_prompt=True) for r in rows]
     replies = greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size)
     return [dict(kind=r.get("kind", r["call"]["name"]), reply=t, **score_call(t, r["call"])) for r, t in zip(rows, replies)]
 

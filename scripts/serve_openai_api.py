@@ -18,7 +18,7 @@ opened the think block), and an assistant message's `reasoning_content` goes bac
 Thinking: `open_thinking` or `enable_thinking` (true / false), top-level or in `chat_template_kwargs`; false asks
 for a reply without reasoning, true lets it reason (minimind-3's template then opens the think block).
 
-Rollout endpoints, for the RL stages' --rollout_engine sglang / vllm (trainer/rollout_engine.py) and for anyone
+Rollout endpoints, for the RL stages' --rollout_engine sglang / vllm (trainer/rl/engines.py) and for anyone
 who wants token ids in and out: POST /generate (SGLang's native form: input_ids, sampling_params - one object, or
 a list of one per prompt - and return_logprob; ids and each token's log-prob under the distribution it was sampled
 from), POST /v1/completions (vLLM's OpenAI-compatible form: token-id or text prompts, logprobs,
@@ -80,7 +80,8 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
 from inference.batching import Batcher
-from inference.chat_core import PromptTooLong, fit_prompt, load_chat_model, opened_think, split_reply, thinking_kwargs
+from common.chat import opened_think, split_reply
+from inference.chat_core import PromptTooLong, fit_prompt, load_chat_model
 
 
 DEFAULT_MAX_TOKENS = 1024
@@ -295,7 +296,7 @@ def parse_request(body, max_seq_len):
     if messages[-1]["role"] not in ("user", "tool"):
         raise BadRequest("the last message must come from the user or a tool", "messages")
     tools, prefix = check_tools(body)
-    template_kwargs = thinking_kwargs(thinking_switch(body))
+    thinking = thinking_switch(body)
     stop = stop_strings(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -303,7 +304,7 @@ def parse_request(body, max_seq_len):
     if body.get("n", 1) != 1:
         raise BadRequest("only n = 1 is supported", "n")
     length_field = "max_tokens" if "max_tokens" in body else "max_completion_tokens"
-    return dict(messages=messages, tools=tools, prefix=prefix, template_kwargs=template_kwargs, stop=stop,
+    return dict(messages=messages, tools=tools, prefix=prefix, thinking=thinking, stop=stop,
                 stream=stream,
                 max_tokens=number(body, length_field, min(DEFAULT_MAX_TOKENS, max_seq_len // 2), 1, max_seq_len - 1,
                                   integer=True),
@@ -455,7 +456,7 @@ def create_app(chat, api_key=None, max_seq_len=8192, max_body_mb=4, max_batch=16
         req = parse_request(parse_body(request.get_data()), max_seq_len)
         try:
             prompt_ids, _ = fit_prompt(chat.tokenizer, req["messages"], max_seq_len - req["max_tokens"],
-                                       req["tools"], req["template_kwargs"], req["prefix"])
+                                       req["tools"], req["thinking"], req["prefix"])
         except PromptTooLong as e:
             raise BadRequest(f"{e}: shorten it or lower max_tokens (context is {max_seq_len} tokens)",
                              "messages", "context_length_exceeded")

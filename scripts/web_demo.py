@@ -19,8 +19,8 @@ import streamlit as st
 from openai import OpenAI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
-from inference.chat_core import (fit_prompt, load_chat_model, opened_think, split_reply, stream_reply, thinking_kwargs,
-                                 tool_turn)
+from common.chat import opened_think, split_reply
+from inference.chat_core import fit_prompt, load_chat_model, stream_reply, tool_turn
 from inference.paths import REPO_ROOT, find_local_models, newest_chat_model
 from inference.tools import TOOLS
 
@@ -76,8 +76,7 @@ def show(message):
 
 def local_stream(path, messages, settings, tools=None, thinking=None, tokenizer_dir=None):
     chat = get_model(path, tokenizer_dir)
-    prompt_ids, _ = fit_prompt(chat.tokenizer, messages, MAX_SEQ_LEN - settings["max_tokens"], tools,
-                               thinking_kwargs(thinking))
+    prompt_ids, _ = fit_prompt(chat.tokenizer, messages, MAX_SEQ_LEN - settings["max_tokens"], tools, thinking)
     yield opened_think(chat.tokenizer, prompt_ids)  # a prompt that opened <think>: the reply is read after it
     with chat.lock:
         for event in stream_reply(chat, prompt_ids, **settings):

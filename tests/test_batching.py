@@ -13,7 +13,8 @@ from openai import OpenAI
 from conftest import PROJECT_TOKENIZER, REPO_ROOT, start_server, talkative_weight
 
 from inference.batching import Batcher
-from inference.chat_core import load_chat_model, render, stream_reply
+from common.chat import render
+from inference.chat_core import load_chat_model, stream_reply
 
 QUESTIONS = ["你好", "请介绍一下你自己。", "What is 2 + 3?", "讲一个很长很长的故事，关于一只小猫和一条河。",
              "Hi", "天空为什么是蓝色的？请详细解释。"]
@@ -26,7 +27,7 @@ def chat(tmp_path_factory):
 
 
 def prompt(chat, question):
-    return chat.tokenizer(render(chat.tokenizer, [{"role": "user", "content": question}]),
+    return chat.tokenizer(render(chat.tokenizer, [{"role": "user", "content": question}], generation_prompt=True),
                           add_special_tokens=False).input_ids
 
 

@@ -274,10 +274,10 @@ def test_unreadable_minimind3_fields_are_bad_rows(tok, tmp_path, cache, turn, me
 def test_a_row_the_template_cannot_render_is_a_bad_row(tok, tmp_path, cache, monkeypatch):
     import jinja2
 
-    def render(tokenizer, messages, tools=None, add_generation_prompt=False):
+    def render(tokenizer, messages, tools=None, thinking=None, generation_prompt=False):
         if messages[0]["content"] == "breaks":
             raise jinja2.exceptions.UndefinedError("'str object' has no attribute 'name'")
-        return original(tokenizer, messages, tools, add_generation_prompt)
+        return original(tokenizer, messages, tools, thinking, generation_prompt)
     original = lm_dataset.render
     monkeypatch.setattr(lm_dataset, "render", render)
     rows = [{"conversations": [{"role": "user", "content": "breaks"}, {"role": "assistant", "content": "a"}]},

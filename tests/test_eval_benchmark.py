@@ -10,7 +10,8 @@ import torch
 
 from conftest import PROJECT_TOKENIZER, REPO_ROOT
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from inference.chat_core import load_chat_model, render
+from common.chat import render
+from inference.chat_core import load_chat_model
 from scripts.eval_benchmark import PROMPT, predict, prompt_text, read_questions
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "eval_benchmark.py")
@@ -49,7 +50,7 @@ def one_by_one(chat, subject, rows, style="chat"):
     for question, a, b, c, d in rows:
         text = PROMPT.format(subject=subject, question=question, A=a, B=b, C=c, D=d)
         if style == "chat":
-            text = render(chat.tokenizer, [{"role": "user", "content": text}])
+            text = render(chat.tokenizer, [{"role": "user", "content": text}], generation_prompt=True)
         ids = torch.tensor([chat.tokenizer(text, add_special_tokens=False).input_ids])
         with torch.no_grad():
             logits = chat.model(ids).logits[0, -1]

@@ -21,11 +21,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
+from common.chat import render
 from conftest import REPO_ROOT
 from dataset import lm_dataset
 from dataset.lm_dataset import (CUT_OFF, ROLES, ROW_BUILDERS, AgentRLDataset, DataError, DPODataset,
                                 PretrainDataset, RLAIFDataset, SFTDataset, normalise_messages, read_conversation,
-                                render, validate_messages, validate_tool_calls)
+                                validate_messages, validate_tool_calls)
 
 datasets.disable_progress_bars()
 MAX_LENGTH = 64

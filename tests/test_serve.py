@@ -16,7 +16,8 @@ from transformers import AutoTokenizer
 from conftest import PROJECT_TOKENIZER, REPO_ROOT, start_server, talkative_weight
 from model.model_lora import apply_lora, load_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from inference.chat_core import PromptTooLong, fit_prompt, load_chat_model, render, stream_reply
+from common.chat import render
+from inference.chat_core import PromptTooLong, fit_prompt, load_chat_model, stream_reply
 
 HELLO = [{"role": "user", "content": "你好，请介绍一下你自己。"}]
 
@@ -77,7 +78,7 @@ def test_non_streaming_answer_with_usage(client):
     choice = reply.choices[0]
     assert choice.message.role == "assistant" and choice.message.content
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
-    prompt_tokens = len(tokenizer(render(tokenizer, HELLO), add_special_tokens=False).input_ids)
+    prompt_tokens = len(tokenizer(render(tokenizer, HELLO, generation_prompt=True), add_special_tokens=False).input_ids)
     assert reply.usage.prompt_tokens == prompt_tokens
     assert reply.usage.total_tokens == prompt_tokens + reply.usage.completion_tokens
     # a random tiny model does not stop on its own within 12 tokens
@@ -174,7 +175,7 @@ def test_api_key_and_lora_on_top(weight, tmp_path):
     # the same answer as the base weight with the LoRA applied by hand, different from the base alone
     chat = load_chat_model(str(weight), device="cpu", tokenizer_dir=PROJECT_TOKENIZER)
     tokenizer = chat.tokenizer
-    ids = tokenizer(render(tokenizer, HELLO), add_special_tokens=False).input_ids
+    ids = tokenizer(render(tokenizer, HELLO, generation_prompt=True), add_special_tokens=False).input_ids
     base = "".join(e["delta"] for e in stream_reply(chat, ids, 8, temperature=0))
     apply_lora(chat.model, rank=4)
     load_lora(chat.model, str(tmp_path / "lora_identity_64.pth"))
@@ -218,7 +219,7 @@ def test_fit_prompt_drops_whole_oldest_turns_and_keeps_the_system_message():
         turns += [{"role": "user", "content": f"第{i}个问题：" + "天气" * 10},
                   {"role": "assistant", "content": f"第{i}个回答：" + "晴朗" * 10}]
     messages = [system] + turns + [{"role": "user", "content": "最后的问题"}]
-    everything = len(tokenizer(render(tokenizer, messages), add_special_tokens=False).input_ids)
+    everything = len(tokenizer(render(tokenizer, messages, generation_prompt=True), add_special_tokens=False).input_ids)
     ids, kept = fit_prompt(tokenizer, messages, budget=everything)
     assert kept == messages  # fits: nothing dropped
     ids, kept = fit_prompt(tokenizer, messages, budget=everything - 1)
@@ -232,7 +233,7 @@ def test_fit_prompt_drops_whole_oldest_turns_and_keeps_the_system_message():
 
 def test_stream_reply_never_sends_part_of_a_stop_string(weight):
     chat = load_chat_model(str(weight), device="cpu", tokenizer_dir=PROJECT_TOKENIZER)
-    ids = chat.tokenizer(render(chat.tokenizer, HELLO), add_special_tokens=False).input_ids
+    ids = chat.tokenizer(render(chat.tokenizer, HELLO, generation_prompt=True), add_special_tokens=False).input_ids
     full = "".join(e["delta"] for e in stream_reply(chat, ids, 16, temperature=0))
     stop = full[6:9]
     deltas = [e["delta"] for e in stream_reply(chat, ids, 16, temperature=0, stop=[stop])]

@@ -16,7 +16,8 @@ from werkzeug.serving import make_server
 from conftest import REPO_ROOT, free_port
 from model.model_minimind import MiniMindConfig
 from scripts import serve_openai_api
-from inference.chat_core import ChatModel, split_reply
+from common.chat import final_reply, split_reply
+from inference.chat_core import ChatModel
 
 TOKENIZER = AutoTokenizer.from_pretrained(f"{REPO_ROOT}/model")
 CALCULATOR = {"type": "function", "function": {
@@ -231,6 +232,17 @@ def test_split_reply_parts_only_grow_while_streaming():
         previous = (reasoning or "", content)
     assert split_reply(text) == ("先算 <b> 10*7", "是 84", [{"name": "calculator", "arguments": {"expression": "12*7"}}])
     assert previous == ("先算 <b> 10*7", "是 84")
+
+
+def test_final_reply_is_what_follows_the_think_block():
+    assert final_reply("<think>a</think>b") == "b"
+    assert final_reply("a</think>b", opened=True) == "b"  # the prompt opened <think>
+    assert final_reply("a", opened=True) == ""  # never closed: all of it was thinking
+    assert final_reply("plain") == "plain"
+    for text, opened in [("<think>\n想\n</think>\n\n84", False), ("想\n</think>\n84", True), ("84", False),
+                         ("  <think>x</think> y <answer>z</answer>", False), ("<think>never closed", False)]:
+        assert split_reply(("<think>" if opened else "") + text)[1] == final_reply(text, opened).replace(
+            "<answer>", "").replace("</answer>", "").strip()
 
 
 def test_the_web_chat_over_the_api_folds_the_reasoning_it_gets_as_reasoning_content(served, monkeypatch):

@@ -97,7 +97,7 @@ def test_the_tool_loop_runs_the_calls_and_answers_from_the_result(capsys):
 # -- No tool input ends a run: every failure is an error answer the model reads --------------------------------------
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from inference.chat_core import parse_tool_calls  # noqa: E402
+from common.chat import parse_tool_calls  # noqa: E402
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
