@@ -5,10 +5,10 @@ A: [r, in] ~ N(0, 0.02), B: [out, r] = 0 (so training starts from the base model
 or s = 1 when alpha is not given (MiniMind's behaviour). Tensors are stored as
 `<linear>.lora.A.weight` / `<linear>.lora.B.weight`, the names MiniMind uses.
 """
-import os
-
 import torch
 from torch import nn
+
+from common.files import atomic_torch_save
 
 
 class LoRA(nn.Module):
@@ -137,15 +137,3 @@ def merge_lora(model: nn.Module) -> int:
             del module.lora
             merged += 1
     return merged
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to `path` so that a crash mid-write never leaves a truncated file behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

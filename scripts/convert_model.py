@@ -67,7 +67,8 @@ if __name__ == "__main__":
 
 import torch
 
-from model.model_lora import apply_lora, atomic_torch_save, load_lora, lora_layout, merge_lora
+from common.files import atomic_torch_save
+from model.model_lora import apply_lora, load_lora, lora_layout, merge_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.hf_export import copy_tokenizer, save_llama, save_qwen3
 from model.weights import config_from_state_dict, load_state_dict_strict
