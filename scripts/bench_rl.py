@@ -39,10 +39,10 @@ import torch
 from common.bench import benchmark_setup, peak_memory_gib, reset_peak_memory
 from common.device import synchronize
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.losses import clipped_objective, group_advantages, k3_kl
-from trainer.rewards import rule_rewards
-from trainer.rollout import completion_logprobs, masked_mean, sample
-from trainer.rollout_engine import TorchEngine
+from trainer.losses import clipped_objective, group_advantages, k3_kl, masked_mean
+from trainer.rl.rewards import rule_rewards
+from trainer.rl.sampling import completion_logprobs, sample
+from trainer.rl.engines import TorchEngine
 
 
 def main(args):

@@ -47,7 +47,7 @@ from common.bench import benchmark_setup, peak_tflops, training_flops_per_token
 from common.device import synchronize
 from dataset.lm_dataset import PretrainDataset, SFTDataset, pad_batch
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.resume import ResumableBatchSampler
+from trainer.sampler import ResumableBatchSampler
 
 
 def bench(dataset, args, device, dtype, compile_model, lengths=None):

@@ -75,17 +75,18 @@ import torch.nn.functional as F
 
 from common.device import choose_dtype, pick_device
 from dataset.lm_dataset import AgentRLDataset, DPODataset, PretrainDataset, SFTDataset, pad_batch, stack_pairs
-from inference.chat_core import greedy_replies, render
+from common.chat import render
+from inference.chat_core import greedy_replies
 from model.model_lora import apply_lora, load_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.weights import load_state_dict_strict
 from scripts.eval_toolcall import DEMO_REQUESTS, read_requests, tool_call_scores
 from scripts.plot_metrics import plot
 from trainer.losses import sequence_logps
-from trainer.agent_rollout import rollout
-from trainer.rewards import agent_reward, answer_reward, normalise, rule_rewards
-from trainer.rollout import sample
-from trainer.rollout_engine import TorchEngine
+from trainer.rl.agent import run_trajectories
+from trainer.rl.rewards import agent_reward, answer_reward, normalise, rule_rewards
+from trainer.rl.sampling import sample
+from trainer.rl.engines import TorchEngine
 
 
 DEMO = os.path.join(REPO_ROOT, "dataset", "demo")
@@ -157,7 +158,7 @@ def stage_result(stage, metric, before, after, higher_is_better, seconds=None, w
 @torch.no_grad()
 def answer(model, tokenizer, questions, max_new_tokens=32, batch_size=32):
     """Greedy answers to single-turn questions."""
-    prompts = [render(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    prompts = [render(tokenizer, [{"role": "user", "content": q}], generation_prompt=True) for q in questions]
     return [a.strip() for a in greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size)]
 
 
@@ -207,13 +208,13 @@ AGENT_TURNS, AGENT_TURN_TOKENS = 2, 48  # a call and the answer after its result
 
 
 def agent_scores(model, tokenizer, rows, temperature, samples=2, seed=0):
-    """Per held-out tool task, over `samples` trajectories sampled as in training (trainer/agent_rollout.py): the
+    """Per held-out tool task, over `samples` trajectories sampled as in training (trainer/rl/agent.py): the
     mean agent reward, task success (every gt answer given by the final answer) and valid-call share (agent_reward)."""
     torch.manual_seed(seed)
     rng, engine, scores = random.Random(seed), TorchEngine(model, tokenizer, temperature), []
     for start in range(0, len(rows), 16):
         batch = rows[start:start + 16]
-        trajectories = rollout(engine, tokenizer, [r["messages"] for r in batch], [r["tools"] for r in batch],
+        trajectories = run_trajectories(engine, tokenizer, [r["messages"] for r in batch], [r["tools"] for r in batch],
                                samples, AGENT_TURNS, AGENT_TURN_TOKENS, rng=rng)
         for i, row in enumerate(batch):
             parts = [agent_reward(t, row["gt"], row["tools"]) for t in trajectories[i * samples:(i + 1) * samples]]

@@ -1,4 +1,4 @@
-"""Agentic RL: multi-turn tool-use trajectories token in and token out (trainer/agent_rollout.py), their rewards,
+"""Agentic RL: multi-turn tool-use trajectories token in and token out (trainer/rl/agent.py), their rewards,
 the agent_rl rows, and trainer/train_agent.py end to end."""
 import json
 import os
@@ -10,9 +10,10 @@ from common.tokenizer import load_tokenizer
 from conftest import REPO_ROOT, tiny_model
 from dataset.lm_dataset import AgentRLDataset, DataError
 from inference.tools import TOOLS
-from trainer.agent_rollout import Trajectory, pack, render, rollout, trajectory_logprobs
-from trainer.rollout_engine import TorchEngine
-from trainer.rewards import agent_reward, contains_answer
+from common.chat import render
+from trainer.rl.agent import Trajectory, pad_trajectories, run_trajectories, trajectory_logprobs
+from trainer.rl.engines import TorchEngine
+from trainer.rl.rewards import agent_reward, contains_answer
 
 TOKENIZER = load_tokenizer()
 CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*7"}}\n</tool_call>'
@@ -45,7 +46,7 @@ def test_sampled_ids_are_kept_even_where_their_text_would_tokenise_differently()
     assert call_ids[:-1] != TOKENIZER(CALL, add_special_tokens=False).input_ids  # re-encoding would change them
     answer_ids = TOKENIZER("12*7 = 84.", add_special_tokens=False).input_ids + [eos]
     engine = ScriptedEngine([call_ids, answer_ids])
-    [t] = rollout(engine, TOKENIZER, [QUESTION], [TOOLS], max_turns=3)
+    [t] = run_trajectories(engine, TOKENIZER, [QUESTION], [TOOLS], max_turns=3)
 
     assert t.calls == [[{"name": "calculator", "arguments": {"expression": "12*7"}}], []]
     assert json.loads(t.results[0][0]) == {"result": 84} and t.finished and not t.hit_turn_limit
@@ -60,21 +61,21 @@ def test_sampled_ids_are_kept_even_where_their_text_would_tokenise_differently()
     # default, as the SFT data is rendered: no think block in this project's template)
     assert TOKENIZER.decode(observation) == ('\n<|im_start|>user\n<tool_response>\n{"result": 84}\n</tool_response>'
                                              '<|im_end|>\n<|im_start|>assistant\n')
-    assert TOKENIZER.decode(t.prompt_ids) == render(TOKENIZER, QUESTION, TOOLS, False, generation_prompt=True)
+    assert TOKENIZER.decode(t.prompt_ids) == render(TOKENIZER, QUESTION, TOOLS, generation_prompt=True)
 
 
 def test_the_turn_limit_and_the_token_budget_end_a_trajectory():
     eos = TOKENIZER.eos_token_id
     call_ids = TOKENIZER(CALL, add_special_tokens=False).input_ids + [eos]
-    [t] = rollout(ScriptedEngine([call_ids, call_ids]), TOKENIZER, [QUESTION], [TOOLS], max_turns=2)
+    [t] = run_trajectories(ScriptedEngine([call_ids, call_ids]), TOKENIZER, [QUESTION], [TOOLS], max_turns=2)
     assert t.hit_turn_limit and len(t.turns) == 2
     assert t.ids[-len(call_ids):] == call_ids  # no observation after the last allowed turn
     # a turn that reaches its budget without <|im_end|> is cut off: no call is read from it
-    [t] = rollout(ScriptedEngine([call_ids]), TOKENIZER, [QUESTION], [TOOLS], max_new_tokens=5)
+    [t] = run_trajectories(ScriptedEngine([call_ids]), TOKENIZER, [QUESTION], [TOOLS], max_new_tokens=5)
     assert t.cut_off and t.calls == [[]] and len(t.ids) == 5
     # and so is one that reaches --max_total_len: each trajectory is held to its own room
-    prompt = len(TOKENIZER(render(TOKENIZER, QUESTION, TOOLS, False, True), add_special_tokens=False).input_ids)
-    [t] = rollout(ScriptedEngine([call_ids]), TOKENIZER, [QUESTION], [TOOLS], max_total_tokens=prompt + 3)
+    prompt = len(TOKENIZER(render(TOKENIZER, QUESTION, TOOLS, generation_prompt=True), add_special_tokens=False).input_ids)
+    [t] = run_trajectories(ScriptedEngine([call_ids]), TOKENIZER, [QUESTION], [TOOLS], max_total_tokens=prompt + 3)
     assert t.cut_off and len(t.ids) == 3
 
 
@@ -84,7 +85,7 @@ def test_samples_step_through_the_turns_together():
     call_ids = TOKENIZER(CALL, add_special_tokens=False).input_ids + [eos]
     plain = TOKENIZER("84", add_special_tokens=False).input_ids + [eos]
     engine = ScriptedEngine([call_ids, plain, plain, call_ids, plain, plain])
-    trajectories = rollout(engine, TOKENIZER, [QUESTION, QUESTION], [TOOLS, TOOLS], samples_per_prompt=2)
+    trajectories = run_trajectories(engine, TOKENIZER, [QUESTION, QUESTION], [TOOLS, TOOLS], samples_per_prompt=2)
     assert [len(c) for c in engine.contexts] == [4, 2]  # turn 1: all four; turn 2: the two that called a tool
     assert [len(t.turns) for t in trajectories] == [2, 1, 1, 2]
 
@@ -95,9 +96,9 @@ def test_the_engine_returns_the_log_probs_it_sampled_with():
     torch.manual_seed(0)
     model = tiny_model(max_position_embeddings=2048).eval()
     engine = TorchEngine(model, TOKENIZER, temperature=0.7)
-    trajectories = rollout(engine, TOKENIZER, [QUESTION, [{"role": "user", "content": "你好"}]], [TOOLS, None],
+    trajectories = run_trajectories(engine, TOKENIZER, [QUESTION, [{"role": "user", "content": "你好"}]], [TOOLS, None],
                            samples_per_prompt=2, max_new_tokens=12)
-    packed = pack(trajectories, TOKENIZER.pad_token_id)
+    packed = pad_trajectories(trajectories, TOKENIZER.pad_token_id)
     with torch.no_grad():
         logps, _ = trajectory_logprobs(model, packed, temperature=0.7)
     mask = packed["loss_mask"].bool()
@@ -108,7 +109,7 @@ def test_the_engine_returns_the_log_probs_it_sampled_with():
 
 def test_pack_aligns_every_token_with_the_position_that_predicts_it():
     t = Trajectory(prompt_ids=[5, 6, 7], ids=[8, 9, 10], loss_mask=[1, 0, 1], sample_logps=[-1.0, 0.0, -3.0])
-    packed = pack([t, Trajectory(prompt_ids=[5, 6], ids=[8], loss_mask=[1], sample_logps=[-2.0])], pad_id=0)
+    packed = pad_trajectories([t, Trajectory(prompt_ids=[5, 6], ids=[8], loss_mask=[1], sample_logps=[-2.0])], pad_id=0)
     assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 6, 8, 0, 0, 0]]
     assert packed["loss_mask"].tolist() == [[0, 0, 1, 0, 1], [0, 1, 0, 0, 0]]  # position 2 predicts id 8
     assert packed["sample_logps"].tolist() == [[0, 0, -1.0, 0, -3.0], [0, -2.0, 0, 0, 0]]
@@ -209,7 +210,7 @@ def test_a_tool_that_fails_is_an_invalid_call_the_model_sees_not_the_end_of_the_
     call = CALL.replace("12*7", expression)
     call_ids = TOKENIZER(call, add_special_tokens=False).input_ids + [eos]
     answer_ids = TOKENIZER("84", add_special_tokens=False).input_ids + [eos]
-    [t] = rollout(ScriptedEngine([call_ids, answer_ids]), TOKENIZER, [QUESTION], [TOOLS], max_turns=3)
+    [t] = run_trajectories(ScriptedEngine([call_ids, answer_ids]), TOKENIZER, [QUESTION], [TOOLS], max_turns=3)
     assert "error" in json.loads(t.results[0][0]) and len(t.turns) == 2  # the trajectory went on after it
     assert "error" in TOKENIZER.decode(t.ids[len(call_ids):len(t.ids) - len(answer_ids)])  # the model reads it
     assert agent_reward(t, ["84"], TOOLS)["valid_calls"] == 0.0
@@ -221,16 +222,16 @@ def test_the_think_block_the_prompt_opened_is_not_an_unclosed_tag():
     tokenizer = minimind3_style_tokenizer()
     eos = tokenizer.eos_token_id
     turn = tokenizer("12 times 7.\n</think>\n\n84", add_special_tokens=False).input_ids + [eos]
-    [t] = rollout(ScriptedEngine([turn]), tokenizer, [QUESTION], [None], thinking_ratio=1.0)
+    [t] = run_trajectories(ScriptedEngine([turn]), tokenizer, [QUESTION], [None], thinking_ratio=1.0)
     assert t.thinking and t.opened_think == [True]
     parts = agent_reward(t, ["84"], None)
     assert (parts["unclosed"], parts["answer"], parts["success"]) == (0.0, 1.0, 1.0)
     still_thinking = tokenizer("the answer might be 84", add_special_tokens=False).input_ids + [eos]
-    [t] = rollout(ScriptedEngine([still_thinking]), tokenizer, [QUESTION], [None], thinking_ratio=1.0)
+    [t] = run_trajectories(ScriptedEngine([still_thinking]), tokenizer, [QUESTION], [None], thinking_ratio=1.0)
     parts = agent_reward(t, ["84"], None)
     assert (parts["unclosed"], parts["answer"]) == (1.0, 0.0)
     # thinking off: the template's empty think block is closed in the prompt itself
-    [t] = rollout(ScriptedEngine([tokenizer("84", add_special_tokens=False).input_ids + [eos]]), tokenizer,
+    [t] = run_trajectories(ScriptedEngine([tokenizer("84", add_special_tokens=False).input_ids + [eos]]), tokenizer,
                   [QUESTION], [None])
     assert t.opened_think == [False] and agent_reward(t, ["84"], None)["total"] == 2.0
 
@@ -255,9 +256,9 @@ def test_an_answer_that_lists_candidates_does_not_score():
 
 def test_thinking_ratio_acts_or_is_refused(tmp_path):
     from test_train import run_script
-    from trainer.agent_rollout import has_thinking_switch
+    from common.chat import has_thinking_switch
     assert has_thinking_switch(minimind3_style_tokenizer()) and not has_thinking_switch(TOKENIZER)
-    prompts = {render(minimind3_style_tokenizer(), QUESTION, None, thinking, True) for thinking in (True, False)}
+    prompts = {render(minimind3_style_tokenizer(), QUESTION, None, thinking or None, generation_prompt=True) for thinking in (True, False)}
     assert len(prompts) == 2
     result = run_script("train_agent.py", "--from_weight", "none", "--thinking_ratio", "0.5", "--max_steps", "1",
                         tmp=tmp_path, check=False)
@@ -269,7 +270,7 @@ def test_prompts_too_long_are_skipped_and_cut_off_trajectories_can_be_masked(tmp
     --mask_truncated cut-off trajectories carry no loss; with --dynamic_sampling groups whose rewards are all equal are
     drawn again, then dropped; the loss aggregations all run."""
     from test_train import metrics, run_script
-    [t] = rollout(ScriptedEngine([]), TOKENIZER, [QUESTION], [TOOLS], max_total_tokens=10)
+    [t] = run_trajectories(ScriptedEngine([]), TOKENIZER, [QUESTION], [TOOLS], max_total_tokens=10)
     assert t.prompt_too_long and t.ids == [] and t.turns == []  # the engine was not even asked
     common = ["--num_generations", "2", "--from_weight", "none", "--batch_size", "2", "--max_steps", "1"]
     run_script("train_agent.py", *common, "--max_total_len", "16", tmp=tmp_path / "long")

@@ -1,4 +1,4 @@
-"""What the rollout engines send and how they read answers (trainer/rollout_engine.py), against a recording stand-in
+"""What the rollout engines send and how they read answers (trainer/rl/engines.py), against a recording stand-in
 server: every sampling setting at its neutral value, a seed per prompt, the API key, retries of transient failures,
 aborted requests as errors, -inf log-probs, vLLM's release checks and old-release reload, the sync folder kept until
 the engine loaded its successor, and the sampler-ratio check stopping a run whose engine returns other log-probs."""
@@ -13,7 +13,7 @@ import torch
 from common.tokenizer import load_tokenizer
 from conftest import PROJECT_TOKENIZER
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.rollout_engine import (NEUTRAL_SAMPLING, NO_LOGPROB, RolloutEngineError, SGLangEngine, VLLMEngine,
+from trainer.rl.engines import (NEUTRAL_SAMPLING, NO_LOGPROB, RolloutEngineError, SGLangEngine, VLLMEngine,
                                     check_sampler_ratio)
 
 TOKENIZER = load_tokenizer()
@@ -208,7 +208,7 @@ def test_a_run_whose_engine_returns_other_log_probs_stops_at_the_first_update(st
 
 def test_the_api_key_comes_from_the_flag_else_the_servers_variable(stand_in, tmp_path, monkeypatch):
     import argparse
-    from trainer.rollout_engine import make_engine
+    from trainer.rl.engines import make_engine
     stand_in.script = {"/generate": [(200, sglang_answer)]}
     args = argparse.Namespace(rollout_engine="sglang", rollout_url=stand_in.url, temperature=1.0, sync_dir=None,
                               save_dir=str(tmp_path), sync_interval=1, rollout_timeout=5, rollout_retries=0,
@@ -226,7 +226,7 @@ def test_the_api_key_comes_from_the_flag_else_the_servers_variable(stand_in, tmp
 def test_the_in_process_engine_ignores_sampling_settings_a_model_folder_would_bring():
     """A generation_config.json with a repetition penalty, min-p and top-k would change the distribution generate
     samples from and records: the engine overrides them, so its log-probs stay log softmax(logits / T)."""
-    from trainer.rollout_engine import TorchEngine
+    from trainer.rl.engines import TorchEngine
     model = tiny_policy()
     model.generation_config.update(repetition_penalty=1.5, min_p=0.2, top_k=3, no_repeat_ngram_size=2)
     prompt = TOKENIZER("你好，请介绍一下你自己。", add_special_tokens=False).input_ids

@@ -19,8 +19,11 @@ from trainer import losses
 from common import device as devices
 from common import bench
 from trainer import distributed
+from dataset.lm_dataset import pad_batch
 from trainer import trainer_utils
 from test_train import Rows, fake_run  # noqa: E402
+from trainer.resume import Checkpoint  # noqa: E402
+from trainer.sampler import SampleStream  # noqa: E402
 
 from model import kernels, model_minimind  # noqa: E402
 from model.model_minimind import MiniMindConfig  # noqa: E402
@@ -46,7 +49,7 @@ def right_padded_batch():
         labels = ids.clone()
         labels[: n // 2] = -100  # the prompt carries no loss
         rows.append(dict(input_ids=ids, labels=labels))
-    return trainer_utils.pad_batch(rows)
+    return pad_batch(rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,29 +240,32 @@ def test_resume_holds_and_restores_only_this_gpus_rng(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": asked.append(device) or torch.tensor([7, 1], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state.tolist(), device)))
     model = tiny_model()
-    optimizer = torch.optim.AdamW(model.parameters())
-    run.save(model, optimizer)
+    checkpoint = Checkpoint(run, SampleStream(Rows(8), run.args, 0, 1, run.device), model,
+                            torch.optim.AdamW(model.parameters()))
+    checkpoint.save()
     state = torch.load(run.resume_path, weights_only=True)
     assert asked == [torch.device("cuda", 1)] and state["rng"][0]["cuda"].tolist() == [7, 1]
     run.args.from_resume = 1
-    run.restore(model, optimizer)
+    checkpoint.restore()
     assert restored == [([7, 1], torch.device("cuda", 1))]
     # a file from before, with every GPU's state, on a machine that now shows fewer GPUs: no crash
     state["rng"][0]["cuda"] = [torch.tensor([5], dtype=torch.uint8)]
     torch.save(state, run.resume_path)
     restored.clear()
-    run.restore(model, optimizer)
+    checkpoint.restore()
     assert restored == []
 
 
 def test_a_bf16_resume_file_resumes_in_fp16(tmp_path, capsys):
     bf16 = fake_run(checkpoint_dir=str(tmp_path), save_dir=str(tmp_path), dtype="float32")
     model = tiny_model()
-    bf16.save(model, torch.optim.AdamW(model.parameters()))
+    Checkpoint(bf16, SampleStream(Rows(8), bf16.args, 0, 1, bf16.device), model,
+               torch.optim.AdamW(model.parameters())).save()
     assert torch.load(bf16.resume_path, weights_only=True)["scaler"] == {}  # what a disabled GradScaler saves
     fp16 = fake_run(checkpoint_dir=str(tmp_path), save_dir=str(tmp_path), dtype="float16", from_resume=1)
     assert fp16.scaler.is_enabled()
-    fp16.restore(model, torch.optim.AdamW(model.parameters()))
+    Checkpoint(fp16, SampleStream(Rows(8), fp16.args, 0, 1, fp16.device), model,
+               torch.optim.AdamW(model.parameters())).restore()
     assert "fresh loss scale" in capsys.readouterr().out
 
 
@@ -267,38 +273,58 @@ def test_a_bf16_resume_file_resumes_in_fp16(tmp_path, capsys):
 # 7. No host read inside a training step; no buffer broadcast; frozen models in the autocast dtype
 # --------------------------------------------------------------------------------------------
 
+def sft_step_under(mode, tmp_path, monkeypatch, **run_changes):
+    """train_full_sft.py's first step (two micro-batches), run in this process under a TorchDispatchMode: returns
+    what `mode.inside_step(...)` saw between the step's start (the window handed out) and its end (run.log)."""
+    from trainer import train_full_sft
+    args = train_full_sft.arguments(["--hidden_size", "64", "--num_hidden_layers", "2", "--batch_size", "2",
+                                     "--accumulation_steps", "2", "--max_seq_len", "64", "--num_workers", "0",
+                                     "--dtype", "float32", "--from_weight", "none", "--max_steps", "1",
+                                     "--save_interval", "1000", "--log_interval", "2",
+                                     "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ckpt")])
+    steps, log = trainer_utils.Run.steps, trainer_utils.Run.log
+
+    def steps_watched(run, stream, checkpoint):
+        for run_changes_name, value in run_changes.items():
+            setattr(run, run_changes_name, value)
+        for item in steps(run, stream, checkpoint):
+            mode.inside = True
+            yield item
+
+    def log_watched(run, *a, **kw):
+        mode.inside = False
+        return log(run, *a, **kw)
+
+    monkeypatch.setattr(trainer_utils.Run, "steps", steps_watched)
+    monkeypatch.setattr(trainer_utils.Run, "log", log_watched)
+    monkeypatch.setenv("MINIMIND_NO_PROGRESS", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    with mode:
+        train_full_sft.main(args)
+
+
 class HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value into Python (what a .item() / float() / int() syncs on a GPU)."""
+    """Counts reads of a tensor's value into Python (what a .item() / float() / int() syncs on a GPU) inside a step."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count, self.inside = 0, False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if self.inside and func is torch.ops.aten._local_scalar_dense.default:
             self.count += 1
         return func(*args, **(kwargs or {}))
 
 
-def test_a_training_step_reads_nothing_back_until_a_log_step():
-    run = fake_run(log_interval=2, accumulation_steps=2)
-    run.total_steps, run.step = 10, 1
-    model = tiny_model().train()
-    window = [trainer_utils.pad_batch([Rows(8)[i], Rows(8)[i + 1]]) for i in (0, 2)]
-    counted = {}
-
-    def loss_fn(batch):
-        counted.setdefault("reads", reads.count)  # host reads before the first forward: CPU-side counting
-        loss, aux = losses.next_token_loss(model, batch)
-        return loss, aux, dict(accuracy=(batch["labels"] > 0).float().mean())
-
-    with HostReads() as reads:
-        loss = run.accumulate(model, window, loss_fn)
-        run.log(loss=loss, lr=1e-3)  # step 1: not a log step
-        after_step = reads.count
-    assert counted["reads"] == 2 * len(window)  # a label count and a mask count per batch, on the CPU copies
-    assert after_step == counted["reads"], "a host read happened inside the step"
-    assert float(loss) > 0 and float(run.step_tokens) == 16  # 4 rows x 4 tokens, counted on the CPU batches
+def test_a_training_step_reads_nothing_back_until_a_log_step(tmp_path, monkeypatch):
+    reads = HostReads()
+    sft_step_under(reads, tmp_path, monkeypatch)
+    # One label count per micro-batch, on its CPU copy before the transfer, and AdamW's read of each parameter's
+    # step counter (torch.optim.optimizer._get_value: .item() of a CPU tensor, also on a GPU unless capturable):
+    # neither waits on a GPU. Nothing else: no loss, norm or count is read from the device inside the step.
+    parameters = len(list(model_minimind.MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2))
+                          .parameters()))
+    assert reads.count == 2 + parameters
 
 
 def test_ddp_does_not_rebroadcast_the_rope_tables(tmp_path, monkeypatch):
@@ -328,26 +354,21 @@ def test_frozen_models_are_held_in_the_autocast_dtype():
     assert {p.dtype for p in fake_run(dtype="float32").frozen_copy(model).parameters()} == {torch.float32}
 
 
-def test_accumulate_makes_no_float64_tensor_where_the_device_has_none():
-    """MPS has no float64: with the sums in float32 no float64 tensor may appear in a step."""
+def test_a_step_makes_no_float64_tensor_where_the_device_has_none(tmp_path, monkeypatch):
+    """MPS has no float64: with the sums in float32 (what Run picks there) no float64 tensor may appear in a step."""
 
     class Float64Watch(TorchDispatchMode):
-        seen = False
+        seen, inside = False, False
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
-                Float64Watch.seen = True
+            if self.inside and isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+                self.seen = True
             return out
 
-    run = fake_run()
-    run.sum_dtype = torch.float32  # what Run picks on MPS
-    model = tiny_model().train()
-    window = [trainer_utils.pad_batch([Rows(4)[0], Rows(4)[1]])]
-    with Float64Watch():
-        loss = run.accumulate(model, window, lambda b: (*losses.next_token_loss(model, b),
-                                                          dict(m=torch.tensor(0.5))))
-    assert not Float64Watch.seen and loss.dtype == torch.float32
+    watch = Float64Watch()
+    sft_step_under(watch, tmp_path, monkeypatch, sum_dtype=torch.float32)
+    assert not watch.seen
 
 
 # --------------------------------------------------------------------------------------------

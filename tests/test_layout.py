@@ -89,3 +89,16 @@ def test_the_command_line_knows_every_generation():
     from model.model_minimind import GENERATIONS
     from trainer.args import GENERATION_NAMES
     assert GENERATION_NAMES == tuple(sorted(GENERATIONS))
+
+
+@pytest.mark.parametrize("package", ["common", "inference", "trainer", os.path.join("trainer", "rl")])
+def test_each_folder_map_names_every_file_of_its_folder(package):
+    """A package's docstring is its folder map: it names each of its modules, so none is left out of the overview."""
+    folder = os.path.join(REPO_ROOT, package)
+    with open(os.path.join(folder, "__init__.py"), encoding="utf-8") as f:
+        overview = ast.get_docstring(ast.parse(f.read())) or ""
+    modules = [name for name in os.listdir(folder) if name.endswith(".py") and name != "__init__.py"]
+    subpackages = [name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, "__init__.py"))]
+    missing = [name for name in modules if name not in overview] + \
+        [name for name in subpackages if f"{name}/" not in overview]
+    assert not missing, f"{package}/__init__.py does not name {missing}"

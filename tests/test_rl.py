@@ -11,12 +11,12 @@ from conftest import REPO_ROOT
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from test_train import metrics, run_script
 
-from trainer import rewards
-from trainer import rollout
+from trainer.rl import rewards
+from trainer.rl import sampling as rollout
 from trainer import losses
 from trainer import train_ppo
 from trainer import train_spo
-from trainer.rollout_engine import TorchEngine
+from trainer.rl.engines import TorchEngine
 
 MODEL_DIR = os.path.join(REPO_ROOT, "model")
 

@@ -1,4 +1,4 @@
-"""Rollout engines over real HTTP (trainer/rollout_engine.py): the SGLang-style and vLLM-style clients against this
+"""Rollout engines over real HTTP (trainer/rl/engines.py): the SGLang-style and vLLM-style clients against this
 project's server (scripts/serve_openai_api.py answers /generate, /v1/completions, /update_weights_from_disk and
 /collective_rpc), weight syncs, clear errors for servers that are down, slow or answer garbage, and the RL stages
 trained on a server engine. (SGLang and vLLM themselves need a GPU; their protocols are followed from their source.)"""
@@ -16,7 +16,7 @@ from common.tokenizer import load_tokenizer
 from conftest import PROJECT_TOKENIZER, free_port, start_server, talkative_weight
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from test_train import metrics, run_script
-from trainer.rollout_engine import RolloutEngineError, SGLangEngine, VLLMEngine
+from trainer.rl.engines import RolloutEngineError, SGLangEngine, VLLMEngine
 
 TOKENIZER = load_tokenizer()
 PROMPTS = [TOKENIZER("你好，请介绍一下你自己。").input_ids, TOKENIZER("1+1=").input_ids]

@@ -14,7 +14,8 @@ import torch
 from conftest import REPO_ROOT, tiny_model
 
 from trainer import trainer_utils
-from trainer.resume import ResumableBatchSampler
+from trainer.resume import Checkpoint, check_same_order
+from trainer.sampler import ResumableBatchSampler, SampleStream
 from trainer.trainer_utils import Run, lr_at
 
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--batch_size", "4", "--max_seq_len", "64",
@@ -217,19 +218,22 @@ def test_resume_refuses_settings_that_change_the_sample_order(tmp_path):
 ])
 def test_which_settings_a_resume_compares(saved, changed, refused):
     args = dict(seed=42, group_by_length=0, packing=0, batch_size=4, max_seq_len=64, learning_rate=1e-3)
-    run = fake_run(**{**args, **changed})
+    current = SimpleNamespace(**{**args, **changed})
     if refused is None:
-        run.check_same_order({**args, **saved})
+        check_same_order(current, {**args, **saved}, "x_resume.pth")
         return
     with pytest.raises(SystemExit, match=f"written with {refused}"):
-        run.check_same_order(saved if not saved else {**args, **saved})
+        check_same_order(current, saved if not saved else {**args, **saved}, "x_resume.pth")
 
 
-def test_resume_refuses_data_with_another_number_of_rows():
-    run = fake_run(batch_size=2, accumulation_steps=1, epochs=1)
-    run._resumed_num_samples = 20
+def test_resume_refuses_data_with_another_number_of_rows(tmp_path):
+    run = fake_run(batch_size=2, accumulation_steps=1, epochs=1, checkpoint_dir=str(tmp_path), from_resume=1)
+    torch.save(dict(args={}, num_samples=20), run.resume_path)
+    model = tiny_model()
+    checkpoint = Checkpoint(run, SampleStream(Rows(22), run.args, 0, 1, run.device), model,
+                            torch.optim.AdamW(model.parameters()))
     with pytest.raises(SystemExit, match="written for 20 training rows, but this data gives 22"):
-        next(run.steps(Rows(22)))
+        checkpoint.restore()
 
 
 def test_two_machines_with_the_readme_rendezvous_flags(tmp_path):
@@ -352,38 +356,29 @@ class Rows(torch.utils.data.Dataset):
 
 
 def test_accumulation_windows_count_exactly():
-    run = fake_run(batch_size=2, accumulation_steps=3, epochs=2)
-    os.environ["MINIMIND_NO_PROGRESS"] = "1"
-    windows = [(step, run.epoch, len(window)) for step, window in run.steps(Rows(22))]
+    args = fake_run(batch_size=2, accumulation_steps=3, epochs=2).args
+    stream = SampleStream(Rows(22), args, 0, 1, torch.device("cpu"))
+    windows = [(step, stream.epoch, len(window)) for step, window in stream]
     # 22 rows / batch 2 = 11 micro-batches an epoch -> windows of 3, 3, 3, 2 (the rest of the epoch)
     assert windows == [(1, 0, 3), (2, 0, 3), (3, 0, 3), (4, 0, 2), (5, 1, 3), (6, 1, 3), (7, 1, 3), (8, 1, 2)]
-    assert run.total_steps == 8
+    assert stream.total_steps == 8 and stream.final_step
 
 
-def test_accumulated_step_equals_one_large_batch():
-    model_a, model_b = tiny_model(seed=0).train(), tiny_model(seed=0).train()
-    rows = [Rows(40)[i] for i in range(6)]
-    rows[1]["labels"][:2] = -100  # uneven numbers of loss tokens per micro-batch
-    small = [trainer_utils.pad_batch(rows[i:i + 2]) for i in range(0, 6, 2)]
-    large = [trainer_utils.pad_batch(rows)]
-    grads = []
-    for model, window in ((model_a, small), (model_b, large)):
-        run = fake_run()
-
-        def loss_fn(batch, model=model):
-            out = model(batch["input_ids"], labels=batch["labels"])
-            return out.loss, out.aux_loss
-
-        loss = run.accumulate(model, window, loss_fn)
-        grads.append(([p.grad.clone() for p in model.parameters()], loss))
-    (ga, la), (gb, lb) = grads
-    assert abs(la - lb) < 1e-6
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ga, gb))
-    optimizer = torch.optim.AdamW(model_a.parameters())
-    run = fake_run()
-    run.step, run.total_steps = 1, 10
-    run.optimizer_step(optimizer)
-    assert all(p.grad is None for p in model_a.parameters())  # nothing leaks into the next step
+def test_accumulated_step_equals_one_large_batch(tmp_path):
+    """train_full_sft.py's step weighs each micro-batch by its share of the step's answer tokens: three micro-batches
+    of 2 rows train exactly as one batch of 6 (the same rows: without grouping the order depends on the seed only)."""
+    common = ["--dtype", "float32", "--max_steps", "2", "--group_by_length", "0", "--from_weight", "none",
+              "--learning_rate", "1e-3"]
+    run_script("train_full_sft.py", *common, "--batch_size", "2", "--accumulation_steps", "3", tmp=tmp_path / "small")
+    run_script("train_full_sft.py", *common, "--batch_size", "6", "--accumulation_steps", "1", tmp=tmp_path / "large")
+    small, large = metrics(tmp_path / "small", "full_sft_64_metrics.jsonl"), metrics(tmp_path / "large",
+                                                                                   "full_sft_64_metrics.jsonl")
+    for a, b in zip(small, large, strict=True):
+        assert a["samples"] == b["samples"] and a["lr"] == b["lr"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                   rel=1e-4)
+    weights = [torch.load(tmp_path / name / "out" / "full_sft_64.pth", weights_only=True) for name in ("small", "large")]
+    assert all(torch.allclose(weights[0][k].float(), weights[1][k].float(), atol=2e-3) for k in weights[0])
 
 
 def test_learning_rate_schedule():
@@ -401,7 +396,7 @@ def test_a_kill_during_saving_leaves_the_previous_file_loadable(tmp_path):
     """Kill a process that rewrites a 36 MB checkpoint in a loop, at varying moments mid-save."""
     path = tmp_path / "weights.pth"
     script = (f"import sys; sys.path.insert(0, {REPO_ROOT!r})\n"
-              "import torch\nfrom model.model_lora import atomic_torch_save\n"
+              "import torch\nfrom common.files import atomic_torch_save\n"
               "big = {'w': torch.randn(3000, 3000)}\n"
               "for i in range(10**6):\n"
               f"    big['i'] = torch.tensor(i); atomic_torch_save(big, {str(path)!r})\n"
@@ -421,19 +416,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     step is still the one named, and no save happens after it."""
     run = fake_run(checkpoint_dir=str(tmp_path), log_interval=3)
     model = tiny_model()
-    batch = trainer_utils.pad_batch([Rows(4)[0]])
-    losses = iter([1.0, float("nan"), 2.0])
-    for step in (1, 2):
-        run.step = step
-        run.accumulate(model, [batch], lambda b: (torch.tensor(next(losses), requires_grad=True), 0.0))
-        run.log(loss=0.0, lr=1e-3)  # not a log step: nothing read yet
-    run.step = 3
-    run.accumulate(model, [batch], lambda b: (torch.tensor(next(losses), requires_grad=True), 0.0))
+    stream = SimpleNamespace(step=0, epoch=0, samples=0, is_last_step=False)
+    for step, loss in ((1, 1.0), (2, float("nan"))):
+        stream.step = step
+        run.log(stream, dict(loss=torch.tensor(loss)), lr=1e-3)  # not a log step: nothing read yet
+    stream.step = 3
     with pytest.raises(SystemExit) as err:
-        run.log(lr=1e-3)
+        run.log(stream, dict(loss=torch.tensor(2.0)), lr=1e-3)
     assert "not finite (nan or inf) since step 2" in str(err.value) and run.resume_path in str(err.value)
     with pytest.raises(SystemExit):
-        run.save(model, torch.optim.AdamW(model.parameters()))
+        Checkpoint(run, stream, model, torch.optim.AdamW(model.parameters())).save()
     assert not os.path.exists(run.resume_path)
     result = run_script("train_pretrain.py", "--dtype", "float32", "--learning_rate", "1e12", "--max_steps", "30",
                         tmp=tmp_path, check=False)
@@ -546,3 +538,20 @@ def test_progress_bar_shows_loss_lr_and_speed(tmp_path):
                         env={"MINIMIND_NO_PROGRESS": "0"})
     assert "loss=" in result.stderr and "lr=" in result.stderr and "tokens_per_s=" in result.stderr
     assert "2/" in result.stderr  # steps done / total, from which tqdm derives the ETA
+
+
+def test_settings_filled_in_for_the_user_are_named(tmp_path, monkeypatch):
+    """What the command line chose or rebased out of sight is listed, and Run prints it at the start."""
+    from trainer import train_full_sft, train_grpo
+    monkeypatch.chdir(tmp_path)  # not trainer/: the defaults ../out and ../checkpoints are not relative to here
+    notes = "\n".join(train_full_sft.arguments([]).chosen_for_you)
+    assert "--hidden_size 512: the default of --generation minimind2" in notes
+    assert f"--save_dir ../out: the default, relative to trainer/ as in MiniMind: {os.path.join(REPO_ROOT, 'out')}" \
+        in notes
+    typed = train_full_sft.arguments(["--hidden_size", "64", "--save_dir", "mine", "--checkpoint_dir", "c",
+                                      "--data_path", "d.jsonl"])
+    assert typed.chosen_for_you == [] and typed.save_dir == str(tmp_path / "mine")
+    notes = "\n".join(train_grpo.arguments(["--reasoning", "0"]).chosen_for_you)
+    assert "--from_weight full_sft: the default with --reasoning 0" in notes
+    assert "--hidden_size 768: the default of --generation minimind-3" in \
+        train_grpo.arguments(["--generation", "minimind-3"]).chosen_for_you

@@ -1,5 +1,5 @@
-"""The command line every training stage shares, and where its files are. It imports argparse and os only, so a
-stage answers --help before it loads torch."""
+"""The command line every training stage shares, and where its files are. It imports no torch (argparse, os and
+two small project modules), so a stage answers --help before it loads torch."""
 import argparse
 import os
 
@@ -9,7 +9,7 @@ from dataset.files import DEMO_STAND_INS
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINER_DIR = os.path.join(REPO_ROOT, "trainer")
 GENERATION_NAMES = ("minimind-3", "minimind2")  # the keys of model_minimind.GENERATIONS (a test checks they agree)
-ROLLOUT_ENGINES = ("torch", "sglang", "vllm")  # trainer/rollout_engine.py
+ROLLOUT_ENGINES = ("torch", "sglang", "vllm")  # trainer/rl/engines.py
 
 
 def common_parser(description, *, save_weight, epochs, batch_size, learning_rate, accumulation_steps,
@@ -32,7 +32,7 @@ def common_parser(description, *, save_weight, epochs, batch_size, learning_rate
     p.add_argument("--wandb_project", default="MiniMind")
     p.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
     p.add_argument("--accumulation_steps", type=int, default=accumulation_steps)
-    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--grad_clip", type=float, default=1.0, help="largest gradient norm (0 = no clipping)")
     p.add_argument("--log_interval", type=int, default=log_interval, help="optimizer steps between log lines")
     p.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between saves")
     p.add_argument("--generation", default="minimind2", choices=GENERATION_NAMES,
@@ -61,11 +61,20 @@ def common_parser(description, *, save_weight, epochs, batch_size, learning_rate
 
 
 def parse_args(parser, argv=None):
-    """Parse, then turn path options into absolute paths: a default written relative to trainer/ (as in
-    MiniMind, e.g. ../out) resolves against trainer/; a path the user typed resolves against the cwd."""
+    """Parse, then fill in what the command line left to the generation or the stage, and turn path options into
+    absolute paths: a default written relative to trainer/ (as in MiniMind, e.g. ../out) resolves against trainer/;
+    a path the user typed resolves against the cwd. What was filled in, or rebased away from the cwd, is kept in
+    args.chosen_for_you, which Run prints at the start."""
     args = show_defaults(parser).parse_args(argv)
+    args.chosen_for_you = []
     if getattr(args, "hidden_size", 0) is None:  # each generation's default size: MiniMind2-Small, minimind-3
         args.hidden_size = 768 if args.generation == "minimind-3" else 512
+        args.chosen_for_you.append(f"--hidden_size {args.hidden_size}: the default of --generation {args.generation}")
+    if hasattr(args, "reasoning") and args.from_weight is None:  # the RL stages start from the reasoning model
+        args.from_weight = "reason" if args.reasoning else "full_sft"
+        args.chosen_for_you.append(f"--from_weight {args.from_weight}: the default with --reasoning {args.reasoning}")
+    if hasattr(args, "grad_clip") and args.grad_clip <= 0:
+        args.grad_clip = float("inf")  # no clipping: clip_grad_norm_ still returns the norm
     if getattr(args, "rollout_engine", "torch") != "torch" and not args.rollout_url:
         parser.error(f"--rollout_engine {args.rollout_engine} needs --rollout_url, the engine server's address")
     if getattr(args, "sync_interval", 1) < 1:
@@ -76,6 +85,9 @@ def parse_args(parser, argv=None):
             base = TRAINER_DIR if value == parser.get_default(name) else os.getcwd()
             setattr(args, name, ",".join(os.path.normpath(os.path.join(base, os.path.expanduser(v)))
                                           for v in value.split(",")))
+            if base == TRAINER_DIR and os.path.realpath(os.getcwd()) != os.path.realpath(TRAINER_DIR):
+                args.chosen_for_you.append(f"--{name} {value}: the default, relative to trainer/ as in MiniMind: "
+                                           f"{getattr(args, name)}")
     args.data_is_default = getattr(args, "data_path", None) == os.path.normpath(
         os.path.join(TRAINER_DIR, parser.get_default("data_path") or ""))
     return args
@@ -100,11 +112,11 @@ def weight_path(save_dir, name, config) -> str:
 
 def recorded_settings(args):
     """The settings as the trackers and the resume file record them: every one but secrets (API keys)."""
-    return {k: v for k, v in vars(args).items() if "api_key" not in k}
+    return {k: v for k, v in vars(args).items() if "api_key" not in k and k != "chosen_for_you"}
 
 
 def add_engine_arguments(parser):
-    """Who samples the rollouts (trainer/rollout_engine.py): the RL stages and the agent stage share these."""
+    """Who samples the rollouts (trainer/rl/engines.py): the RL stages and the agent stage share these."""
     parser.add_argument("--rollout_engine", default="torch", choices=ROLLOUT_ENGINES,
                         help="torch = in-process; sglang / vllm = a server at --rollout_url (SGLang, vLLM, or "
                              "scripts/serve_openai_api.py, which speaks both)")

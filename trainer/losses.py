@@ -16,6 +16,14 @@ def next_token_loss(model, batch):
     return out.loss, out.aux_loss
 
 
+def masked_mean(values, mask, dim=None):
+    """Mean of values where mask is 1 (over everything, or along dim)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
 def token_logprobs(logits, labels):
     """log p(labels[:, t+1] | ...t) for every position t, and the mask of positions that count.
 

@@ -3,11 +3,11 @@
     cd trainer && python train_agent.py                  # from out/full_sft_{hidden}.pth on dataset/agent_rl.jsonl
     python trainer/train_agent.py --loss_type grpo --loss_agg token --ppo_epochs 2 --dynamic_sampling 2
 
-For every task the policy runs G = --num_generations trajectories (trainer/agent_rollout.py): each turn is generated
+For every task the policy runs G = --num_generations trajectories (trainer/rl/agent.py): each turn is generated
 to <|im_end|>, its <tool_call> blocks are run with the project's offline tools (calculator, dictionary, calendar;
 a failing, slow or long-winded call comes back as an error result) and the results appended as the chat template
 renders a tool turn, up to --max_turns turns. A trajectory is one token sequence - the sampled ids exactly as
-sampled, plus the observation ids - and only the sampled tokens carry loss and KL. Rewards (trainer/rewards.py
+sampled, plus the observation ids - and only the sampled tokens carry loss and KL. Rewards (trainer/rl/rewards.py
 agent_reward): the gt answers the final answer gives (one rule: no credit for listing candidates), valid calls,
 closed tags, the turn limit, repetition. Then, with A_i the reward relative to its group (as in GRPO),
     rho_t  = pi(a_t) / pi_sample(a_t)       (pi_sample: the log-probs the rollout engine sampled with)
@@ -25,7 +25,7 @@ Kept: not a prompt that alone fills --max_total_len (skipped, counted), not a cu
 --mask_truncated 1, not a group whose rewards are all equal after --dynamic_sampling redraws (DAPO).
 --thinking_ratio renders that share of the trajectories with thinking on (minimind-3's template opens <think>; a
 template without that switch refuses a non-zero share). --rollout_engine sglang / vllm samples on a server
-(trainer/rollout_engine.py), which gets the weights every --sync_interval steps; pi_sample is then the server's
+(trainer/rl/engines.py), which gets the weights every --sync_interval steps; pi_sample is then the server's
 log-probs of weights up to that many steps old (the logged staleness), and rho corrects for them. Right after each
 sync the sampler is the policy, so the mean rho must be 1: --ratio_check stops the run when it is not.
 Writes out/agent_{hidden}[_moe].pth.
@@ -84,18 +84,21 @@ if __name__ == "__main__":
     args = arguments()  # --help and bad flags are answered here, before torch loads
 
 import random
+from dataclasses import dataclass
 
 import torch
 
+from common.chat import has_thinking_switch
 from dataset.lm_dataset import AgentRLDataset
-from trainer.agent_rollout import has_thinking_switch, pack, rollout, trajectory_logprobs
 from trainer.distributed import unwrap
-from trainer.losses import cispo_objective, clipped_objective, group_advantages, importance_ratio, k3_kl, \
-    k3_kl_to_sampler
-from trainer.rewards import agent_reward
-from trainer.rollout_engine import check_sampler_ratio, make_engine
-from trainer.rollout import masked_mean
-from trainer.trainer_utils import Run
+from trainer.losses import (cispo_objective, clipped_objective, group_advantages, importance_ratio, k3_kl,
+                            k3_kl_to_sampler, masked_mean)
+from trainer.resume import Checkpoint
+from trainer.rl.agent import pad_trajectories, run_trajectories, trajectory_logprobs
+from trainer.rl.engines import check_sampler_ratio, make_engine
+from trainer.rl.rewards import agent_reward
+from trainer.sampler import SampleStream
+from trainer.trainer_utils import Run, StepSums, lr_at
 
 REWARD_PARTS = ("answer", "valid_calls", "unclosed", "turn_limit", "repetition", "success")
 
@@ -111,15 +114,56 @@ def thinking_share(args, tokenizer):
     return 0.0
 
 
+@dataclass
+class Sampled:
+    """One micro-batch of trajectories, ready for the update."""
+    padded: dict              # pad_trajectories: input_ids, attention_mask [N, L]; loss_mask, sample_logps [N, L - 1]
+    advantages: torch.Tensor  # [N] each trajectory's reward relative to its group (as in GRPO)
+    keep: torch.Tensor        # [N] 1 for a trajectory that carries loss, 0 for one skipped, dropped or masked
+    kept_trajectories: int
+    kept_tokens: int          # the sampled tokens of the kept trajectories
+
+
 def draw(engine, tokenizer, tasks, batch, args, thinking_ratio):
     """G trajectories for each of the batch's tasks (indices into it), and each one's reward parts (agent_reward)."""
     G = args.num_generations
-    trajectories = rollout(engine, tokenizer, [batch["messages"][i] for i in tasks], [batch["tools"][i] for i in tasks],
-                           G, args.max_turns, args.max_gen_len, thinking_ratio, args.max_total_len,
-                           rng=random)  # Run seeds and resumes the global RNG
+    trajectories = run_trajectories(engine, tokenizer, [batch["messages"][i] for i in tasks],
+                                    [batch["tools"][i] for i in tasks], G, args.max_turns, args.max_gen_len,
+                                    thinking_ratio, args.max_total_len, rng=random)  # Run seeds and resumes it
     scores = [agent_reward(t, batch["gt"][i], batch["tools"][i])
               for t, i in zip(trajectories, [i for i in tasks for _ in range(G)])]
     return trajectories, scores
+
+
+def sample_batch(engine, tokenizer, batch, args, thinking_ratio, counts, device):
+    """The trajectories of one micro-batch of tasks (AgentRLDataset rows through pad_batch), with DAPO's dynamic
+    sampling: a task whose G rewards are all equal teaches nothing, so its group is drawn again (up to
+    --dynamic_sampling times) and dropped if still equal. Returns (Sampled, each trajectory's reward parts); counts
+    what was redrawn, dropped, skipped and masked."""
+    G = args.num_generations
+    tasks = range(len(batch["gt"]))
+    trajectories, scores = draw(engine, tokenizer, tasks, batch, args, thinking_ratio)
+    dropped = set()
+    for attempt in range(args.dynamic_sampling + 1):
+        flat = [i for i in tasks if len({s["total"] for s in scores[i * G:(i + 1) * G]}) == 1]
+        if attempt == args.dynamic_sampling or not flat:
+            dropped = set(flat) if args.dynamic_sampling else set()
+            break
+        again, rescored = draw(engine, tokenizer, flat, batch, args, thinking_ratio)
+        for k, i in enumerate(flat):
+            trajectories[i * G:(i + 1) * G] = again[k * G:(k + 1) * G]
+            scores[i * G:(i + 1) * G] = rescored[k * G:(k + 1) * G]
+        counts["redrawn_groups"] += len(flat)
+    truncated = [bool(args.mask_truncated and (t.cut_off or t.hit_turn_limit)) for t in trajectories]
+    keep = [not (t.prompt_too_long or cut or k // G in dropped) for k, (t, cut) in enumerate(zip(trajectories, truncated))]
+    counts["dropped_groups"] += len(dropped)
+    counts["skipped_prompts"] += sum(t.prompt_too_long for t in trajectories)
+    counts["masked_truncated"] += sum(cut and not t.prompt_too_long for t, cut in zip(trajectories, truncated))
+    padded = {k: v.to(device, non_blocking=True) for k, v in pad_trajectories(trajectories, tokenizer.pad_token_id).items()}
+    sampled = Sampled(padded, group_advantages(torch.tensor([s["total"] for s in scores]), G).to(device),
+                      torch.tensor(keep, dtype=torch.float32, device=device), kept_trajectories=sum(keep),
+                      kept_tokens=sum(sum(t.loss_mask) for t, k in zip(trajectories, keep) if k))
+    return sampled, scores
 
 
 def main(args):
@@ -130,91 +174,87 @@ def main(args):
     model = run.load_model()
     reference = run.frozen_copy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    model = run.prepare(model, optimizer)
+    stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the tasks
+    checkpoint = Checkpoint(run, stream, model, optimizer)
+    checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
+    model = run.wrap(model)                             # torch.compile, DDP
     engine = make_engine(args, unwrap(model), tokenizer, run.tokenizer_dir)  # in-process, or an SGLang / vLLM server
-    G = args.num_generations
 
-    def loss_fn(batch):
-        packed, advantages = batch["packed"], batch["advantages"]
-        with torch.no_grad():
-            ref_logps, _ = trajectory_logprobs(reference, packed, args.temperature)
-        logps, aux_loss = trajectory_logprobs(model, packed, args.temperature)
-        sampled = packed["sample_logps"]  # rho = pi / pi_sample: 1 at the first update, then it moves
-        if args.loss_type == "cispo":
-            policy_loss = cispo_objective(logps, sampled, advantages, args.epsilon_high)
-        else:
-            policy_loss = clipped_objective(logps, sampled, advantages, args.epsilon)
-        # the sampled tokens of the kept trajectories only: observations carry neither loss nor KL
-        mask = packed["loss_mask"] * batch["keep"][:, None]
-        per_token = policy_loss + args.beta * k3_kl(logps, ref_logps)
-        if args.loss_agg == "sequence":  # (1/N) sum_i (1/|o_i|) sum_t loss_it over the kept trajectories
-            kept = batch["keep"]
-            loss = (masked_mean(per_token, mask, dim=1) * kept).sum() / kept.sum().clamp(min=1)
-        else:  # batch: (1/|tokens of the micro-batch|) sum loss_t; token: the same, weighted by tokens (below)
-            loss = masked_mean(per_token, mask)
-        metrics = dict(kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask),
-                       ratio=masked_mean(importance_ratio(logps.detach(), sampled), mask),
-                       kl_to_sampler=masked_mean(k3_kl_to_sampler(logps.detach(), sampled), mask))
-        return loss, aux_loss, metrics
-
-    # What each micro-batch weighs in the step's loss (Run.accumulate: its share of the step's total)
-    weigh = {"batch": lambda batch: batch["kept_trajectories"], "token": lambda batch: batch["kept_tokens"],
-             "sequence": lambda batch: batch["kept_trajectories"]}[args.loss_agg]
-
-    for step, window in run.steps(data):
+    for step, window in run.steps(stream, checkpoint):
         engine.maybe_sync(unwrap(model), step - 1)  # a server engine gets the weights every --sync_interval steps
-        parts, counts = [], dict(redrawn_groups=0, dropped_groups=0, skipped_prompts=0, masked_truncated=0)
+        counts = dict(redrawn_groups=0, dropped_groups=0, skipped_prompts=0, masked_truncated=0)
         with run.autocast():  # rollouts first: G trajectories for each task, turn by turn, then scored
-            for batch in window:
-                tasks = range(len(batch["gt"]))
-                trajectories, scores = draw(engine, tokenizer, tasks, batch, args, thinking_ratio)
-                dropped = set()
-                for attempt in range(args.dynamic_sampling + 1):  # DAPO's dynamic sampling: groups with no signal
-                    flat = [i for i in tasks if len({s["total"] for s in scores[i * G:(i + 1) * G]}) == 1]
-                    if attempt == args.dynamic_sampling or not flat:
-                        dropped = set(flat) if args.dynamic_sampling else set()
-                        break
-                    again, rescored = draw(engine, tokenizer, flat, batch, args, thinking_ratio)
-                    for k, i in enumerate(flat):
-                        trajectories[i * G:(i + 1) * G] = again[k * G:(k + 1) * G]
-                        scores[i * G:(i + 1) * G] = rescored[k * G:(k + 1) * G]
-                    counts["redrawn_groups"] += len(flat)
-                keep = [not (t.prompt_too_long or (args.mask_truncated and (t.cut_off or t.hit_turn_limit))
-                             or k // G in dropped) for k, t in enumerate(trajectories)]
-                counts["dropped_groups"] += len(dropped)
-                counts["skipped_prompts"] += sum(t.prompt_too_long for t in trajectories)
-                counts["masked_truncated"] += sum(bool(args.mask_truncated and (t.cut_off or t.hit_turn_limit)
-                                                       and not t.prompt_too_long) for t in trajectories)
-                parts += scores
-                packed = run.to_device(pack(trajectories, tokenizer.pad_token_id))
-                batch.update(packed=packed, trajectory_attention_mask=packed["attention_mask"],
-                             keep=torch.tensor(keep, dtype=torch.float32, device=run.device),
-                             kept_trajectories=sum(keep),
-                             kept_tokens=sum(sum(t.loss_mask) for t, k in zip(trajectories, keep) if k),
-                             advantages=group_advantages(torch.tensor([s["total"] for s in scores]), G).to(run.device))
-        updates, loss, lr = 0, None, None
-        kept = int(run.all_sum(sum(batch["kept_trajectories"] for batch in window))[0])  # on every process
+            drawn = [sample_batch(engine, tokenizer, batch, args, thinking_ratio, counts, run.device) for batch in window]
+        samples, parts = [s for s, _ in drawn], [p for _, scores in drawn for p in scores]
+        lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # What micro-batch b weighs in the step (--loss_agg): its n_b of the step's N kept trajectories (batch,
+        # sequence) or sampled tokens (token), all processes; loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)
+        weights = [s.kept_tokens if args.loss_agg == "token" else s.kept_trajectories for s in samples]
+        total = run.all_sum(sum(weights))[0].clamp(min=1)
+        kept = int(run.all_sum(sum(s.kept_trajectories for s in samples))[0])  # on every process
+        updates, loss = 0, None
         for epoch in range(args.ppo_epochs):  # several updates on one rollout batch: rho != 1 from the second on
-            step_loss = run.accumulate(model, window, loss_fn, count=weigh)
+            sums = StepSums(run)
+            for i, (sampled, n) in enumerate(zip(samples, weights)):
+                padded = sampled.padded
+                with run.grad_sync(model, last=i == len(window) - 1):
+                    with run.autocast():
+                        with torch.no_grad():
+                            ref_logps, _ = trajectory_logprobs(reference, padded, args.temperature)
+                        logps, aux_loss = trajectory_logprobs(model, padded, args.temperature)
+                        sampler_logps = padded["sample_logps"]  # rho = pi / pi_sample: 1 at the first update, then it moves
+                        if args.loss_type == "cispo":
+                            policy_loss = cispo_objective(logps, sampler_logps, sampled.advantages, args.epsilon_high)
+                        else:
+                            policy_loss = clipped_objective(logps, sampler_logps, sampled.advantages, args.epsilon)
+                        # the sampled tokens of the kept trajectories only: observations carry neither loss nor KL
+                        mask = padded["loss_mask"] * sampled.keep[:, None]
+                        per_token = policy_loss + args.beta * k3_kl(logps, ref_logps)
+                        if args.loss_agg == "sequence":  # (1/N) sum_i (1/|o_i|) sum_t loss_it over kept trajectories
+                            agent = (masked_mean(per_token, mask, dim=1) * sampled.keep).sum() / \
+                                sampled.keep.sum().clamp(min=1)
+                        else:  # batch and token: the token mean of the micro-batch, weighted as above
+                            agent = masked_mean(per_token, mask)
+                    share, aux_share = n / total, aux_loss / len(window) / run.world_size
+                    loss_part = agent * share.to(agent.dtype) + aux_share
+                    run.scaler.scale(loss_part * run.world_size).backward()  # DDP averages over the W processes
+                sums.add(share, loss=agent, kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask),
+                         ratio=masked_mean(importance_ratio(logps.detach(), sampler_logps), mask),
+                         kl_to_sampler=masked_mean(k3_kl_to_sampler(logps.detach(), sampler_logps), mask))
+                sums.add(tokens=padded["attention_mask"].sum())  # real tokens, for tokens/s
+                if args.use_moe:
+                    sums.add(aux_loss=aux_share)
+            metrics = sums.over_processes()
             if not kept:  # every trajectory skipped or dropped: nothing to learn from (AdamW would still decay)
                 optimizer.zero_grad(set_to_none=True)
                 break
             if epoch == 0:  # right after a sync (in-process: always) the sampler is the policy: rho must be 1
-                check_sampler_ratio(engine, step - 1, run.step_metrics, args.ratio_check)
-            if epoch and args.kl_stop and float(run.step_metrics["kl_to_sampler"]) > args.kl_stop:
+                check_sampler_ratio(engine, step - 1, metrics, args.ratio_check)
+            if epoch and args.kl_stop and float(metrics["kl_to_sampler"]) > args.kl_stop:
                 optimizer.zero_grad(set_to_none=True)  # the policy has left the samples behind: no further update
                 break
-            lr = run.optimizer_step(optimizer)
-            loss, updates = step_loss, updates + 1  # the loss of the update applied, not of one skipped
+            run.scaler.unscale_(optimizer)  # float16's loss scale out of the gradients before clipping
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            run.scaler.step(optimizer)
+            run.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss, updates = metrics["loss"], updates + 1  # the loss of the update applied, not of one skipped
+
         rewards = {name: sum(p[name] for p in parts) / len(parts) for name in REWARD_PARTS}
         in_use = dict(redrawn_groups=args.dynamic_sampling, dropped_groups=args.dynamic_sampling,
                       masked_truncated=args.mask_truncated, skipped_prompts=True)  # what the log shows
         counts = {name: n for name, n in counts.items() if in_use[name]}
         counts = dict(zip(counts, run.all_sum(*counts.values())))  # over every process, read at log steps
-        run.log(**({"loss": loss, "lr": lr} if updates else {}), reward=sum(p["total"] for p in parts) / len(parts),
-                updates=updates, staleness=engine.staleness(step - 1), **rewards, **counts)
-        run.maybe_save(model, optimizer)
-        if run.should_stop():                          # --max_steps, or Ctrl-C / SIGTERM
+        if not updates:
+            metrics.pop("loss")  # no update applied: no loss to log
+        run.log(stream, metrics, **({"loss": loss, "lr": lr} if updates else {}),
+                reward=sum(p["total"] for p in parts) / len(parts), updates=updates,
+                staleness=engine.staleness(step - 1), **rewards, **counts)
+        if step % args.save_interval == 0 or stream.is_last_step:
+            checkpoint.save()
+        if run.should_stop(stream):                     # --max_steps, or Ctrl-C / SIGTERM
             break
     run.finish()
 

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from common.device import print0
 from dataset.lm_dataset import SFTDataset
 from model.kernels import document_starts
-from trainer.trainer_utils import Run
+from trainer.resume import Checkpoint
+from trainer.sampler import SampleStream
+from trainer.trainer_utils import Run, StepSums, lr_at
 
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
@@ -102,26 +104,49 @@ def main(args):
     tag_sequences = tag_token_sequences(tokenizer)
     model = run.load_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    model = run.prepare(model, optimizer)
-    untagged = 0
+    stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the rows
+    checkpoint = Checkpoint(run, stream, model, optimizer)
+    checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
+    model = run.wrap(model)                             # torch.compile, DDP
+    untagged = 0  # conversations without a tag, counted on the device and read at the end
 
-    def loss_fn(batch):
-        nonlocal untagged
-        weights = tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)
-        untagged = untagged + conversations_without_tags(weights, batch.get("position_ids"))  # read at the end
-        # right-padded rows need no mask; packed rows bring their position ids (see next_token_loss)
-        out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
-        return weighted_next_token_loss(out.logits, batch["labels"], weights), out.aux_loss
+    for step, window in run.steps(stream, checkpoint):
+        lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Every position weighs its tag weight in the step: micro-batch b, whose weights sum to w_b of the step's W_sum
+        # (all processes), enters as (w_b / W_sum) * its weighted mean loss:
+        #   loss = sum_b (w_b / W_sum) * loss_b + sum_b aux_b / (M * W)     (aux: the MoE load-balancing loss)
+        counts = [float(tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)[:, 1:].sum())
+                  for batch in window]
+        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        sums = StepSums(run)
+        for i, (batch, n) in enumerate(zip(window, counts)):
+            batch = run.to_device(batch)
+            with run.grad_sync(model, last=i == len(window) - 1):
+                with run.autocast():
+                    weights = tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)
+                    untagged = untagged + conversations_without_tags(weights, batch.get("position_ids"))
+                    # right-padded rows need no mask; packed rows bring their position ids
+                    out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
+                    tag_weighted = weighted_next_token_loss(out.logits, batch["labels"], weights)
+                share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
+                loss = tag_weighted * share.to(tag_weighted.dtype) + aux_share
+                run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
+            sums.add(share, loss=tag_weighted)
+            sums.add(tokens=batch["attention_mask"].sum())  # real tokens, for tokens/s
+            if args.use_moe:
+                sums.add(aux_loss=aux_share)
+        run.scaler.unscale_(optimizer)  # float16's loss scale out of the gradients before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
 
-    def weight_sum(batch):  # each weighted position counts as much as its weight
-        return float(tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)[:, 1:].sum())
-
-    for step, window in run.steps(data):
-        loss = run.accumulate(model, window, loss_fn, count=weight_sum)  # positions count by their weight
-        lr = run.optimizer_step(optimizer)
-        run.log(loss=loss, lr=lr)
-        run.maybe_save(model, optimizer)
-        if run.should_stop():
+        run.log(stream, sums.over_processes(), lr=lr, grad_norm=grad_norm)
+        if step % args.save_interval == 0 or stream.is_last_step:
+            checkpoint.save()
+        if run.should_stop(stream):
             break
     total = int(run.all_sum(untagged)[0])  # over all processes
     print0(f"{total} conversations seen in training had no <think>/<answer> tag in their answers")

@@ -40,7 +40,10 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
 from model.model_minimind import MiniMindConfig
-from trainer.trainer_utils import Run
+from trainer.losses import count_label_tokens
+from trainer.resume import Checkpoint
+from trainer.sampler import SampleStream
+from trainer.trainer_utils import Run, StepSums, lr_at
 
 
 def distillation_loss(student_logits, teacher_logits, labels, alpha, temperature):
@@ -74,22 +77,47 @@ def main(args):
                              "distillation compares distributions token by token, so both must use the same tokenizer")
     teacher = run.freeze(run.load_model(from_weight=args.teacher_weight, config=teacher_config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    model = run.prepare(model, optimizer)
+    stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the rows
+    checkpoint = Checkpoint(run, stream, model, optimizer)
+    checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
+    model = run.wrap(model)                             # torch.compile, DDP
 
-    def loss_fn(batch):
-        # right-padded rows need no mask; packed rows bring their position ids (see next_token_loss)
-        out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
-        with torch.no_grad():
-            teacher_logits = teacher(batch["input_ids"], position_ids=batch.get("position_ids")).logits
-        loss, ce, kl = distillation_loss(out.logits, teacher_logits, batch["labels"], args.alpha, args.temperature)
-        return loss, out.aux_loss, dict(ce=ce, kl=kl)
+    for step, window in run.steps(stream, checkpoint):
+        lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Every answer token weighs the same in the step (n_b of the step's N, all processes):
+        #   loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)     (aux: the student's MoE balancing loss)
+        counts = [count_label_tokens(batch["labels"]) for batch in window]
+        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        sums = StepSums(run)
+        for i, (batch, n) in enumerate(zip(window, counts)):
+            batch = run.to_device(batch)
+            with run.grad_sync(model, last=i == len(window) - 1):
+                with run.autocast():
+                    # right-padded rows need no mask; packed rows bring their position ids
+                    out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
+                    with torch.no_grad():  # the teacher only answers
+                        teacher_logits = teacher(batch["input_ids"], position_ids=batch.get("position_ids")).logits
+                    kd, ce, kl = distillation_loss(out.logits, teacher_logits, batch["labels"], args.alpha,
+                                                   args.temperature)
+                share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
+                loss = kd * share.to(kd.dtype) + aux_share
+                run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
+            sums.add(share, loss=kd, ce=ce, kl=kl)
+            sums.add(tokens=batch["attention_mask"].sum())  # real tokens, for tokens/s
+            if args.use_moe:
+                sums.add(aux_loss=aux_share)
+        run.scaler.unscale_(optimizer)  # float16's loss scale out of the gradients before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
 
-    for step, window in run.steps(data):
-        loss = run.accumulate(model, window, loss_fn)  # the student learns; the teacher only answers
-        lr = run.optimizer_step(optimizer)
-        run.log(loss=loss, lr=lr)
-        run.maybe_save(model, optimizer)
-        if run.should_stop():
+        run.log(stream, sums.over_processes(), lr=lr, grad_norm=grad_norm)
+        if step % args.save_interval == 0 or stream.is_last_step:
+            checkpoint.save()
+        if run.should_stop(stream):
             break
     run.finish()
 

@@ -40,7 +40,9 @@ import torch.nn.functional as F
 from common.device import print0
 from dataset.lm_dataset import DPODataset, pad_batch, stack_pairs
 from trainer.losses import sequence_logps  # log pi(y|x): the answer tokens' mean (or summed) log-prob
-from trainer.trainer_utils import Run
+from trainer.resume import Checkpoint
+from trainer.sampler import SampleStream
+from trainer.trainer_utils import Run, StepSums, lr_at
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
@@ -79,32 +81,56 @@ def main(args):
         reference = None
         print0(f"reference log-probs of {len(data)} pairs precomputed; reference model freed")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    model = run.prepare(model, optimizer)
+    stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the pairs
+    checkpoint = Checkpoint(run, stream, model, optimizer)
+    checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
+    model = run.wrap(model)                             # torch.compile, DDP
 
-    def loss_fn(batch):
-        ids, _, labels = stack_pairs(batch, pad_id)
-        n = len(batch["index"])
-        out = model(ids)
-        logps = sequence_logps(out.logits, labels, args.logp)
-        if reference_table is not None:
-            ref = reference_table[batch["index"]].float()
-            ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
-        else:
-            with torch.no_grad():
-                ref_logps = sequence_logps(reference(ids).logits, labels, args.logp)
-            ref_chosen, ref_rejected = ref_logps[:n], ref_logps[n:]
-        losses, chosen_reward, rejected_reward = dpo_loss(logps[:n], logps[n:], ref_chosen, ref_rejected, args.beta)
-        metrics = dict(reward_chosen=chosen_reward.mean(), reward_rejected=rejected_reward.mean(),
-                       margin=(chosen_reward - rejected_reward).mean(),
-                       accuracy=(chosen_reward > rejected_reward).float().mean())
-        return losses.mean(), out.aux_loss, metrics  # + the MoE load-balancing loss (0 for dense models)
+    for step, window in run.steps(stream, checkpoint):
+        lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Every pair weighs the same in the step: micro-batch b with n_b of the step's N pairs (all processes)
+        #   loss = sum_b (n_b / N) * mean DPO loss_b + sum_b aux_b / (M * W)     (aux: the MoE load-balancing loss)
+        counts = [len(batch["index"]) for batch in window]
+        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        sums = StepSums(run)
+        for i, (batch, n) in enumerate(zip(window, counts)):
+            batch = run.to_device(batch)
+            ids, _, labels = stack_pairs(batch, pad_id)  # chosen rows, then rejected rows: one forward for both
+            with run.grad_sync(model, last=i == len(window) - 1):
+                with run.autocast():
+                    out = model(ids)
+                    logps = sequence_logps(out.logits, labels, args.logp)
+                    if reference_table is not None:
+                        ref = reference_table[batch["index"]].float()
+                        ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+                    else:
+                        with torch.no_grad():
+                            ref_logps = sequence_logps(reference(ids).logits, labels, args.logp)
+                        ref_chosen, ref_rejected = ref_logps[:n], ref_logps[n:]
+                    pair_losses, chosen_reward, rejected_reward = dpo_loss(logps[:n], logps[n:], ref_chosen,
+                                                                           ref_rejected, args.beta)
+                    dpo = pair_losses.mean()
+                share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
+                loss = dpo * share.to(dpo.dtype) + aux_share
+                run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
+            if args.use_moe:
+                sums.add(aux_loss=aux_share)
+            sums.add(share, loss=dpo, accuracy=(chosen_reward > rejected_reward).float().mean(),
+                     margin=(chosen_reward - rejected_reward).mean(), reward_chosen=chosen_reward.mean(),
+                     reward_rejected=rejected_reward.mean())
+            sums.add(tokens=batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+        run.scaler.unscale_(optimizer)  # float16's loss scale out of the gradients before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
 
-    for step, window in run.steps(data):
-        loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["index"]))  # pairs weigh alike
-        lr = run.optimizer_step(optimizer)
-        run.log(loss=loss, lr=lr)
-        run.maybe_save(model, optimizer)
-        if run.should_stop():
+        run.log(stream, sums.over_processes(), lr=lr, grad_norm=grad_norm)
+        if step % args.save_interval == 0 or stream.is_last_step:
+            checkpoint.save()
+        if run.should_stop(stream):
             break
     run.finish()
 

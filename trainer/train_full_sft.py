@@ -29,8 +29,10 @@ if __name__ == "__main__":
 import torch
 
 from dataset.lm_dataset import SFTDataset
-from trainer.losses import next_token_loss
-from trainer.trainer_utils import Run
+from trainer.losses import count_label_tokens
+from trainer.resume import Checkpoint
+from trainer.sampler import SampleStream
+from trainer.trainer_utils import Run, StepSums, lr_at
 
 
 def main(args):
@@ -41,18 +43,45 @@ def main(args):
                           on_bad_line="skip" if args.skip_bad_lines else "error")
     model = run.load_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    model = run.prepare(model, optimizer)
+    stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the rows
+    checkpoint = Checkpoint(run, stream, model, optimizer)
+    checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
+    model = run.wrap(model)                             # torch.compile, DDP
 
-    def loss_fn(batch):
-        # labels are -100 outside the assistant turns, so only the answers carry loss
-        return next_token_loss(model, batch)
+    for step, window in run.steps(stream, checkpoint):  # window: the micro-batches of one optimizer step
+        lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Every answer token weighs the same in the step: micro-batch b, with n_b of the step's N loss tokens (all
+        # processes), enters as (n_b / N) * its mean loss, which with M micro-batches on W processes gives
+        #   loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)     (aux: the MoE load-balancing loss)
+        counts = [count_label_tokens(batch["labels"]) for batch in window]
+        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        sums = StepSums(run)
+        for i, (batch, n) in enumerate(zip(window, counts)):
+            batch = run.to_device(batch)
+            with run.grad_sync(model, last=i == len(window) - 1):
+                with run.autocast():
+                    # labels are -100 outside the assistant turns, so only the answers carry loss; packed rows
+                    # bring position ids that restart at each conversation (attention stays inside it)
+                    out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
+                share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
+                loss = out.loss * share.to(out.loss.dtype) + aux_share
+                run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
+            sums.add(share, loss=out.loss)
+            sums.add(tokens=batch["attention_mask"].sum())  # real tokens, for tokens/s
+            if args.use_moe:
+                sums.add(aux_loss=aux_share)
+        run.scaler.unscale_(optimizer)  # float16's loss scale out of the gradients before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
 
-    for step, window in run.steps(data):               # one optimizer step's micro-batches of conversations
-        loss = run.accumulate(model, window, loss_fn)  # forward + backward, each weighted by its answer tokens
-        lr = run.optimizer_step(optimizer)
-        run.log(loss=loss, lr=lr)
-        run.maybe_save(model, optimizer)
-        if run.should_stop():                          # --max_steps, or Ctrl-C / SIGTERM
+        run.log(stream, sums.over_processes(), lr=lr, grad_norm=grad_norm)
+        if step % args.save_interval == 0 or stream.is_last_step:
+            checkpoint.save()                           # out/full_sft_{hidden}.pth and the resume file
+        if run.should_stop(stream):                     # --max_steps, or Ctrl-C / SIGTERM
             break
     run.finish()
 

@@ -10,7 +10,7 @@ For every prompt the policy samples G = --num_generations answers; with rewards 
     loss_t     = -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) + beta * KL_t
     KL_t       = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (the k3 estimator of KL(pi || pi_ref))
 averaged over all answer tokens. Rewards: rule rewards (format, verifiable answers) and an optional reward
-model (trainer/rewards.py). Writes out/grpo_{hidden}[_moe].pth.
+model (trainer/rl/rewards.py). Writes out/grpo_{hidden}[_moe].pth.
 
 --loss_type cispo (Chen et al., 2025, "MiniMax-M1", Clipped IS-weight Policy Optimization) replaces the PPO clip:
     loss_t     = -sg(min(rho_t, 1 + eps_high)) A_i logp_t + beta * KL_t
@@ -20,7 +20,7 @@ setting) rho = 1 and the two losses have the same gradient; --ppo_epochs K updat
 rollout batch, pi_old staying the policy that sampled (its log-probs kept from the first update's forward), so rho
 moves away from 1 and the clip / the weight cap take effect. --kl_stop skips the rest of a batch's updates once an
 update's forward finds the policy that far from pi_old (the k3 estimate of KL(pi_old || pi) over the answer
-tokens). --rollout_engine sglang / vllm samples on a server (trainer/rollout_engine.py) that gets the weights every
+tokens). --rollout_engine sglang / vllm samples on a server (trainer/rl/engines.py) that gets the weights every
 --sync_interval steps: pi_old is then the server's log-probs, so rho != 1 from the first update and the clip
 corrects for the stale weights (logged: staleness, ratio, kl_to_old).
 """
@@ -59,70 +59,101 @@ if __name__ == "__main__":
 
 import torch
 
+from dataset.lm_dataset import RLAIFDataset
+from trainer.args import data_file
 from trainer.distributed import unwrap
 from trainer.losses import (cispo_objective, clipped_objective, group_advantages, importance_ratio,  # the formulas
-                            k3_kl, k3_kl_to_sampler)
-from trainer.rollout import completion_logprobs, masked_mean, sample_and_score, start_rl_run
-from trainer.rollout_engine import check_sampler_ratio, make_engine
+                            k3_kl, k3_kl_to_sampler, masked_mean)
+from trainer.resume import Checkpoint
+from trainer.rl.engines import check_sampler_ratio, make_engine
+from trainer.rl.rewards import load_reward_model
+from trainer.rl.sampling import completion_logprobs, sample_and_score
+from trainer.sampler import SampleStream
+from trainer.trainer_utils import Run, StepSums, lr_at
 
 
 def main(args):
-    run, tokenizer, data, reward_model = start_rl_run(args)
+    run = Run(args)
+    tokenizer = run.load_tokenizer()
+    with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
+        data = RLAIFDataset(data_file(args), tokenizer, args.max_seq_len,
+                            on_bad_line="skip" if args.skip_bad_lines else "error")
+    reward_model = load_reward_model(args, run)  # None: the rule rewards alone
     model = run.load_model()
     reference = run.frozen_copy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    model = run.prepare(model, optimizer)
+    stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the prompts
+    checkpoint = Checkpoint(run, stream, model, optimizer)
+    checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
+    model = run.wrap(model)                             # torch.compile, DDP
     # in-process, pi_old comes from the policy's own forward: the engine keeps no sampling log-probs
     engine = make_engine(args, unwrap(model), tokenizer, run.tokenizer_dir, logprobs=False)
     G = args.num_generations
 
-    def loss_fn(batch):
-        rollout, rewards = batch["rollout"], batch["rewards"]
-        advantages = group_advantages(rewards, G)
-        with torch.no_grad():
-            ref_logps, _ = completion_logprobs(reference, rollout)
-        logps, aux_loss = completion_logprobs(model, rollout)
-        # pi_old is the policy that sampled. In-process: the policy itself, its log-probs taken from this first
-        # forward (rho = 1 exactly, the PPO-clip gradient) and kept for the further updates of --ppo_epochs, where
-        # rho moves away from 1. A server engine samples with weights up to --sync_interval steps old: its own
-        # log-probs are pi_old, and the clip corrects for the staleness from the first update on.
-        if rollout.old_logps is None:
-            rollout.old_logps = logps.detach() if args.rollout_engine == "torch" else rollout.sample_logps
-        if args.loss_type == "cispo":
-            policy_loss = cispo_objective(logps, rollout.old_logps, advantages, args.epsilon_high)
-        else:
-            policy_loss = clipped_objective(logps, rollout.old_logps, advantages, args.epsilon)
-        per_token = policy_loss + args.beta * k3_kl(logps, ref_logps)
-        mask = rollout.completion_mask
-        metrics = dict(reward=rewards.mean(), kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask),
-                       answer_length=mask.sum(1).float().mean())
-        if args.ppo_epochs > 1 or args.rollout_engine != "torch":
-            ratio = importance_ratio(logps.detach(), rollout.old_logps)
-            # k3 estimate of KL(pi_old || pi) on tokens pi_old sampled: rho - 1 - log rho, never negative
-            metrics.update(ratio=masked_mean(ratio, mask),
-                           kl_to_old=masked_mean(k3_kl_to_sampler(logps.detach(), rollout.old_logps), mask))
-        return masked_mean(per_token, mask), aux_loss, metrics
-
-    for step, window in run.steps(data):
+    for step, window in run.steps(stream, checkpoint):
         engine.maybe_sync(unwrap(model), step - 1)  # a server engine gets the weights every --sync_interval steps
         with run.autocast():  # rollouts first: G answers to each prompt from the rollout engine, scored
-            for batch in window:
-                batch.update(sample_and_score(engine, tokenizer, batch, args, reward_model, G, run.device))
+            rollouts = [sample_and_score(engine, tokenizer, batch, args, reward_model, G, run.device) for batch in window]
+        lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Every prompt weighs the same in the step: micro-batch b with n_b of the step's N prompts (all processes)
+        #   loss = sum_b (n_b / N) * (token mean of loss_t over b's answers) + sum_b aux_b / (M * W)
+        counts = [len(batch["prompt"]) for batch in window]
+        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        # pi_old is the policy that sampled. In-process: the policy itself, its log-probs taken from the first
+        # update's forward (rho = 1 exactly, the PPO-clip gradient) and kept for the further updates of
+        # --ppo_epochs, where rho moves away from 1. A server engine samples with weights up to --sync_interval
+        # steps old: its own log-probs are pi_old, and the clip corrects for the staleness from the first update on.
+        old_logps = [None if args.rollout_engine == "torch" else rollout.sample_logps for rollout, _ in rollouts]
         updates = 0
         for epoch in range(args.ppo_epochs):  # --ppo_epochs updates on the same rollouts (1: MiniMind's)
-            # prompts weigh alike
-            step_loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))
+            sums = StepSums(run)
+            for i, ((rollout, rewards), n) in enumerate(zip(rollouts, counts)):
+                with run.grad_sync(model, last=i == len(window) - 1):
+                    with run.autocast():
+                        advantages = group_advantages(rewards, G)  # (r - mean) / (std + 1e-4) within each group
+                        with torch.no_grad():
+                            ref_logps, _ = completion_logprobs(reference, rollout)
+                        logps, aux_loss = completion_logprobs(model, rollout)
+                        if old_logps[i] is None:
+                            old_logps[i] = logps.detach()
+                        if args.loss_type == "cispo":
+                            policy_loss = cispo_objective(logps, old_logps[i], advantages, args.epsilon_high)
+                        else:
+                            policy_loss = clipped_objective(logps, old_logps[i], advantages, args.epsilon)
+                        mask = rollout.completion_mask
+                        grpo = masked_mean(policy_loss + args.beta * k3_kl(logps, ref_logps), mask)
+                    share, aux_share = n / total, aux_loss / len(window) / run.world_size
+                    loss = grpo * share.to(grpo.dtype) + aux_share
+                    run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
+                sums.add(share, loss=grpo, reward=rewards.mean(), answer_length=mask.sum(1).float().mean(),
+                         kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask))
+                if args.ppo_epochs > 1 or args.rollout_engine != "torch":
+                    # pi / pi_old, and the k3 estimate of KL(pi_old || pi) on tokens pi_old sampled (never negative)
+                    sums.add(share, ratio=masked_mean(importance_ratio(logps.detach(), old_logps[i]), mask),
+                             kl_to_old=masked_mean(k3_kl_to_sampler(logps.detach(), old_logps[i]), mask))
+                sums.add(tokens=rollout.attention_mask.sum())  # real tokens, for tokens/s
+                if args.use_moe:
+                    sums.add(aux_loss=aux_share)
+            metrics = sums.over_processes()
             if epoch == 0:  # right after a sync the sampler is the policy: rho must be 1
-                check_sampler_ratio(engine, step - 1, run.step_metrics, args.ratio_check)
-            if epoch and args.kl_stop and float(run.step_metrics["kl_to_old"]) > args.kl_stop:
+                check_sampler_ratio(engine, step - 1, metrics, args.ratio_check)
+            if epoch and args.kl_stop and float(metrics["kl_to_old"]) > args.kl_stop:
                 optimizer.zero_grad(set_to_none=True)  # the policy has left the samples behind: no further update
                 break
-            lr = run.optimizer_step(optimizer)
-            loss, updates = step_loss, updates + 1  # the loss of the update applied, not of one skipped
-        run.log(loss=loss, lr=lr, **({"updates": updates} if args.ppo_epochs > 1 else {}),
+            run.scaler.unscale_(optimizer)  # float16's loss scale out of the gradients before clipping
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            run.scaler.step(optimizer)
+            run.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss, updates = metrics["loss"], updates + 1  # the loss of the update applied, not of one skipped
+
+        run.log(stream, metrics, loss=loss, lr=lr, **({"updates": updates} if args.ppo_epochs > 1 else {}),
                 **({"staleness": engine.staleness(step - 1)} if args.rollout_engine != "torch" else {}))
-        run.maybe_save(model, optimizer)
-        if run.should_stop():
+        if step % args.save_interval == 0 or stream.is_last_step:
+            checkpoint.save()
+        if run.should_stop(stream):
             break
     run.finish()
 

@@ -38,8 +38,10 @@ import torch
 from common.device import print0
 from dataset.lm_dataset import SFTDataset
 from model.model_lora import apply_lora
-from trainer.losses import next_token_loss
-from trainer.trainer_utils import Run
+from trainer.losses import count_label_tokens
+from trainer.resume import Checkpoint
+from trainer.sampler import SampleStream
+from trainer.trainer_utils import Run, StepSums, lr_at
 
 
 def main(args):
@@ -49,23 +51,50 @@ def main(args):
         data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
                           on_bad_line="skip" if args.skip_bad_lines else "error")
     model = run.load_model()
-    lora_params = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha,
-                             target_modules=args.lora_targets.split(",") if args.lora_targets else None)
-    print0(f"LoRA: {lora_params:,} trainable parameters "
-           f"({100 * lora_params / sum(p.numel() for p in model.parameters()):.2f}% of the model)")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
-    model = run.prepare(model, optimizer)
+    lora_count = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha,
+                            target_modules=args.lora_targets.split(",") if args.lora_targets else None)
+    print0(f"LoRA: {lora_count:,} trainable parameters "
+           f"({100 * lora_count / sum(p.numel() for p in model.parameters()):.2f}% of the model)")
+    lora_params = [p for p in model.parameters() if p.requires_grad]  # the adapters; the base stays frozen
+    optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate)
+    stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the rows
+    checkpoint = Checkpoint(run, stream, model, optimizer, lora_only=True)  # saves the adapters alone
+    checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
+    model = run.wrap(model)                             # torch.compile, DDP
 
-    def loss_fn(batch):
-        # the SFT loss; only the adapters receive gradients
-        return next_token_loss(model, batch)
+    for step, window in run.steps(stream, checkpoint):  # window: the micro-batches of one optimizer step
+        lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Every answer token weighs the same in the step: micro-batch b, with n_b of the step's N loss tokens (all
+        # processes), enters as (n_b / N) * its mean loss, which with M micro-batches on W processes gives
+        #   loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)     (aux: the MoE load-balancing loss)
+        counts = [count_label_tokens(batch["labels"]) for batch in window]
+        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        sums = StepSums(run)
+        for i, (batch, n) in enumerate(zip(window, counts)):
+            batch = run.to_device(batch)
+            with run.grad_sync(model, last=i == len(window) - 1):
+                with run.autocast():
+                    # the SFT loss; the frozen base passes gradients through to the adapters A and B
+                    out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
+                share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
+                loss = out.loss * share.to(out.loss.dtype) + aux_share
+                run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
+            sums.add(share, loss=out.loss)
+            sums.add(tokens=batch["attention_mask"].sum())  # real tokens, for tokens/s
+            if args.use_moe:
+                sums.add(aux_loss=aux_share)
+        run.scaler.unscale_(optimizer)  # float16's loss scale out of the gradients before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
 
-    for step, window in run.steps(data):
-        loss = run.accumulate(model, window, loss_fn)  # the frozen base passes gradients through to A and B
-        lr = run.optimizer_step(optimizer)             # AdamW on the adapters only
-        run.log(loss=loss, lr=lr)
-        run.maybe_save(model, optimizer)               # writes out/lora/{lora_name}_{hidden}.pth: adapters only
-        if run.should_stop():
+        run.log(stream, sums.over_processes(), lr=lr, grad_norm=grad_norm)
+        if step % args.save_interval == 0 or stream.is_last_step:
+            checkpoint.save()                           # out/lora/{lora_name}_{hidden}.pth: adapters only
+        if run.should_stop(stream):                     # --max_steps, or Ctrl-C / SIGTERM
             break
     run.finish()
 

@@ -18,7 +18,7 @@ Per-token PPO (default, --gae 1), for each answer token t:
     loss       actor + vf_coef * critic
 Sequence-level (--gae 0, MiniMind): one advantage per answer, A = R - V(last token), on the answer's summed
 log-prob ratio, with a squared-error critic and kl_coef * KL(pi || ref) added to the loss.
-With --rollout_engine sglang / vllm (trainer/rollout_engine.py) a server samples with weights up to --sync_interval
+With --rollout_engine sglang / vllm (trainer/rl/engines.py) a server samples with weights up to --sync_interval
 steps old, and its log-probs take the old actor's place as pi_old. Writes out/ppo_actor_{hidden}[_moe].pth; the
 critic is part of the resume file.
 """
@@ -53,10 +53,16 @@ import copy
 import torch
 from torch import nn
 
+from dataset.lm_dataset import RLAIFDataset
+from trainer.args import data_file
 from trainer.distributed import unwrap
-from trainer.losses import clipped_objective, importance_ratio
-from trainer.rollout import completion_logprobs, masked_mean, positions, sample_and_score, start_rl_run
-from trainer.rollout_engine import check_sampler_ratio, make_engine
+from trainer.losses import clipped_objective, importance_ratio, masked_mean
+from trainer.resume import Checkpoint
+from trainer.rl.engines import check_sampler_ratio, make_engine
+from trainer.rl.rewards import load_reward_model
+from trainer.rl.sampling import completion_logprobs, positions, sample_and_score
+from trainer.sampler import SampleStream
+from trainer.trainer_utils import Run, StepSums, lr_at
 
 
 class Critic(nn.Module):
@@ -109,68 +115,103 @@ def token_rewards(rewards, old_logps, ref_logps, mask, kl_coef):
 
 
 def main(args):
-    run, tokenizer, data, reward_model = start_rl_run(args)
+    run = Run(args)
+    tokenizer = run.load_tokenizer()
+    with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
+        data = RLAIFDataset(data_file(args), tokenizer, args.max_seq_len,
+                            on_bad_line="skip" if args.skip_bad_lines else "error")
+    reward_model = load_reward_model(args, run)  # None: the rule rewards alone
     actor = run.load_model()
     old_actor = run.frozen_copy(actor)
     reference = run.frozen_copy(actor)
     critic = Critic(copy.deepcopy(actor)).to(run.device)
     optimizer = torch.optim.AdamW(actor.parameters(), lr=args.learning_rate)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate)
-    extras = dict(critic=critic, critic_optimizer=critic_optimizer, old_actor=old_actor)
-    actor = run.prepare(actor, optimizer, extras)
-    critic = run.wrap(critic)
+    stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the prompts
+    checkpoint = Checkpoint(run, stream, actor, optimizer,
+                            extras=dict(critic=critic, critic_optimizer=critic_optimizer, old_actor=old_actor))
+    checkpoint.restore()                                # --from_resume 1: all four models' states, position, RNG
+    actor, critic = run.wrap(actor), run.wrap(critic)   # torch.compile, DDP
     # in-process, pi_old comes from the old actor's forward: the engine keeps no sampling log-probs
     engine = make_engine(args, unwrap(actor), tokenizer, run.tokenizer_dir, logprobs=False)
 
-    def loss_fn(batch):
-        rollout, rewards = batch["rollout"], batch["rewards"]
-        mask = rollout.completion_mask.float()
-        with torch.no_grad():
-            # pi_old: the lagging copy in-process; a server engine's own log-probs (its weights are the stale ones)
-            old_logps = completion_logprobs(old_actor, rollout)[0] if args.rollout_engine == "torch" \
-                else rollout.sample_logps
-            ref_logps, _ = completion_logprobs(reference, rollout)
-            old_values, _ = completion_values(critic, rollout)
-        logps, actor_aux = completion_logprobs(actor, rollout)
-        values, critic_aux = completion_values(critic, rollout)
-        kl = masked_mean(logps.detach() - ref_logps, mask)
-        if args.gae:
-            advantages, returns = gae(token_rewards(rewards, old_logps, ref_logps, mask, args.kl_coef), old_values,
-                                      mask, args.gamma, args.lam)
-            actor_loss = masked_mean(clipped_objective(logps, old_logps, whiten(advantages, mask), args.clip_epsilon), mask)
-            clipped_values = old_values + (values - old_values).clamp(-args.clip_epsilon, args.clip_epsilon)
-            critic_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped_values - returns) ** 2), mask)
-            loss = actor_loss + args.vf_coef * critic_loss
-        else:  # MiniMind's sequence-level PPO
-            last = (mask.sum(1) - 1).clamp(min=0).long()
-            final_values = values[torch.arange(len(rewards)), last]
-            advantages = rewards - final_values.detach()
-            ratio_logits = (logps - old_logps).sum(1)
-            actor_loss = clipped_objective(ratio_logits, torch.zeros_like(ratio_logits), advantages,
-                                           args.clip_epsilon).mean()
-            critic_loss = ((final_values - rewards) ** 2).mean()
-            loss = actor_loss + args.vf_coef * critic_loss + args.kl_coef * masked_mean(logps - ref_logps, mask)
-        metrics = dict(reward=rewards.mean(), kl=kl, actor_loss=actor_loss.detach(), critic_loss=critic_loss.detach(),
-                       answer_length=mask.sum(1).mean())
-        if args.rollout_engine != "torch":  # pi / pi_sample, 1 right after a sync (checked below)
-            metrics["ratio"] = masked_mean(importance_ratio(logps.detach(), old_logps), mask)
-        return loss, actor_aux + critic_aux, metrics  # both MoE routers keep their balancing term
-
-    for step, window in run.steps(data):
+    for step, window in run.steps(stream, checkpoint):
         engine.maybe_sync(unwrap(actor), step - 1)  # a server engine gets the weights every --sync_interval steps
         with run.autocast():  # rollouts first: one answer to each prompt from the rollout engine, scored
-            for batch in window:
-                batch.update(sample_and_score(engine, tokenizer, batch, args, reward_model, device=run.device))
-        # both trained models wait for the window's last micro-batch before DDP reduces their gradients
-        loss = run.accumulate([actor, critic], window, loss_fn, count=lambda batch: len(batch["prompt"]))
-        check_sampler_ratio(engine, step - 1, run.step_metrics, args.ratio_check)  # right after a sync: rho = 1
-        lr = run.optimizer_step(optimizer, more=[(critic_optimizer, args.critic_learning_rate)])
+            rollouts = [sample_and_score(engine, tokenizer, batch, args, reward_model, device=run.device)
+                        for batch in window]
+        lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
+        critic_lr = lr_at(*stream.schedule_position(), args.critic_learning_rate, args.warmup_steps)
+        for opt, rate in ((optimizer, lr), (critic_optimizer, critic_lr)):
+            for group in opt.param_groups:
+                group["lr"] = rate
+        # Every prompt weighs the same in the step (n_b of the step's N prompts, all processes):
+        #   loss = sum_b (n_b / N) * (actor_b + vf_coef * critic_b) + sum_b aux_b / (M * W)
+        counts = [len(batch["prompt"]) for batch in window]
+        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        sums = StepSums(run)
+        for i, ((rollout, rewards), n) in enumerate(zip(rollouts, counts)):
+            # both trained models wait for the window's last micro-batch before DDP reduces their gradients
+            with run.grad_sync([actor, critic], last=i == len(window) - 1):
+                with run.autocast():
+                    mask = rollout.completion_mask.float()
+                    with torch.no_grad():
+                        # pi_old: the lagging copy in-process; a server engine's own log-probs (its weights are stale)
+                        old_logps = completion_logprobs(old_actor, rollout)[0] if args.rollout_engine == "torch" \
+                            else rollout.sample_logps
+                        ref_logps, _ = completion_logprobs(reference, rollout)
+                        old_values, _ = completion_values(critic, rollout)
+                    logps, actor_aux = completion_logprobs(actor, rollout)
+                    values, critic_aux = completion_values(critic, rollout)
+                    if args.gae:
+                        advantages, returns = gae(token_rewards(rewards, old_logps, ref_logps, mask, args.kl_coef),
+                                                  old_values, mask, args.gamma, args.lam)
+                        actor_loss = masked_mean(clipped_objective(logps, old_logps, whiten(advantages, mask),
+                                                                   args.clip_epsilon), mask)
+                        clipped_values = old_values + (values - old_values).clamp(-args.clip_epsilon, args.clip_epsilon)
+                        critic_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2,
+                                                                  (clipped_values - returns) ** 2), mask)
+                        ppo = actor_loss + args.vf_coef * critic_loss
+                    else:  # MiniMind's sequence-level PPO
+                        last = (mask.sum(1) - 1).clamp(min=0).long()
+                        final_values = values[torch.arange(len(rewards)), last]
+                        advantages = rewards - final_values.detach()
+                        ratio_logits = (logps - old_logps).sum(1)
+                        actor_loss = clipped_objective(ratio_logits, torch.zeros_like(ratio_logits), advantages,
+                                                       args.clip_epsilon).mean()
+                        critic_loss = ((final_values - rewards) ** 2).mean()
+                        ppo = actor_loss + args.vf_coef * critic_loss + args.kl_coef * masked_mean(logps - ref_logps,
+                                                                                                   mask)
+                # both MoE routers keep their balancing term
+                share, aux_share = n / total, (actor_aux + critic_aux) / len(window) / run.world_size
+                loss = ppo * share.to(ppo.dtype) + aux_share
+                run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
+            sums.add(share, loss=ppo, reward=rewards.mean(), kl=masked_mean(logps.detach() - ref_logps, mask),
+                     actor_loss=actor_loss.detach(), critic_loss=critic_loss.detach(), answer_length=mask.sum(1).mean())
+            if args.rollout_engine != "torch":  # pi / pi_sample, 1 right after a sync (checked below)
+                sums.add(share, ratio=masked_mean(importance_ratio(logps.detach(), old_logps), mask))
+            sums.add(tokens=rollout.attention_mask.sum())  # real tokens, for tokens/s
+            if args.use_moe:
+                sums.add(aux_loss=aux_share)
+        metrics = sums.over_processes()
+        check_sampler_ratio(engine, step - 1, metrics, args.ratio_check)  # right after a sync: rho = 1
+        run.scaler.unscale_(optimizer)  # float16's loss scale out of the gradients before clipping
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(actor.parameters(), args.grad_clip)
+        run.scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        run.scaler.unscale_(critic_optimizer)
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
+        run.scaler.step(critic_optimizer)
+        critic_optimizer.zero_grad(set_to_none=True)
+        run.scaler.update()  # once per step, after both optimizers
         if step % args.update_old_actor_freq == 0:  # pi_old catches up with the actor
             old_actor.load_state_dict(unwrap(actor).state_dict())
-        run.log(loss=loss, lr=lr,
+
+        run.log(stream, metrics, lr=lr,
                 **({"staleness": engine.staleness(step - 1)} if args.rollout_engine != "torch" else {}))
-        run.maybe_save(actor, optimizer, extras)
-        if run.should_stop():
+        if step % args.save_interval == 0 or stream.is_last_step:
+            checkpoint.save()
+        if run.should_stop(stream):
             break
     run.finish()
 

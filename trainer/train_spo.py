@@ -35,11 +35,16 @@ if __name__ == "__main__":
 
 import torch
 
+from dataset.lm_dataset import RLAIFDataset
+from trainer.args import data_file
 from trainer.distributed import unwrap
-from trainer.losses import importance_ratio, k3_kl
-from trainer.rewards import MODEL_REWARD_CLIP, RULE_REWARD_RANGE
-from trainer.rollout import completion_logprobs, masked_mean, sample_and_score, start_rl_run
-from trainer.rollout_engine import check_sampler_ratio, make_engine
+from trainer.losses import importance_ratio, k3_kl, masked_mean
+from trainer.resume import Checkpoint
+from trainer.rl.engines import check_sampler_ratio, make_engine
+from trainer.rl.rewards import MODEL_REWARD_CLIP, RULE_REWARD_RANGE, load_reward_model
+from trainer.rl.sampling import completion_logprobs, sample_and_score
+from trainer.sampler import SampleStream
+from trainer.trainer_utils import Run, StepSums, lr_at
 
 STALE_WEIGHT_CAP = 2.0  # a server engine's samples: truncated importance weights (as V-trace truncates rho)
 
@@ -75,7 +80,12 @@ def rescale(rewards, low, high):
 
 
 def main(args):
-    run, tokenizer, data, reward_model = start_rl_run(args)
+    run = Run(args)
+    tokenizer = run.load_tokenizer()
+    with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
+        data = RLAIFDataset(data_file(args), tokenizer, args.max_seq_len,
+                            on_bad_line="skip" if args.skip_bad_lines else "error")
+    reward_model = load_reward_model(args, run)  # None: the rule rewards alone
     low, high = RULE_REWARD_RANGE
     if reward_model is not None:
         low, high = low - MODEL_REWARD_CLIP, high + MODEL_REWARD_CLIP
@@ -83,48 +93,69 @@ def main(args):
     reference = run.frozen_copy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     tracker = BetaTracker()
-    model = run.prepare(model, optimizer, extras=dict(tracker=tracker))
+    stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the prompts
+    checkpoint = Checkpoint(run, stream, model, optimizer, extras=dict(tracker=tracker))
+    checkpoint.restore()                                # --from_resume 1: weights, optimizer, tracker, position, RNG
+    model = run.wrap(model)                             # torch.compile, DDP
     # in-process the samples are on-policy (no ratio): the engine keeps no sampling log-probs
     engine = make_engine(args, unwrap(model), tokenizer, run.tokenizer_dir, logprobs=False)
-    step_rewards, step_logps = [], []
 
-    def loss_fn(batch):
-        rollout, rewards = batch["rollout"], rescale(batch["rewards"], low, high)
-        advantages = rewards - tracker.baseline()
-        with torch.no_grad():
-            ref_logps, _ = completion_logprobs(reference, rollout)
-        logps, aux_loss = completion_logprobs(model, rollout)
-        mask = rollout.completion_mask
-        answer_logp = masked_mean(logps, mask, dim=1)  # mean log-prob of each answer
-        weighted_logp = answer_logp
-        if args.rollout_engine != "torch":  # stale samples: each token weighted by sg(min(pi / pi_sample, 2))
-            weight = importance_ratio(logps.detach(), rollout.sample_logps).clamp(max=STALE_WEIGHT_CAP)
-            weighted_logp = masked_mean(weight * logps, mask, dim=1)
-        kl = masked_mean(k3_kl(logps, ref_logps), mask, dim=1)
-        step_rewards.append(rewards.mean())
-        step_logps.append(answer_logp.detach().mean())
-        metrics = dict(reward=rewards.mean(), baseline=torch.tensor(tracker.baseline()), kl=kl.detach().mean())
-        if args.rollout_engine != "torch":  # pi / pi_sample, 1 right after a sync (checked below)
-            metrics["ratio"] = masked_mean(importance_ratio(logps.detach(), rollout.sample_logps), mask)
-        return (-advantages * weighted_logp + args.beta * kl).mean(), aux_loss, metrics
-
-    for step, window in run.steps(data):
+    for step, window in run.steps(stream, checkpoint):
         engine.maybe_sync(unwrap(model), step - 1)  # a server engine gets the weights every --sync_interval steps
         with run.autocast():  # rollouts first: one answer to each prompt from the rollout engine, scored
-            for batch in window:
-                batch.update(sample_and_score(engine, tokenizer, batch, args, reward_model, device=run.device))
-        loss = run.accumulate(model, window, loss_fn, count=lambda batch: len(batch["prompt"]))
-        check_sampler_ratio(engine, step - 1, run.step_metrics, args.ratio_check)  # right after a sync: rho = 1
-        lr = run.optimizer_step(optimizer)
+            rollouts = [sample_and_score(engine, tokenizer, batch, args, reward_model, device=run.device)
+                        for batch in window]
+        lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Every prompt weighs the same in the step (n_b of the step's N prompts, all processes):
+        #   loss = sum_b (n_b / N) * mean_i(-A_i * logp_i + beta_kl * KL_i) + sum_b aux_b / (M * W)
+        counts = [len(batch["prompt"]) for batch in window]
+        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        sums, step_rewards, step_logps = StepSums(run), [], []
+        for i, ((rollout, rewards), n) in enumerate(zip(rollouts, counts)):
+            with run.grad_sync(model, last=i == len(window) - 1):
+                with run.autocast():
+                    rewards = rescale(rewards, low, high)
+                    advantages = rewards - tracker.baseline()
+                    with torch.no_grad():
+                        ref_logps, _ = completion_logprobs(reference, rollout)
+                    logps, aux_loss = completion_logprobs(model, rollout)
+                    mask = rollout.completion_mask
+                    answer_logp = masked_mean(logps, mask, dim=1)  # mean log-prob of each answer
+                    weighted_logp = answer_logp
+                    if args.rollout_engine != "torch":  # stale samples: each token weighted by sg(min(pi / pi_sample, 2))
+                        weight = importance_ratio(logps.detach(), rollout.sample_logps).clamp(max=STALE_WEIGHT_CAP)
+                        weighted_logp = masked_mean(weight * logps, mask, dim=1)
+                    kl = masked_mean(k3_kl(logps, ref_logps), mask, dim=1)
+                    spo = (-advantages * weighted_logp + args.beta * kl).mean()
+                share, aux_share = n / total, aux_loss / len(window) / run.world_size
+                loss = spo * share.to(spo.dtype) + aux_share
+                run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
+            step_rewards.append(rewards.mean())
+            step_logps.append(answer_logp.detach().mean())
+            sums.add(share, loss=spo, reward=rewards.mean(), baseline=tracker.baseline(), kl=kl.detach().mean())
+            if args.rollout_engine != "torch":  # pi / pi_sample, 1 right after a sync (checked below)
+                sums.add(share, ratio=masked_mean(importance_ratio(logps.detach(), rollout.sample_logps), mask))
+            sums.add(tokens=rollout.attention_mask.sum())  # real tokens, for tokens/s
+            if args.use_moe:
+                sums.add(aux_loss=aux_share)
+        metrics = sums.over_processes()
+        check_sampler_ratio(engine, step - 1, metrics, args.ratio_check)  # right after a sync: rho = 1
+        run.scaler.unscale_(optimizer)  # float16's loss scale out of the gradients before clipping
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
         mean_reward, mean_logp = (float(x) / run.world_size for x in run.all_sum(
             torch.stack(step_rewards).mean(), torch.stack(step_logps).mean()))
         rho = tracker.update(mean_reward, mean_logp)  # the same on every process
-        step_rewards.clear()
-        step_logps.clear()
-        run.log(loss=loss, lr=lr, rho=rho,
+
+        run.log(stream, metrics, lr=lr, rho=rho,
                 **({"staleness": engine.staleness(step - 1)} if args.rollout_engine != "torch" else {}))
-        run.maybe_save(model, optimizer, extras=dict(tracker=tracker))
-        if run.should_stop():
+        if step % args.save_interval == 0 or stream.is_last_step:
+            checkpoint.save()
+        if run.should_stop(stream):
             break
     run.finish()
 

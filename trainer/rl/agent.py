@@ -12,7 +12,7 @@ observation is the text the template adds after the assistant turn, tokenised on
 conversation and slicing it by length, as MiniMind's own agent trainer does, breaks the trajectory wherever the
 re-encoded text tokenises differently from what was sampled.) Generated tokens - the <|im_end|> that ends a turn
 included - carry the loss; observation tokens carry neither loss nor KL. All samples of a batch step through the
-turns together: each turn is one batched call of the rollout engine (trainer/rollout_engine.py: in-process with the
+turns together: each turn is one batched call of the rollout engine (trainer/rl/engines.py: in-process with the
 KV cache, or an SGLang / vLLM server) over every trajectory still running.
 """
 import random
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inference.chat_core import opened_think, parse_tool_calls
+from common.chat import final_reply, opened_think, parse_tool_calls, render
 from inference.tools import run_tool
 from trainer.losses import token_logprobs
 
@@ -46,38 +46,12 @@ class Trajectory:
         return self.hit_turn_limit or self.cut_off or bool(self.turns and not self.calls[-1])
 
 
-def render(tokenizer, messages, tools, thinking, generation_prompt):
-    """The conversation as the chat template writes it. Thinking on sets both switches (this project's template reads
-    enable_thinking, minimind-3's open_thinking); off passes neither, so the turns look as in the SFT data the model
-    learnt its calls from (minimind-3's default is an empty think block, this project's template writes none; forcing
-    this one's empty block threw a small SFT model off its call format)."""
-    switches = dict(enable_thinking=True, open_thinking=True) if thinking else {}
-    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                         add_generation_prompt=generation_prompt, **switches)
-
-
-def has_thinking_switch(tokenizer):
-    """Whether the chat template renders a generation prompt differently with thinking on: minimind-3's opens
-    <think> there; this project's writes the same prompt either way (its only switch, enable_thinking=false, writes
-    an empty think block, which the rollouts leave out), so a thinking share would change nothing."""
-    probe = [{"role": "user", "content": "1+1?"}]
-    return render(tokenizer, probe, None, True, True) != render(tokenizer, probe, None, False, True)
-
-
-def final_reply(turn, opened_think=False):
-    """What a turn says after its thinking: the text after the last </think>; nothing when the turn began inside
-    an open think block (the prompt opened it) and never closed it."""
-    if opened_think and "</think>" not in turn:
-        return ""
-    return turn.split("</think>")[-1]
-
-
 def observation_text(tokenizer, messages, assistant, tool_messages, tools, thinking):
     """What the chat template writes after an assistant turn's <|im_end|>: the tool turn(s) and the next generation
     prompt. Taken from two renderings of the conversation - with the assistant turn, and with the tool results
     and a generation prompt after it - so it is exactly the text a later render would hold there."""
-    before = render(tokenizer, messages + [assistant], tools, thinking, generation_prompt=False)
-    after = render(tokenizer, messages + [assistant] + tool_messages, tools, thinking, generation_prompt=True)
+    before = render(tokenizer, messages + [assistant], tools, thinking or None)
+    after = render(tokenizer, messages + [assistant] + tool_messages, tools, thinking or None, generation_prompt=True)
     cut = before.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)
     if after[:cut] != before[:cut]:
         raise ValueError("the chat template renders the conversation before the tool results differently once they "
@@ -85,7 +59,7 @@ def observation_text(tokenizer, messages, assistant, tool_messages, tools, think
     return after[cut:]
 
 
-def rollout(engine, tokenizer, conversations, tools, samples_per_prompt=1, max_turns=3, max_new_tokens=256,
+def run_trajectories(engine, tokenizer, conversations, tools, samples_per_prompt=1, max_turns=3, max_new_tokens=256,
             thinking_ratio=0.0, max_total_tokens=4096, rng=None):
     """Trajectories for every conversation (samples_per_prompt each, adjacent), run turn by turn together.
 
@@ -101,7 +75,9 @@ def rollout(engine, tokenizer, conversations, tools, samples_per_prompt=1, max_t
     for messages, offered in zip(conversations, tools):
         for _ in range(samples_per_prompt):
             thinking = rng.random() < thinking_ratio
-            prompt = render(tokenizer, messages, offered, thinking, generation_prompt=True)
+            # thinking off passes no switch: the turns look as in the SFT data the model learnt its calls from
+            # (minimind-3's default is an empty think block, this project's template writes none)
+            prompt = render(tokenizer, messages, offered, thinking or None, generation_prompt=True)
             trajectory = Trajectory(tokenizer(prompt, add_special_tokens=False).input_ids, thinking=thinking)
             if len(trajectory.prompt_ids) >= max_total_tokens:  # no room for a single token: nothing to learn from
                 trajectory.prompt_too_long = trajectory.cut_off = True
@@ -147,7 +123,7 @@ def rollout(engine, tokenizer, conversations, tools, samples_per_prompt=1, max_t
     return [t for t, _, _ in runs]
 
 
-def pack(trajectories, pad_id):
+def pad_trajectories(trajectories, pad_id):
     """Right-padded tensors of a list of trajectories for one forward: input_ids and attention_mask [N, L], and
     loss_mask / sample_logps [N, L - 1] aligned with the predictions (position t predicts token t + 1)."""
     rows = [t.prompt_ids + t.ids for t in trajectories]

@@ -40,7 +40,18 @@ import urllib.request
 import torch
 
 from model.hf_export import engine_format, save_for_engines
-from trainer.rollout import left_pad
+
+
+def left_pad(rows, pad_id, device):
+    """Rows of token ids as left-padded ids and attention mask, so every row's continuation starts at one column."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
 
 
 class RolloutEngineError(RuntimeError):

@@ -13,10 +13,9 @@ import re
 
 import torch
 
+from common.chat import CALL, END_CALL, END_THINK, THINK, final_reply
 from inference.tools import WEEKDAYS_ZH, is_error
-from trainer.agent_rollout import final_reply
 
-THINK, END_THINK, CALL, END_CALL = "<think>", "</think>", "<tool_call>", "</tool_call>"
 TAGS = (THINK, END_THINK, "<answer>", "</answer>")
 EXACT_LAYOUT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.S)
 ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.S)

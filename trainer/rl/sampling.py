@@ -1,8 +1,8 @@
-"""Rollouts for the RL stages (PPO, GRPO, SPO): sample answers to prompts and score their tokens.
+"""Rollouts of the single-turn RL stages (PPO, GRPO, SPO): sample answers to prompts and score their tokens.
 
 - prompts are tokenised, cut from the left to --max_seq_len (so the generation prompt at the end always
   survives) and left-padded, so every row's answer starts at the same column;
-- a rollout engine samples (trainer/rollout_engine.py: in-process with the KV cache, or an SGLang / vLLM server);
+- a rollout engine samples (trainer/rl/engines.py: in-process with the KV cache, or an SGLang / vLLM server);
 - the completion mask covers the answer up to and including its first <|im_end|>;
 - every log-prob pass (policy, old policy, reference, critic) gets the attention mask and positions
   counted from it, so padding never changes a score.
@@ -11,10 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dataset.lm_dataset import RLAIFDataset
-from trainer.args import data_file
-from trainer.rewards import load_reward_model, rewards_for
-from trainer.trainer_utils import Run
+from trainer.rl.engines import left_pad
+from trainer.rl.rewards import rewards_for
 
 
 @dataclass
@@ -26,18 +24,6 @@ class Rollout:
     texts: list                    # the decoded answers (special tokens removed)
     temperature: float = 1.0       # log-probs are taken from the distribution the answers were sampled from
     sample_logps: torch.Tensor = None  # [N, C] the log-probs the rollout engine sampled the answer tokens with
-    old_logps: torch.Tensor = None  # [N, C] pi_old: the policy that sampled, kept from the first update's forward
-
-
-def left_pad(rows, pad_id, device):
-    """Rows of token ids as left-padded ids and attention mask, so every row's continuation starts at one column."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def prompt_rows(tokenizer, prompts, max_length):
@@ -53,7 +39,7 @@ def encode_prompts(tokenizer, prompts, max_length, device):
 @torch.no_grad()
 def sample(engine, tokenizer, prompts, max_prompt_length, max_new_tokens, samples_per_prompt=1, device="cpu"):
     """`samples_per_prompt` answers to every prompt (answers of one prompt adjacent) from the rollout engine
-    (trainer/rollout_engine.py), with the log-probs it sampled them with (None when it returned none)."""
+    (trainer/rl/engines.py), with the log-probs it sampled them with (None when it returned none)."""
     contexts = [row for row in prompt_rows(tokenizer, prompts, max_prompt_length) for _ in range(samples_per_prompt)]
     answers = engine.generate(contexts, max_new_tokens)
     prompt_ids, prompt_mask = left_pad(contexts, tokenizer.pad_token_id, device)
@@ -73,14 +59,12 @@ def sample(engine, tokenizer, prompts, max_prompt_length, max_new_tokens, sample
 
 
 def sample_and_score(engine, tokenizer, batch, args, reward_model, samples_per_prompt=1, device="cpu"):
-    """The rollout of one micro-batch: samples_per_prompt answers to each of its prompts from the rollout engine
-    (no gradients) and their rewards, as fields to add to the batch: rollout, rewards and rollout_attention_mask
-    (which the run counts as the step's real tokens)."""
+    """The rollout of one micro-batch of prompts (RLAIFDataset rows through pad_batch): samples_per_prompt answers
+    to each from the rollout engine (no gradients), and their rewards [N] on the device."""
     rollout = sample(engine, tokenizer, batch["prompt"], args.max_seq_len, args.max_gen_len, samples_per_prompt,
                      device)
     rewards = rewards_for(rollout.texts, batch, samples_per_prompt, reward_model, args.reasoning)
-    return dict(rollout=rollout, rewards=rewards.to(rollout.attention_mask.device),
-                rollout_attention_mask=rollout.attention_mask)
+    return rollout, rewards.to(rollout.attention_mask.device)
 
 
 def positions(attention_mask):
@@ -97,21 +81,3 @@ def completion_logprobs(model, rollout: Rollout):
     answer = rollout.input_ids[:, rollout.prompt_length:]
     logps = torch.gather(logits.log_softmax(-1), 2, answer.unsqueeze(-1)).squeeze(-1)
     return logps * rollout.completion_mask, out.aux_loss
-
-
-def masked_mean(values, mask, dim=None):
-    """Mean of values where mask is 1 (over everything, or along dim)."""
-    mask = mask.to(values.dtype)
-    if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def start_rl_run(args):
-    """The set-up the RL stages share: (run, tokenizer, prompts, reward model or None)."""
-    args.from_weight = args.from_weight or ("reason" if args.reasoning else "full_sft")
-    run = Run(args)
-    tokenizer = run.load_tokenizer()
-    with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
-        data = RLAIFDataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
-    return run, tokenizer, data, load_reward_model(args, run)
