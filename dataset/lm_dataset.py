@@ -610,7 +610,7 @@ def pad_batch(rows, pad_id: int = 0):
 
 def stack_pairs(batch, pad_id):
     """Chosen rows then rejected rows, right-padded to one width, for a single forward pass. Under causal
-    attention a right-padded row needs no attention mask (see next_token_loss); the mask is returned for
+    attention a right-padded row needs no attention mask (see train_full_sft.py); the mask is returned for
     callers that want it."""
     width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
 

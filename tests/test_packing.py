@@ -12,7 +12,18 @@ import model.kernels as kernels  # noqa: E402
 from dataset.lm_dataset import SFTDataset, pad_batch  # noqa: E402
 from test_train import metrics, run_script  # noqa: E402
 from common.tokenizer import load_tokenizer
-from trainer.losses import count_label_tokens, next_token_loss
+
+
+def count_label_tokens(labels):
+    """Positions that carry loss after the shift, as the trainers count them."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def next_token_loss(model, batch):
+    """The SFT forward as train_full_sft.py runs it: no attention mask, packed rows' position ids."""
+    out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
+    return out.loss, out.aux_loss
+
 
 MAX_LEN = 128
 

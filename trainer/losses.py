@@ -1,19 +1,8 @@
-"""The losses the stages share, each with its formula: next-token cross-entropy (pretraining, SFT, LoRA), per-token
-and per-answer log-probabilities (DPO, RL), and the policy-gradient objectives of the RL stages (GRPO, PPO, SPO).
-Stage-specific losses (DPO's, distillation's, the tag-weighted reasoning loss) stay in their train_*.py."""
+"""The losses the stages share, each with its formula: per-token and per-answer log-probabilities (DPO, RL), masked
+means, and the policy-gradient objectives of the RL stages (GRPO, PPO, SPO, the agent). The next-token cross-entropy
+of pretraining, SFT and LoRA is the model's own (labels=...); stage-specific losses (DPO's, distillation's, the
+tag-weighted reasoning loss) stay in their train_*.py."""
 import torch
-
-
-def next_token_loss(model, batch):
-    """Mean next-token cross-entropy over the tokens whose label is not -100, and the MoE balance loss.
-
-    No attention mask, on purpose: pad_batch pads on the right, so under causal attention a real token
-    only ever sees earlier real tokens and the padding mask changes nothing that carries loss; without a
-    mask SDPA can take the flash kernel (is_causal) instead of the math one. The same holds for every
-    supervised stage (SFT, LoRA, DPO, reasoning, KD) and for packed pretraining rows. Packed SFT rows
-    (--packing 1) bring position_ids that restart at each conversation; the model keeps attention inside them."""
-    out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
-    return out.loss, out.aux_loss
 
 
 def masked_mean(values, mask, dim=None):
@@ -34,11 +23,6 @@ def token_logprobs(logits, labels):
     mask = (targets != -100).float()
     logps = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return logps * mask, mask
-
-
-def count_label_tokens(labels):
-    """Positions that carry loss after the shift: labels[:, 1:] != -100."""
-    return int((labels[:, 1:] != -100).sum())
 
 
 def sequence_logps(logits, labels, reduction="mean"):

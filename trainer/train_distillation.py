@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
 from model.model_minimind import MiniMindConfig
-from trainer.losses import count_label_tokens
 from trainer.resume import Checkpoint
 from trainer.sampler import SampleStream
 from trainer.trainer_utils import Run, StepSums, lr_at
@@ -88,7 +87,7 @@ def main(args):
             group["lr"] = lr
         # Every answer token weighs the same in the step (n_b of the step's N, all processes):
         #   loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)     (aux: the student's MoE balancing loss)
-        counts = [count_label_tokens(batch["labels"]) for batch in window]
+        counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in window]  # loss tokens, after the shift
         total = run.all_sum(sum(counts))[0].clamp(min=1)
         sums = StepSums(run)
         for i, (batch, n) in enumerate(zip(window, counts)):

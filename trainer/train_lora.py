@@ -38,7 +38,6 @@ import torch
 from common.device import print0
 from dataset.lm_dataset import SFTDataset
 from model.model_lora import apply_lora
-from trainer.losses import count_label_tokens
 from trainer.resume import Checkpoint
 from trainer.sampler import SampleStream
 from trainer.trainer_utils import Run, StepSums, lr_at
@@ -69,7 +68,7 @@ def main(args):
         # Every answer token weighs the same in the step: micro-batch b, with n_b of the step's N loss tokens (all
         # processes), enters as (n_b / N) * its mean loss, which with M micro-batches on W processes gives
         #   loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)     (aux: the MoE load-balancing loss)
-        counts = [count_label_tokens(batch["labels"]) for batch in window]
+        counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in window]  # loss tokens, after the shift
         total = run.all_sum(sum(counts))[0].clamp(min=1)
         sums = StepSums(run)
         for i, (batch, n) in enumerate(zip(window, counts)):

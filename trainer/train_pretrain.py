@@ -31,7 +31,6 @@ if __name__ == "__main__":
 import torch
 
 from dataset.lm_dataset import PretrainDataset
-from trainer.losses import count_label_tokens
 from trainer.resume import Checkpoint
 from trainer.sampler import SampleStream
 from trainer.trainer_utils import Run, StepSums, lr_at
@@ -57,14 +56,15 @@ def main(args):
         # Every token weighs the same in the step: micro-batch b, with n_b of the step's N loss tokens (all
         # processes), enters as (n_b / N) * its mean loss, which with M micro-batches on W processes gives
         #   loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)     (aux: the MoE load-balancing loss)
-        counts = [count_label_tokens(batch["labels"]) for batch in window]
+        counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in window]  # loss tokens, after the shift
         total = run.all_sum(sum(counts))[0].clamp(min=1)
         sums = StepSums(run)
         for i, (batch, n) in enumerate(zip(window, counts)):
             batch = run.to_device(batch)
             with run.grad_sync(model, last=i == len(window) - 1):
                 with run.autocast():
-                    # every real token carries loss (labels = input_ids, padding -100); packed rows need no mask
+                    # every real token carries loss (labels = input_ids, padding -100). No attention mask: rows
+                    # are right-padded, so under causal attention padding changes nothing that carries loss
                     out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
                 share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
                 loss = out.loss * share.to(out.loss.dtype) + aux_share
