@@ -92,27 +92,27 @@ def test_samples_step_through_the_turns_together():
 
 def test_the_engine_returns_the_log_probs_it_sampled_with():
     """TorchEngine's log-probs are those of the distribution each token was drawn from (temperature applied): a
-    forward over the packed trajectory under the same weights gives them again, token for token."""
+    forward over the padded trajectory under the same weights gives them again, token for token."""
     torch.manual_seed(0)
     model = tiny_model(max_position_embeddings=2048).eval()
     engine = TorchEngine(model, TOKENIZER, temperature=0.7)
     trajectories = run_trajectories(engine, TOKENIZER, [QUESTION, [{"role": "user", "content": "你好"}]], [TOOLS, None],
                            samples_per_prompt=2, max_new_tokens=12)
-    packed = pad_trajectories(trajectories, TOKENIZER.pad_token_id)
+    padded = pad_trajectories(trajectories, TOKENIZER.pad_token_id)
     with torch.no_grad():
-        logps, _ = trajectory_logprobs(model, packed, temperature=0.7)
-    mask = packed["loss_mask"].bool()
+        logps, _ = trajectory_logprobs(model, padded, temperature=0.7)
+    mask = padded["loss_mask"].bool()
     assert mask.sum() == sum(sum(t.loss_mask) for t in trajectories) > 0
-    assert torch.allclose(logps[mask], packed["sample_logps"][mask], atol=1e-4)
+    assert torch.allclose(logps[mask], padded["sample_logps"][mask], atol=1e-4)
     assert (logps[~mask] == 0).all()
 
 
 def test_pack_aligns_every_token_with_the_position_that_predicts_it():
     t = Trajectory(prompt_ids=[5, 6, 7], ids=[8, 9, 10], loss_mask=[1, 0, 1], sample_logps=[-1.0, 0.0, -3.0])
-    packed = pad_trajectories([t, Trajectory(prompt_ids=[5, 6], ids=[8], loss_mask=[1], sample_logps=[-2.0])], pad_id=0)
-    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 6, 8, 0, 0, 0]]
-    assert packed["loss_mask"].tolist() == [[0, 0, 1, 0, 1], [0, 1, 0, 0, 0]]  # position 2 predicts id 8
-    assert packed["sample_logps"].tolist() == [[0, 0, -1.0, 0, -3.0], [0, -2.0, 0, 0, 0]]
+    padded = pad_trajectories([t, Trajectory(prompt_ids=[5, 6], ids=[8], loss_mask=[1], sample_logps=[-2.0])], pad_id=0)
+    assert padded["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 6, 8, 0, 0, 0]]
+    assert padded["loss_mask"].tolist() == [[0, 0, 1, 0, 1], [0, 1, 0, 0, 0]]  # position 2 predicts id 8
+    assert padded["sample_logps"].tolist() == [[0, 0, -1.0, 0, -3.0], [0, -2.0, 0, 0, 0]]
 
 
 def test_agent_reward_parts_by_hand():

@@ -60,7 +60,7 @@ def observation_text(tokenizer, messages, assistant, tool_messages, tools, think
 
 
 def run_trajectories(engine, tokenizer, conversations, tools, samples_per_prompt=1, max_turns=3, max_new_tokens=256,
-            thinking_ratio=0.0, max_total_tokens=4096, rng=None):
+                     thinking_ratio=0.0, max_total_tokens=4096, rng=None):
     """Trajectories for every conversation (samples_per_prompt each, adjacent), run turn by turn together.
 
     conversations: lists of messages up to the user's request; tools: each conversation's tools (OpenAI layout).
@@ -141,9 +141,9 @@ def pad_trajectories(trajectories, pad_id):
     return dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask, sample_logps=sample_logps)
 
 
-def trajectory_logprobs(model, packed, temperature=1.0):
+def trajectory_logprobs(model, padded, temperature=1.0):
     """[N, L - 1] log-probs of every next token under `model` (at the sampling temperature), 0 where the loss mask
     is 0; and the forward's MoE balance loss."""
-    out = model(packed["input_ids"], attention_mask=packed["attention_mask"])
-    logps, _ = token_logprobs(out.logits.float() / temperature, packed["input_ids"])  # no -100 here: every position
-    return logps * packed["loss_mask"], out.aux_loss
+    out = model(padded["input_ids"], attention_mask=padded["attention_mask"])
+    logps, _ = token_logprobs(out.logits.float() / temperature, padded["input_ids"])  # no -100 here: every position
+    return logps * padded["loss_mask"], out.aux_loss

@@ -53,7 +53,6 @@ def left_pad(rows, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
-
 class RolloutEngineError(RuntimeError):
     pass
 
