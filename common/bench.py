@@ -125,7 +125,8 @@ def write_gpu_check_report(run, path):
     later = list(zip(times, times[1:]))  # the first step pays for start-up (kernels, allocator, compile)
     step_s = [(t1 - t0) / (s1 - s0) for (t0, s0), (t1, s1) in later]
     report = dict(device=str(run.device), dtype=str(run.dtype).removeprefix("torch."), world_size=run.world_size,
-                  steps=run.log_points[-1][1] if run.log_points else 0, step_s=step_s, tokens_per_s=[tps for _, _, tps in run.log_points[1:]],
+                  steps=run.log_points[-1][1] if run.log_points else 0, step_s=step_s,
+                  tokens_per_s=[tps for _, _, tps in run.log_points[1:]],
                   peak_memory_gib=peak_memory_gib(run.device),
                   flops_per_token=training_flops_per_token(run.config, run.args.max_seq_len),
                   peak_tflops=peak_tflops(run.device, run.dtype), attention=ATTENTION_KERNELS_SEEN)

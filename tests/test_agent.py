@@ -258,7 +258,8 @@ def test_thinking_ratio_acts_or_is_refused(tmp_path):
     from test_train import run_script
     from common.chat import has_thinking_switch
     assert has_thinking_switch(minimind3_style_tokenizer()) and not has_thinking_switch(TOKENIZER)
-    prompts = {render(minimind3_style_tokenizer(), QUESTION, None, thinking or None, generation_prompt=True) for thinking in (True, False)}
+    prompts = {render(minimind3_style_tokenizer(), QUESTION, None, thinking or None, generation_prompt=True)
+               for thinking in (True, False)}
     assert len(prompts) == 2
     result = run_script("train_agent.py", "--from_weight", "none", "--thinking_ratio", "0.5", "--max_steps", "1",
                         tmp=tmp_path, check=False)

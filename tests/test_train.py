@@ -377,7 +377,8 @@ def test_accumulated_step_equals_one_large_batch(tmp_path):
         assert a["samples"] == b["samples"] and a["lr"] == b["lr"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
                                                                                                    rel=1e-4)
-    weights = [torch.load(tmp_path / name / "out" / "full_sft_64.pth", weights_only=True) for name in ("small", "large")]
+    weights = [torch.load(tmp_path / name / "out" / "full_sft_64.pth", weights_only=True)
+               for name in ("small", "large")]
     assert all(torch.allclose(weights[0][k].float(), weights[1][k].float(), atol=2e-3) for k in weights[0])
 
 

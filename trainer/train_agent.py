@@ -155,11 +155,13 @@ def sample_batch(engine, tokenizer, batch, args, thinking_ratio, counts, device)
             scores[i * G:(i + 1) * G] = rescored[k * G:(k + 1) * G]
         counts["redrawn_groups"] += len(flat)
     truncated = [bool(args.mask_truncated and (t.cut_off or t.hit_turn_limit)) for t in trajectories]
-    keep = [not (t.prompt_too_long or cut or k // G in dropped) for k, (t, cut) in enumerate(zip(trajectories, truncated))]
+    keep = [not (t.prompt_too_long or cut or k // G in dropped)
+            for k, (t, cut) in enumerate(zip(trajectories, truncated))]
     counts["dropped_groups"] += len(dropped)
     counts["skipped_prompts"] += sum(t.prompt_too_long for t in trajectories)
     counts["masked_truncated"] += sum(cut and not t.prompt_too_long for t, cut in zip(trajectories, truncated))
-    padded = {k: v.to(device, non_blocking=True) for k, v in pad_trajectories(trajectories, tokenizer.pad_token_id).items()}
+    padded = {k: v.to(device, non_blocking=True)
+              for k, v in pad_trajectories(trajectories, tokenizer.pad_token_id).items()}
     sampled = Sampled(padded, group_advantages(torch.tensor([s["total"] for s in scores]), G).to(device),
                       torch.tensor(keep, dtype=torch.float32, device=device), kept_trajectories=sum(keep),
                       kept_tokens=sum(sum(t.loss_mask) for t, k in zip(trajectories, keep) if k))
@@ -184,7 +186,8 @@ def main(args):
         engine.maybe_sync(unwrap(model), step - 1)  # a server engine gets the weights every --sync_interval steps
         counts = dict(redrawn_groups=0, dropped_groups=0, skipped_prompts=0, masked_truncated=0)
         with run.autocast():  # rollouts first: G trajectories for each task, turn by turn, then scored
-            drawn = [sample_batch(engine, tokenizer, batch, args, thinking_ratio, counts, run.device) for batch in window]
+            drawn = [sample_batch(engine, tokenizer, batch, args, thinking_ratio, counts, run.device)
+                     for batch in window]
         samples, parts = [s for s, _ in drawn], [p for _, scores in drawn for p in scores]
         lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
         for group in optimizer.param_groups:
@@ -204,7 +207,7 @@ def main(args):
                         with torch.no_grad():
                             ref_logps, _ = trajectory_logprobs(reference, padded, args.temperature)
                         logps, aux_loss = trajectory_logprobs(model, padded, args.temperature)
-                        sampler_logps = padded["sample_logps"]  # rho = pi / pi_sample: 1 at the first update, then it moves
+                        sampler_logps = padded["sample_logps"]  # rho = pi / pi_sample: 1 at the first update
                         if args.loss_type == "cispo":
                             policy_loss = cispo_objective(logps, sampler_logps, sampled.advantages, args.epsilon_high)
                         else:

@@ -117,8 +117,8 @@ def main(args):
         # Every position weighs its tag weight in the step: micro-batch b, whose weights sum to w_b of the step's W_sum
         # (all processes), enters as (w_b / W_sum) * its weighted mean loss:
         #   loss = sum_b (w_b / W_sum) * loss_b + sum_b aux_b / (M * W)     (aux: the MoE load-balancing loss)
-        counts = [float(tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)[:, 1:].sum())
-                  for batch in window]
+        counts = [float(tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences,
+                                         args.tag_weight)[:, 1:].sum()) for batch in window]
         total = run.all_sum(sum(counts))[0].clamp(min=1)
         sums = StepSums(run)
         for i, (batch, n) in enumerate(zip(window, counts)):

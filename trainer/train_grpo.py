@@ -93,7 +93,8 @@ def main(args):
     for step, window in run.steps(stream, checkpoint):
         engine.maybe_sync(unwrap(model), step - 1)  # a server engine gets the weights every --sync_interval steps
         with run.autocast():  # rollouts first: G answers to each prompt from the rollout engine, scored
-            rollouts = [sample_and_score(engine, tokenizer, batch, args, reward_model, G, run.device) for batch in window]
+            rollouts = [sample_and_score(engine, tokenizer, batch, args, reward_model, G, run.device)
+                        for batch in window]
         lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
         for group in optimizer.param_groups:
             group["lr"] = lr

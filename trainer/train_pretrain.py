@@ -20,8 +20,8 @@ def arguments(argv=None):
                            max_seq_len=340, data_path="../dataset/pretrain_hq.jsonl", from_weight="none",
                            group_by_length=1)
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
-                        help="1 = concatenate the documents and cut the stream into full rows (no padding; a document may "
-                             "run into the next row, and documents in a row see each other)")
+                        help="1 = concatenate the documents and cut the stream into full rows (no padding; a "
+                             "document may run into the next row, and documents in a row see each other)")
     return parse_args(parser, argv)
 
 

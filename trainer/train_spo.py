@@ -124,7 +124,7 @@ def main(args):
                     mask = rollout.completion_mask
                     answer_logp = masked_mean(logps, mask, dim=1)  # mean log-prob of each answer
                     weighted_logp = answer_logp
-                    if args.rollout_engine != "torch":  # stale samples: each token weighted by sg(min(pi / pi_sample, 2))
+                    if args.rollout_engine != "torch":  # stale samples: each token weighs sg(min(pi / pi_sample, 2))
                         weight = importance_ratio(logps.detach(), rollout.sample_logps).clamp(max=STALE_WEIGHT_CAP)
                         weighted_logp = masked_mean(weight * logps, mask, dim=1)
                     kl = masked_mean(k3_kl(logps, ref_logps), mask, dim=1)
