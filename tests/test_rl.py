@@ -12,7 +12,7 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from test_train import metrics, run_script
 
 from trainer.rl import rewards
-from trainer.rl import sampling as rollout
+from trainer.rl import sampling
 from trainer import losses
 from trainer import train_ppo
 from trainer import train_spo
@@ -38,7 +38,7 @@ def small_model(seed=0):
 def test_prompts_are_cut_from_the_left_and_left_padded(tok):
     long_prompt = tok.apply_chat_template([{"role": "user", "content": "很长的问题" * 50}], tokenize=False,
                                           add_generation_prompt=True)
-    ids, mask = rollout.encode_prompts(tok, [long_prompt, "短"], max_length=20, device="cpu")
+    ids, mask = sampling.encode_prompts(tok, [long_prompt, "短"], max_length=20, device="cpu")
     assert ids.shape == (2, 20)
     assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n")  # the generation prompt survives
     assert mask[1].tolist() == [0] * 19 + [1] and ids[1, 0] == tok.pad_token_id
@@ -59,7 +59,7 @@ class ScriptedEngine:
 def test_a_rollout_holds_each_answer_up_to_its_eos_and_the_engines_log_probs(tok):
     eos = tok.eos_token_id
     engine = ScriptedEngine([([5, 6, eos], [-0.5, -1.0, -0.1]), ([7, 8, 9, 10], [-2.0, -0.2, -0.3, -0.4])])
-    batch = rollout.sample(engine, tok, ["问题"], max_prompt_length=64, max_new_tokens=4, samples_per_prompt=2)
+    batch = sampling.sample(engine, tok, ["问题"], max_prompt_length=64, max_new_tokens=4, samples_per_prompt=2)
     (contexts, max_new_tokens), = engine.asked
     assert contexts == [tok("问题").input_ids] * 2 and max_new_tokens == 4  # G copies of the prompt, adjacent
     assert batch.completion_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
@@ -74,17 +74,17 @@ def test_log_probs_do_not_depend_on_padding(tok):
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in ("一个比较长的问题，需要更多的 token？", "短？")]
     torch.manual_seed(0)
-    batch = rollout.sample(TorchEngine(model, tok), tok, prompts, 64, 8, samples_per_prompt=2)
+    batch = sampling.sample(TorchEngine(model, tok), tok, prompts, 64, 8, samples_per_prompt=2)
     width = batch.completion_mask.shape[1]
     assert batch.input_ids.shape[0] == 4 and width <= 8
-    together, _ = rollout.completion_logprobs(model, batch)
+    together, _ = sampling.completion_logprobs(model, batch)
     # the in-process engine's log-probs are the policy's own (temperature 1)
     assert torch.allclose(batch.sample_logps, together, atol=1e-4)
     # the short prompt's answers scored without any left padding
     alone_ids = batch.input_ids[2:][:, batch.attention_mask[2, :batch.prompt_length].argmax():]
-    alone = rollout.Rollout(alone_ids, batch.attention_mask[2:, -alone_ids.shape[1]:], batch.completion_mask[2:],
+    alone = sampling.Rollout(alone_ids, batch.attention_mask[2:, -alone_ids.shape[1]:], batch.completion_mask[2:],
                             alone_ids.shape[1] - width, batch.texts[2:])
-    assert torch.allclose(rollout.completion_logprobs(model, alone)[0], together[2:], atol=1e-5)
+    assert torch.allclose(sampling.completion_logprobs(model, alone)[0], together[2:], atol=1e-5)
     assert (together[batch.completion_mask == 0] == 0).all()
 
 
