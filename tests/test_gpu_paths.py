@@ -114,6 +114,21 @@ def fake_gpu(monkeypatch):
     return gpu
 
 
+def test_the_process_groups_wait_longer_than_tokenising_takes(monkeypatch):
+    """While the first process of a machine tokenises a large file (main_process_first), the others wait in a barrier:
+    the groups' timeout (NCCL's watchdog default is 10 minutes) must outlast that - the main group's (checked in
+    test_each_ddp_process_binds_its_own_gpu) and the gloo group the stop flag is agreed on."""
+    assert distributed.PROCESS_GROUP_TIMEOUT.total_seconds() >= 3600
+    flag_groups = []
+    monkeypatch.setattr(trainer_utils.dist, "new_group", lambda **kw: flag_groups.append(kw))
+    monkeypatch.setattr(trainer_utils.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(trainer_utils.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(trainer_utils, "setup_device", lambda requested, ddp: torch.device("cpu"))
+    monkeypatch.setenv("RANK", "0")
+    fake_run()
+    assert flag_groups == [dict(backend="gloo", timeout=distributed.PROCESS_GROUP_TIMEOUT)]
+
+
 def test_bf16_falls_back_to_fp16_below_compute_capability_8(fake_gpu, capsys):
     cuda = torch.device("cuda", 0)
     fake_gpu.capability, fake_gpu.name = (7, 5), "Tesla T4"
@@ -168,9 +183,10 @@ def test_each_ddp_process_binds_its_own_gpu(fake_gpu, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")  # e.g. the 4th process on a machine whose launcher shows 2 GPUs
     device = distributed.setup_device("cuda", ddp=True)
     assert device == torch.device("cuda", 1) and fake_gpu.current == device
-    assert groups == [("nccl", dict(device_id=torch.device("cuda", 1)))]
+    wait = dict(timeout=distributed.PROCESS_GROUP_TIMEOUT)  # why: test_the_process_groups_wait_longer_than_...
+    assert groups == [("nccl", dict(device_id=torch.device("cuda", 1), **wait))]
     groups.clear()
-    assert distributed.setup_device("cpu", ddp=True) == torch.device("cpu") and groups == [("gloo", {})]
+    assert distributed.setup_device("cpu", ddp=True) == torch.device("cpu") and groups == [("gloo", wait)]
 
 
 def test_tf32_for_the_fp32_matmuls_on_cuda():

@@ -3,12 +3,18 @@ summing over processes, and leaving together. With one process every function he
 import os
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from common.device import cuda_device, pick_device
+
+# How long a collective may wait before the process group gives up on it. NCCL's watchdog default is 10 minutes
+# (torch.distributed.init_process_group's timeout): the other processes of a machine wait in main_process_first's
+# barrier while its first process tokenises the data, which takes longer than that for a multi-GB file.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 
 
 def setup_device(requested, ddp: bool) -> torch.device:
@@ -20,10 +26,11 @@ def setup_device(requested, ddp: bool) -> torch.device:
         device = cuda_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")
         # device_id binds this process's NCCL communicator to its GPU at init (eager init), so no
         # collective has to guess the device from the rank, and barrier() uses the bound device.
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=PROCESS_GROUP_TIMEOUT)
         return device
     if ddp:
-        dist.init_process_group("gloo")  # gloo reduces CPU tensors only: all_reduce below moves them there
+        # gloo reduces CPU tensors only: all_reduce below moves them there
+        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return cuda_device(device) if device.startswith("cuda") else torch.device(device)
 
 

@@ -115,7 +115,8 @@ class Run:
         self.interrupted, self.interrupted_at = None, 0.0  # the signal that asked the run to stop at a step boundary
         self.stopped_by_signal = False  # should_stop() ended the loop for that signal
         # A CPU-side group for the stop flag, so agreeing on it never waits on the GPU stream.
-        self.flag_group = dist.new_group(backend="gloo") if self.ddp else None
+        self.flag_group = dist.new_group(backend="gloo", timeout=distributed.PROCESS_GROUP_TIMEOUT) \
+            if self.ddp else None
         for note in getattr(args, "chosen_for_you", []):  # settings the command line filled in or rebased
             print0(note)
         self.check_from_weight()
