@@ -124,16 +124,17 @@ def packed_rows(position_ids, hidden, dropout):
 def can_group_experts(tokens, hidden_size, intermediate_size):
     """Whether the experts can run as grouped matmuls (grouped_experts) on this device.
 
-    grouped_mm needs 16-byte aligned rows, and on CUDA bf16 on an sm90 / sm100 GPU (H100, H200, B200): torch 2.13's
-    _grouped_mm_cuda takes its CUTLASS kernel only there (_scaled_mm_allowed_device(sm90, sm100) and bf16); on
+    grouped_mm needs 16-byte aligned rows, and on CUDA bf16 on an sm90 GPU (H100, H200): torch 2.13's
+    _grouped_mm_cuda takes its CUTLASS kernel only on sm90 / sm100 (_scaled_mm_allowed_device and bf16); on
     sm80/86/89/120 it falls back to one matmul per expert after copying the offsets to the host (a sync), so the
-    sync-free masked dense path is used instead. The CPU runs it in fp32 and bf16."""
+    sync-free masked dense path is used instead. sm100 (B200) is left out too: there the backward gives experts that
+    got no tokens non-zero weight gradients (pytorch/pytorch#172439, open). The CPU runs it in fp32 and bf16."""
     dtype = compute_dtype(tokens)
     aligned = all(n * torch.finfo(dtype).bits // 8 % 16 == 0 for n in (hidden_size, intermediate_size))
     if tokens.device.type == "cpu":
         return aligned and dtype in (torch.float32, torch.bfloat16)
     if tokens.device.type == "cuda":
-        return aligned and dtype == torch.bfloat16 and torch.cuda.get_device_properties(tokens.device).major in (9, 10)
+        return aligned and dtype == torch.bfloat16 and torch.cuda.get_device_properties(tokens.device).major == 9
     return False
 
 

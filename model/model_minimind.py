@@ -239,7 +239,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            # RMSNorm's fp32 weight times its bf16 output is fp32 under autocast: back to v's (the matmuls') dtype,
+            # so attention gets one dtype (flash and varlen refuse fp32 or mixed) and the KV cache stays half size
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         q, k = apply_rotary(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # prepend cached keys/values
@@ -343,9 +345,10 @@ class MOEFeedForward(nn.Module):
         batch, seq_len, hidden = x.shape
         topk_idx, topk_weight, self.aux_loss = self.gate(x)
         tokens = x.reshape(-1, hidden)
-        # expert dropout only exists on the per-expert path
+        # Expert dropout only exists on the per-expert path, and so do LoRA adapters on the experts: the grouped
+        # kernel reads each expert's weight directly, so their forward hooks would never run (no gradient).
         if can_group_experts(tokens, self.config.hidden_size, self.config.intermediate_size) and \
-                not (self.training and self.config.dropout > 0):
+                not (self.training and self.config.dropout > 0) and not self.experts_have_adapters():
             routed = grouped_experts(self.experts, self.act_fn, tokens, topk_idx, topk_weight)
         else:
             routed = self.dense_experts(tokens, topk_idx, topk_weight)
@@ -353,6 +356,9 @@ class MOEFeedForward(nn.Module):
         for expert in self.shared_experts:
             out = out + expert(x)
         return out
+
+    def experts_have_adapters(self):
+        return any(hasattr(linear, "lora") for linear in self.experts.modules())
 
     def dense_experts(self, tokens, topk_idx, topk_weight):
         """sum_k weight_k * expert_k(token), written out: every expert sees every token, weighted 0 where not routed.

@@ -81,6 +81,30 @@ def test_masked_attention_on_a_cpu_keeps_grouped_kv_heads(monkeypatch):
         assert torch.allclose(logits[i, -1], reference[i], atol=1e-5)
 
 
+@pytest.mark.parametrize("generation", ["minimind2", "minimind-3"])
+def test_attention_gets_one_dtype_under_autocast(generation, monkeypatch):
+    """Under bf16 autocast q, k and v reach attention in bf16 for both generations - training, packed rows and a
+    cached step alike. (minimind-3's q/k RMSNorm has an fp32 weight: its output was fp32 while v was bf16, which the
+    varlen and flash kernels refuse, and the KV cache kept fp32 keys.)"""
+    seen = []
+    real = model_minimind.fast_attention
+
+    def record(q, k, v, *args):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *args)
+
+    monkeypatch.setattr(model_minimind, "fast_attention", record)
+    model = tiny_model(generation=generation).train()
+    ids = torch.randint(3, 6400, (2, 12))
+    packed_positions = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, labels=ids).loss.backward()
+        model(ids, labels=ids, position_ids=packed_positions).loss.backward()
+        with torch.no_grad():
+            model.eval().generate(ids[:1, :4], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert len(seen) >= 8 and set(seen) == {(torch.bfloat16,) * 3}, seen
+
+
 def test_cuda_calls_repeat_kv_heads_wherever_flash_cannot_take_them(fake_gpu):
     needs = kernels.sdpa_needs_repeated_kv
     cuda = torch.device("cuda", 0)
@@ -234,15 +258,33 @@ def test_training_flops_count_the_active_parameters():
 # 5. MoE grouped_mm only where torch has the fast kernel
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("capability, grouped", [((9, 0), True), ((10, 0), True), ((8, 0), False),
+# sm100 (B200) has the kernel too, but its backward gives experts without tokens non-zero gradients (torch #172439)
+@pytest.mark.parametrize("capability, grouped", [((9, 0), True), ((10, 0), False), ((8, 0), False),
                                                  ((8, 6), False), ((8, 9), False), ((12, 0), False)])
-def test_moe_grouped_mm_only_on_sm90_and_sm100(fake_gpu, capability, grouped):
+def test_moe_grouped_mm_only_on_sm90(fake_gpu, capability, grouped):
     fake_gpu.capability = capability
     config = MiniMindConfig(hidden_size=512, use_moe=True)
     tokens = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
     assert kernels.can_group_experts(tokens, config.hidden_size, config.intermediate_size) is grouped
     tokens.dtype = torch.float32  # the CUTLASS kernel is bf16 only
     assert kernels.can_group_experts(tokens, config.hidden_size, config.intermediate_size) is False
+
+
+@pytest.mark.parametrize("generation", ["minimind2", "minimind-3"])
+def test_lora_on_the_experts_trains_where_the_grouped_kernel_runs(generation):
+    """The grouped kernel reads each expert's weight directly, past LoRA's forward hook: with adapters on the experts
+    the per-expert path runs instead, so every adapter of an expert that got tokens gets a gradient. (The CPU groups
+    experts in fp32, as an H100 does in bf16, so this is the GPU's case.)"""
+    from model.model_lora import apply_lora
+    model = tiny_model(generation=generation, use_moe=True).train()
+    layer = model.model.layers[0].mlp
+    assert kernels.can_group_experts(torch.zeros(1, 64), 64, model.config.intermediate_size)  # grouped without LoRA
+    apply_lora(model, rank=4, target_modules=["gate_proj", "up_proj", "down_proj"])
+    ids = torch.randint(3, 6400, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        grads = [getattr(expert, name).lora.B.weight.grad for expert in layer.experts]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
 
 
 # --------------------------------------------------------------------------------------------
