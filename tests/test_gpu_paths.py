@@ -408,15 +408,24 @@ def test_ddp_does_not_rebroadcast_the_rope_tables(tmp_path, monkeypatch):
         dist.destroy_process_group()
 
 
-def test_frozen_models_are_held_in_the_autocast_dtype():
-    model = tiny_model()
-    bf16_here = torch.bfloat16 if devices.cpu_has_native_bf16() else torch.float32  # choose_dtype's answer
-    assert {p.dtype for p in fake_run(dtype="bfloat16").frozen_copy(model).parameters()} == {bf16_here}
-    frozen = fake_run(dtype="float16").frozen_copy(model)
-    assert {p.dtype for p in frozen.parameters()} == {torch.float16}
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_frozen_copies_are_the_policy_at_step_0_under_autocast(dtype):
+    """The reference / old actor / teacher keep the trained model's fp32 weights and run under the same autocast, so at
+    step 0 their log-probs equal the policy's exactly: KL 0, DPO margins 0, PPO ratios 1. (Cast whole to bf16 they
+    differed, here by up to 2e-3 nat a token; summed over a long answer that is a ratio far from 1.)"""
+    from trainer.losses import token_logprobs
+    run = fake_run(dtype=dtype)
+    run.dtype = getattr(torch, dtype)  # what a GPU gets; the CPU's autocast runs both
+    model = tiny_model().train()  # the policy trains in train mode (dropout 0), the copy is in eval mode
+    frozen = run.frozen_copy(model)
     assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
-    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the trained model is untouched
-    assert {p.dtype for p in fake_run(dtype="float32").frozen_copy(model).parameters()} == {torch.float32}
+    assert {p.dtype for p in frozen.parameters()} == {torch.float32}  # the policy's precision
+    ids = torch.randint(3, 6400, (3, 24))
+    with run.autocast():
+        policy = token_logprobs(model(ids).logits, ids)[0]
+        with torch.no_grad():
+            reference = token_logprobs(frozen(ids).logits, ids)[0]
+    assert torch.equal(policy.detach(), reference)
 
 
 def test_a_step_makes_no_float64_tensor_where_the_device_has_none(tmp_path, monkeypatch):

@@ -181,11 +181,11 @@ class Run:
         return model.to(self.device)
 
     def freeze(self, model):
-        """A model that is only ever evaluated (reference, old policy, teacher): eval mode, no gradients,
-        held in the autocast dtype, since under autocast its matmuls run in that dtype anyway and fp32
-        weights would only double its memory and be cast again on every forward."""
-        model = model.eval().requires_grad_(False)
-        return model.to(self.dtype) if self.dtype != torch.float32 else model
+        """A model that is only ever evaluated (reference, old policy, teacher): eval mode, no gradients, and the
+        trained model's precision - fp32 weights under the same autocast - so that at step 0 it is the policy to the
+        last bit (KL 0, DPO margins 0, PPO ratios 1). Cast whole to bf16, its embeddings, norms, residual stream and
+        RoPE tables would round differently; at these sizes the fp32 copy costs little memory."""
+        return model.eval().requires_grad_(False)
 
     def frozen_copy(self, model):
         """A frozen copy of the model as it is now (the reference policy of DPO / RL, PPO's old actor)."""
