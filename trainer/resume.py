@@ -8,11 +8,14 @@
 A resume file holds the trainable weights in fp32, the optimizer and loss-scaler states, the sample stream's position
 (trainer/sampler.py: step, epoch, samples consumed), every process's random states, the tokenizer's hash and the
 settings that fix the sample order; the inference weight beside it is saved in half precision. Both are written
-atomically (common/files.py), so a kill never leaves half a checkpoint.
+atomically (common/files.py), so a kill never leaves half a checkpoint. Under torchrun only process 0 writes them;
+restore() makes every process resume from process 0's file, even on machines that do not share --checkpoint_dir.
 """
+import io
 import json
 import os
 import random
+import socket
 
 import torch
 import torch.distributed as dist
@@ -77,26 +80,16 @@ class Checkpoint:
 
     def restore(self):
         """With --from_resume 1: load the resume file into the model, optimizer, scaler, extras, the stream's
-        position and the random states. Refuses a file whose sample order, rows or tokenizer differ from this run's."""
+        position and the random states. Refuses a file whose sample order, rows or tokenizer differ from this run's.
+        Under torchrun every process resumes from process 0's file, even on machines that do not share
+        --checkpoint_dir (read_state)."""
         run = self.run
         if not run.args.from_resume:
             return
-        if not os.path.exists(self.path):
-            print0(f"--from_resume 1, but there is no {self.path} yet: starting from the beginning")
+        state = self.read_state()
+        if state is None:
             return
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        check_same_order(run.args, state.get("args", {}), self.path)
-        saved_tokenizer, tokenizer = state.get("tokenizer"), tokenizer_id(run.tokenizer)
-        if saved_tokenizer and tokenizer and saved_tokenizer != tokenizer:
-            raise SystemExit(f"{self.path} was trained with another tokenizer than {run.tokenizer_dir} (the "
-                             f"resume file's {state.get('args', {}).get('tokenizer_dir') or 'model/'}): the token "
-                             "ids would change meaning. Resume with that --tokenizer_dir.")
-        saved_rows, rows = state.get("num_samples"), len(self.stream.dataset)
-        if saved_rows is not None and saved_rows != rows:
-            raise SystemExit(f"{self.path} was written for {saved_rows} training rows, but this data gives "
-                             f"{rows}: the saved position would point at other rows. Resume on the same "
-                             "data and settings (--data_path, --max_seq_len, --packing), or start afresh without "
-                             "--from_resume.")
+        self.check_fits(state)
         raw = unwrap(self.model)
         missing, unexpected = raw.load_state_dict(state["model"], strict=False)
         trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
@@ -119,10 +112,100 @@ class Checkpoint:
                    "exactly; random states are reseeded")
         print0(f"resumed from {self.path}: step {state['step']}, epoch {state['epoch']}, {state['consumed']} "
                "samples into the epoch")
+        # Process 0 alone writes the metrics file (Run.log), so it alone cuts it back
         if is_main() and os.path.exists(run.metrics_path):  # rows logged after that checkpoint will be redone
             with open(run.metrics_path, encoding="utf-8") as f:
                 rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= state["step"]]
             atomic_write_text(run.metrics_path, "".join(rows))
+
+    def read_state(self):
+        """The resume file's contents, the same on every process, or None when there is none yet (a fresh start).
+
+        Only process 0 writes the resume file (save()), but each process looks for it in its own --checkpoint_dir,
+        and machines that do not share that folder see different things: nothing, or a copy from an earlier run.
+        Had each process gone its own way, process 0 would resume at step N while the others start at 0, and the
+        run would hang at its first collective. So the processes first agree on who sees the file (a CPU
+        collective on the gloo group), then all take the same branch:
+          nobody sees it               -> everyone starts from the beginning;
+          everyone sees it             -> each reads its own copy, and all copies must be at the same step;
+          process 0 and only some more -> process 0 sends its file to every process;
+          others, but not process 0    -> a stale file: every process stops with a message."""
+        run, path = self.run, self.path
+        # (sees the file, host, path) of every process: the hosts and paths make the messages name the machines
+        where = over_processes(run, (os.path.exists(path), socket.gethostname(), path))
+        with_file = [rank for rank, (seen, _, _) in enumerate(where) if seen]
+        without_file = [rank for rank, (seen, _, _) in enumerate(where) if not seen]
+
+        def processes(ranks):
+            return ", ".join(f"process {rank} ({where[rank][1]}: {where[rank][2]})" for rank in ranks)
+
+        if not with_file:
+            print0(f"--from_resume 1, but there is no {path} yet: starting from the beginning")
+            return None
+        if 0 in without_file:
+            raise SystemExit(f"--from_resume 1: the resume file is missing for {processes([0])}, but there is one "
+                             f"for {processes(with_file)}. Only process 0 writes the resume file, so a copy that it "
+                             "does not see is stale (an earlier run's). Put the file to resume from into process 0's "
+                             "--checkpoint_dir (process 0 then sends it to the others), or delete the stale copies "
+                             "to start afresh, or run without --from_resume.")
+        if not without_file:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            # Each copy is read on its own machine: a stale copy on one of them would resume there at another step
+            positions = over_processes(run, (state.get("step"), state.get("epoch"), state.get("consumed")))
+            if len(set(positions)) > 1:
+                at = "; ".join(f"{processes([rank])} at step {step} (epoch {epoch}, {consumed} samples into it)"
+                               for rank, (step, epoch, consumed) in enumerate(positions))
+                raise SystemExit(f"--from_resume 1: the processes' resume files differ: {at}. Only process 0 writes "
+                                 "the resume file, so the others hold a stale copy: copy process 0's file over them "
+                                 "or delete them (process 0 then sends its own), or put --checkpoint_dir on a disk "
+                                 "that every machine shares.")
+            return state
+        # Some processes have no copy (a --checkpoint_dir per machine): process 0 sends its file's bytes to every
+        # process, which reads them as it would the file (weights_only), so all resume from the same state.
+        print0(f"--from_resume 1: there is no resume file for {processes(without_file)}, so process 0 sends its "
+               f"{path} to every process (--checkpoint_dir is not shared). Only process 0 writes the resume file: put "
+               "--checkpoint_dir on a disk that every machine shares, so that each process reads it there.")
+        content = [None]
+        if run.rank == 0:
+            with open(path, "rb") as f:
+                content = [f.read()]
+        dist.broadcast_object_list(content, src=0, group=run.flag_group)
+        return torch.load(io.BytesIO(content[0]), map_location="cpu", weights_only=True)
+
+    def check_fits(self, state):
+        """Stop if the resume file's sample order, rows or tokenizer differ from this run's. Each process checks its
+        own data and tokenizer (machines may hold different copies), and then all stop together: a process that
+        stopped alone would leave the others waiting for it at their next collective."""
+        run = self.run
+        try:
+            check_same_order(run.args, state.get("args", {}), self.path)
+            saved_tokenizer, tokenizer = state.get("tokenizer"), tokenizer_id(run.tokenizer)
+            if saved_tokenizer and tokenizer and saved_tokenizer != tokenizer:
+                raise SystemExit(f"{self.path} was trained with another tokenizer than {run.tokenizer_dir} (the "
+                                 f"resume file's {state.get('args', {}).get('tokenizer_dir') or 'model/'}): the "
+                                 "token ids would change meaning. Resume with that --tokenizer_dir.")
+            saved_rows, rows = state.get("num_samples"), len(self.stream.dataset)
+            if saved_rows is not None and saved_rows != rows:
+                raise SystemExit(f"{self.path} was written for {saved_rows} training rows, but this data gives "
+                                 f"{rows}: the saved position would point at other rows. Resume on the same "
+                                 "data and settings (--data_path, --max_seq_len, --packing), or start afresh without "
+                                 "--from_resume.")
+            refusal = None
+        except SystemExit as stop:
+            refusal = str(stop)
+        for rank, refused in enumerate(over_processes(run, refusal)):
+            if refused:
+                raise SystemExit(f"process {rank}: {refused}" if run.ddp else refused)
+
+
+def over_processes(run, value):
+    """[process 0's value, process 1's, ...] of a small picklable value: one CPU collective on the run's gloo group,
+    which never waits on the GPU; [value] with one process."""
+    if not run.ddp:
+        return [value]
+    values = [None] * run.world_size
+    dist.all_gather_object(values, value, group=run.flag_group)
+    return values
 
 
 def restore_rng(rng, device):
