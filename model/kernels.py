@@ -62,8 +62,8 @@ def varlen_attn(*args, **kwargs):
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, documents=None):
     """softmax(q k^T / sqrt(d) + mask) v on the fastest kernel this device has for the call.
 
-    q [B, Hq, T, D], k / v [B, Hkv, S, D] with Hq a multiple of Hkv (GQA); attn_mask None or bool [B|1, 1, T, S],
-    True = may attend; documents (cu_seqlens, longest) of packed rows (see packed_rows) -> varlen flash
+    q [B, Hq, T, D], k / v [B, Hkv, S, D] with Hq a multiple of Hkv (GQA); attn_mask None or the additive bias
+    [B|1, 1, T, S] of additive_mask; documents (cu_seqlens, longest) of packed rows (see packed_rows) -> varlen flash
     attention over the flattened batch, each document attending causally to itself. Returns [B, Hq, T, D]."""
     batch, num_heads, seq_len, head_dim = q.shape
     if documents is not None:  # (only without earlier cached tokens, so k and v are this call's)
@@ -81,14 +81,24 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, documents
                                           enable_gqa=gqa)
 
 
+def additive_mask(allowed, dtype):
+    """A bool mask [B|1, 1, T, S] (True = may attend) as the additive 0 / -inf bias softmax(q k^T / sqrt(d) + bias)
+    takes, in the compute dtype, made once per forward: given a bool mask, SDPA builds this bias again in every layer
+    (torch 2.13, convert_boolean_attn_mask) and the backward keeps each layer's copy. The last dimension is allocated
+    padded to a multiple of 16 and sliced back, so each row starts 16-element aligned, as CUDA's memory-efficient
+    kernel needs (it would pad a copy itself)."""
+    *lead, keys = allowed.shape
+    bias = torch.full((*lead, -(-keys // 16) * 16), float("-inf"), dtype=dtype, device=allowed.device)
+    return bias[..., :keys].masked_fill_(allowed, 0.0)
+
+
 # -- packed rows ------------------------------------------------------------------------------------------------
 
 def document_starts(position_ids):
     """bool [B, T]: where a document of a packed row starts - where the position ids restart at 0, and at
     every row's first token (so a row never continues a document from the row before)."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    return starts
+    first_column = torch.arange(position_ids.shape[-1], device=position_ids.device) == 0  # no scalar from the host
+    return (position_ids == 0) | first_column
 
 
 def document_mask(position_ids):
@@ -105,17 +115,21 @@ def document_mask(position_ids):
 def document_offsets(position_ids):
     """The packed batch as one stream of documents for varlen attention: (cu_seqlens int32 [D + 1] = where
     each of the D documents starts in the flattened B*T tokens, then B*T; the longest document's length).
-    One host sync (nonzero)."""
+    Host work on a CPU tensor (the collator calls it: dataset.lm_dataset.pad_batch); on a GPU tensor nonzero and int
+    would each wait for the device."""
     starts = document_starts(position_ids).reshape(-1).nonzero().squeeze(-1)
     cu_seqlens = torch.cat([starts, starts.new_tensor([position_ids.numel()])]).to(torch.int32)
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
-def packed_rows(position_ids, hidden, dropout):
+def packed_rows(position_ids, hidden, dropout, documents=None):
     """How attention keeps packed documents apart: (attn_mask, documents) for attention(). Varlen flash attention
-    where it runs (no dropout: it has none), else the exact block-diagonal causal mask."""
+    where it runs (no dropout: it has none), else the exact block-diagonal causal mask. documents: the collator's
+    (cu_seqlens, longest) from the CPU copy, else found here from position_ids (host reads on a GPU)."""
     if varlen_usable(hidden.device, compute_dtype(hidden)) and not dropout:
-        return None, document_offsets(position_ids)
+        cu_seqlens, longest = documents if documents is not None else document_offsets(position_ids)
+        # non_blocking: the CPU does not wait for the GPU's queue to copy a few offsets
+        return None, (cu_seqlens.to(hidden.device, non_blocking=True), int(longest))
     return document_mask(position_ids), None
 
 

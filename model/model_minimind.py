@@ -25,7 +25,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOu
 
 # Which torch kernel a device gets for attention and the experts, and why. A relative import, so that transformers'
 # save_pretrained copies kernels.py beside this file into an exported (trust_remote_code) model folder.
-from .kernels import attention as fast_attention, can_group_experts, grouped_experts, packed_rows
+from .kernels import (additive_mask, attention as fast_attention, can_group_experts, compute_dtype, grouped_experts,
+                      packed_rows)
 
 
 # The two generations of MiniMind. MiniMind2 (2025): 2 key-value heads, SwiGLU width 8/3 of the hidden size,
@@ -232,7 +233,8 @@ class Attention(nn.Module):
         self.use_sdpa = config.flash_attn
 
     def forward(self, x, cos, sin, attn_mask=None, past_key_values: Cache | None = None, documents=None):
-        """x [B, T, H]; attn_mask None (plain causal) or bool [B|1, 1, T, T_past + T], True = may attend;
+        """x [B, T, H]; attn_mask None (plain causal) or the additive bias [B|1, 1, T, T_past + T] (0 = may attend,
+        -inf = may not; kernels.additive_mask);
         documents: (cu_seqlens, longest) of packed rows for varlen flash attention (see kernels.packed_rows)."""
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -256,9 +258,10 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
             if is_causal:
-                attn_mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
+                attn_mask = additive_mask(torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril(),
+                                          scores.dtype)
             if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
+                scores = scores + attn_mask
             probs = F.dropout(scores.float().softmax(dim=-1).type_as(q), p=dropout_p, training=self.training)
             out = probs @ v
         out = out.transpose(1, 2).reshape(batch, seq_len, -1)
@@ -432,7 +435,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, inputs_embeds=None, output_hidden_states=False, **kwargs):
+                use_cache=False, inputs_embeds=None, output_hidden_states=False, documents=None, **kwargs):
         """Returns last_hidden_state [B, T, H], past_key_values (cache or None), aux_loss (MoE load
         balance, 0 for dense) and hidden_states (all layers, when asked), as transformers' base models do.
 
@@ -440,7 +443,9 @@ class MiniMindModel(MiniMindPreTrainedModel):
         transformers' generate(). position_ids default to the cache offset + 0..T-1.
         Packed rows (several documents back to back, as with transformers' DataCollatorWithFlattening): pass
         position_ids that restart at 0 where each document starts, and no attention_mask and no cache;
-        attention then stays inside each document, so every token gets what it would get alone.
+        attention then stays inside each document, so every token gets what it would get alone. documents: the
+        collator's (cu_seqlens, longest) of those rows (dataset.lm_dataset.pad_batch), so that the GPU's varlen path
+        reads nothing back from the device.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -454,18 +459,21 @@ class MiniMindModel(MiniMindPreTrainedModel):
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         # Packed rows: some row's positions restart at 0 inside it. A row whose positions run on without a
         # restart is one document, served exactly by plain causal attention - as at every prefill of
-        # generate(), which passes positions and drops an all-ones mask. (One host read of the flag.)
+        # generate(), which passes positions and drops an all-ones mask. (One host read of the flag, unless the
+        # collator's documents say so.)
         packed = (position_ids is not None and attention_mask is None and past_len == 0 and seq_len > 1
-                  and bool((position_ids[:, 1:] == 0).any()))
+                  and (documents is not None or bool((position_ids[:, 1:] == 0).any())))
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=hidden.device).unsqueeze(0)
         cos = self.freqs_cos[position_ids].unsqueeze(1).to(hidden.dtype)  # [B|1, 1, T, head_dim]
         sin = self.freqs_sin[position_ids].unsqueeze(1).to(hidden.dtype)
         if packed:  # attention kept inside each document: varlen flash attention or a block-diagonal mask
             attn_mask, documents = packed_rows(position_ids.expand(batch, seq_len), hidden,
-                                                       dropout=self.training and self.config.dropout)
+                                               dropout=self.training and self.config.dropout, documents=documents)
         else:
             attn_mask, documents = self._attention_mask(attention_mask, batch, seq_len, past_len, hidden.device), None
+        if attn_mask is not None:  # one additive bias for all layers, in the dtype the attention runs in
+            attn_mask = additive_mask(attn_mask, compute_dtype(hidden))
 
         hidden = self.dropout(hidden)
         all_hidden = [hidden] if output_hidden_states else None
@@ -526,12 +534,13 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
                 use_cache=None, labels=None, logits_to_keep: int | torch.Tensor = 0, inputs_embeds=None,
                 output_hidden_states=False, **kwargs):
         """labels [B, T]: token ids, -100 where no loss; loss = mean CE of logits[:, t] vs labels[:, t+1].
+        documents: packed rows' (cu_seqlens, longest) from the collator (see MiniMindModel.forward).
 
         logits_to_keep: an int n keeps the last n positions (0 = all), a tensor selects positions.
         """
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=bool(use_cache), inputs_embeds=inputs_embeds,
-                         output_hidden_states=output_hidden_states)
+                         output_hidden_states=output_hidden_states, documents=kwargs.get("documents"))
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep, :])
         loss = None

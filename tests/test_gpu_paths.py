@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from types import SimpleNamespace
 
 import pytest
@@ -213,6 +214,32 @@ def test_each_ddp_process_binds_its_own_gpu(fake_gpu, monkeypatch):
     assert distributed.setup_device("cpu", ddp=True) == torch.device("cpu") and groups == [("gloo", wait)]
 
 
+def test_more_processes_than_gpus_stop_with_a_message(fake_gpu, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun --nproc_per_node 3 on a machine with 2 GPUs
+    with pytest.raises(SystemExit, match="3 processes on this machine, which has 2 GPUs"):
+        distributed.setup_device("cuda", ddp=True)
+
+
+def test_torchrun_and_compile_on_mps_stop_with_a_message():
+    with pytest.raises(SystemExit, match="torchrun on Apple MPS"):
+        distributed.setup_device("mps", ddp=True)
+    with pytest.raises(SystemExit, match="--use_compile 1 on Apple MPS"):
+        fake_run(device="mps", use_compile=1)
+
+
+def test_adamw_is_fused_on_cuda_and_the_reward_model_stays_where_it_fits(monkeypatch):
+    from trainer.rl.rewards import fits_beside_the_policy
+    assert trainer_utils.fused_adamw(torch.device("cuda", 0)) is True  # step counters on the GPU: no per-step reads
+    assert trainer_utils.fused_adamw(torch.device("cpu")) is None and fake_run().fused_adamw is None
+    reward_model = torch.nn.Linear(1000, 1000).half()  # 2 MB of weights
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (16 * 2**20, 80 * 2**30))
+    assert fits_beside_the_policy(reward_model, torch.device("cuda", 0))       # 2 MB < a quarter of 16 MB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2**20, 80 * 2**30))
+    assert not fits_beside_the_policy(reward_model, torch.device("cuda", 0))   # the policy needs the room
+    assert fits_beside_the_policy(reward_model, torch.device("cpu"))
+
+
 def test_tf32_for_the_fp32_matmuls_on_cuda():
     before = torch.get_float32_matmul_precision()
     try:
@@ -338,15 +365,16 @@ class Passive(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def sft_step_under(mode, tmp_path, monkeypatch, **run_changes):
-    """train_full_sft.py's first step (two micro-batches), run in this process under a TorchDispatchMode: returns
-    what `mode.inside_step(...)` saw between the step's start (the window handed out) and its end (run.log)."""
-    from trainer import train_full_sft
-    args = train_full_sft.arguments(["--hidden_size", "64", "--num_hidden_layers", "2", "--batch_size", "2",
-                                     "--accumulation_steps", "2", "--max_seq_len", "64", "--num_workers", "0",
-                                     "--dtype", "float32", "--from_weight", "none", "--max_steps", "1",
-                                     "--save_interval", "1000", "--log_interval", "2",
-                                     "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ckpt")])
+def step_under(mode, tmp_path, monkeypatch, script="train_full_sft", extra=(), **run_changes):
+    """trainer/{script}.py's first step (two micro-batches of tiny settings), run in this process under a
+    TorchDispatchMode: `mode.inside` is True between the step's start (the window handed out) and its end (run.log)."""
+    import importlib
+    module = importlib.import_module(f"trainer.{script}")
+    args = module.arguments(["--hidden_size", "64", "--num_hidden_layers", "2", "--batch_size", "2",
+                             "--accumulation_steps", "2", "--max_seq_len", "64", "--num_workers", "0",
+                             "--dtype", "float32", "--max_steps", "1", "--save_interval", "1000", "--log_interval", "2",
+                             "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ckpt"),
+                             *(extra or ["--from_weight", "none"])])
     steps, log = trainer_utils.Run.steps, trainer_utils.Run.log
 
     def steps_watched(run, stream, checkpoint):
@@ -365,31 +393,148 @@ def sft_step_under(mode, tmp_path, monkeypatch, **run_changes):
     monkeypatch.setenv("MINIMIND_NO_PROGRESS", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     with mode:
-        train_full_sft.main(args)
+        module.main(args)
 
 
-class HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value into Python (what a .item() / float() / int() syncs on a GPU) inside a step."""
+def sft_step_under(mode, tmp_path, monkeypatch, **run_changes):
+    """train_full_sft.py's first step under a TorchDispatchMode (see step_under)."""
+    step_under(mode, tmp_path, monkeypatch, "train_full_sft", **run_changes)
+
+
+# What waits for the GPU inside a step: a value read into Python (.item() / int() / bool()), an op whose output size
+# depends on the data (nonzero, boolean-mask indexing, masked_select: the host must learn the size), and a tensor made
+# from Python values (torch.tensor / as_tensor(number, device=...): a blocking copy from the host; aten.lift_fresh).
+DATA_DEPENDENT_SIZE = {"aten.nonzero.default", "aten.masked_select.default", "aten._unique2.default",
+                       "aten.unique_consecutive.default", "aten.unique_dim.default"}
+
+
+# RL rollouts: sampling reads every new token back (generate stops at eos), so the host waits there anyway
+ROLLOUT_FUNCTIONS = {"sample_and_score", "sample_batch"}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Every operation inside a step that would make the host wait on a GPU, by kind: read, size, from_host."""
 
     def __init__(self):
         super().__init__()
-        self.count, self.inside = 0, False
+        self.seen, self.inside = [], False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.inside and func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
+        if self.inside:
+            kind = None
+            if func is torch.ops.aten._local_scalar_dense.default:
+                kind = "read"
+            elif str(func) in DATA_DEPENDENT_SIZE or (func is torch.ops.aten.index.Tensor and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])):
+                kind = "size"
+            elif func is torch.ops.aten.lift_fresh.default:
+                kind = "from_host"
+            if kind:
+                self.seen.append((kind, self.where()))
         return func(*args, **(kwargs or {}))
 
+    @staticmethod
+    def where():
+        """The line of the trainer script that asked for it (file:line; else the innermost project line), 'rollout'
+        for an RL rollout, or 'torch.optim' for the optimizer's own bookkeeping: AdamW keeps its step counters on
+        the CPU unless fused or capturable, so reading them never waits on a GPU."""
+        frames = traceback.extract_stack()
+        if any(os.sep + os.path.join("torch", "optim") + os.sep in f.filename for f in frames):
+            return "torch.optim"
+        if any(f.name in ROLLOUT_FUNCTIONS for f in frames):
+            return "rollout"
+        ours = [f for f in frames if f.filename.startswith(REPO_ROOT) and os.sep + "tests" + os.sep not in f.filename]
+        in_script = [f for f in ours if os.path.basename(f.filename).startswith("train_") and f.name == "main"]
+        frame = (in_script or ours or [None])[-1]  # the step's own line, in the script's main()
+        return f"{os.path.relpath(frame.filename, REPO_ROOT)}:{frame.lineno}" if frame else "?"
 
-def test_a_training_step_reads_nothing_back_until_a_log_step(tmp_path, monkeypatch):
-    reads = HostReads()
-    sft_step_under(reads, tmp_path, monkeypatch)
-    # One label count per micro-batch, on its CPU copy before the transfer, and AdamW's read of each parameter's
-    # step counter (torch.optim.optimizer._get_value: .item() of a CPU tensor, also on a GPU unless capturable):
-    # neither waits on a GPU. Nothing else: no loss, norm or count is read from the device inside the step.
-    parameters = len(list(model_minimind.MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2))
-                          .parameters()))
-    assert reads.count == 2 + parameters
+
+def cpu_copy_lines(script):
+    """The lines of a trainer script that read counts off the window's CPU copies (before run.to_device): host work
+    on a GPU too."""
+    lines = open(os.path.join(REPO_ROOT, "trainer", f"{script}.py"), encoding="utf-8").read().splitlines()
+    return {f"trainer/{script}.py:{i}" for i, line in enumerate(lines, 1)
+            if line.strip().startswith(("counts = [", "weights = ["))}
+
+
+def varlen_stand_in(monkeypatch):
+    """The CUDA varlen kernel's path on the CPU: packed_rows picks varlen, and a stand-in computes it with the
+    block-diagonal mask outside the watched mode (the real kernel takes cu_seqlens on the device and reads nothing)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    monkeypatch.setattr(kernels, "varlen_usable", lambda device, dtype: True)
+
+    def stand_in(q, k, v, cu_seqlens, _cu, longest, _longest, window_size, enable_gqa):
+        with _disable_current_modes():
+            starts = torch.zeros(q.shape[0], dtype=torch.long)
+            starts[cu_seqlens[1:-1].long()] = 1
+            doc = starts.cumsum(0)
+            mask = (doc[:, None] == doc[None, :]) & torch.ones(len(doc), len(doc), dtype=torch.bool).tril()
+            out = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=mask,
+                                                 enable_gqa=enable_gqa)
+            return out.transpose(0, 1)
+
+    monkeypatch.setattr(kernels, "varlen_attn", stand_in)
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("train_full_sft", []), ("train_full_sft", ["--packing", "1"]), ("train_pretrain", []), ("train_dpo", []),
+    ("train_distill_reason", ["--packing", "1"]), ("train_distillation", ["teacher"]),
+    ("train_grpo", ["--num_generations", "2", "--max_gen_len", "6", "--batch_size", "1"])])
+def test_a_training_step_makes_the_host_wait_for_nothing(script, extra, tmp_path, monkeypatch):
+    """Between the window handed out and run.log, no operation waits on the GPU: no value read back (.item(), int(),
+    bool()), no data-dependent size (nonzero, boolean-mask indexing), no tensor made from Python values on the device
+    (a blocking copy). Allowed: AdamW's step counters (CPU tensors unless fused), counts read off the window's CPU
+    copy, and an RL rollout's sampling (which reads each token back anyway). Packed rows take the varlen path."""
+    varlen_stand_in(monkeypatch)
+    if extra == ["teacher"]:
+        teacher = tmp_path / "teacher.pth"
+        torch.save(model_minimind.MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)).state_dict(),
+                   teacher)
+        extra = ["--student_hidden_size", "64", "--student_num_layers", "2", "--teacher_hidden_size", "64",
+                 "--teacher_num_layers", "2", "--teacher_weight", str(teacher)]
+    syncs = HostSyncs()
+    step_under(syncs, tmp_path, monkeypatch, script, ["--from_weight", "none", *extra])
+    waits = [(kind, where) for kind, where in syncs.seen if where not in ("torch.optim", "rollout")
+             and where not in cpu_copy_lines(script)]
+    assert waits == [], waits
+    assert any(where == "torch.optim" for _, where in syncs.seen)  # the watch saw the step
+
+
+def test_log_probs_take_only_the_answer_positions_and_no_whole_fp32_copy():
+    """The RL log-probs: logits only at the positions that predict the answer (logits_to_keep), and log-softmax as
+    gather minus a logsumexp over a few rows at a time - never an fp32 copy of the whole [N, T, 6400] logits (a GRPO
+    batch of 16 x 1,600 tokens: 655 MB each, before)."""
+    from trainer.losses import gathered_logprobs
+    from trainer.rl.sampling import completion_logprobs
+
+    class LargestFloat32(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    logits, targets = torch.randn(16, 40, 6400, dtype=torch.bfloat16), torch.randint(0, 6400, (16, 40))
+    with torch.no_grad(), LargestFloat32() as watch:
+        logps = gathered_logprobs(logits, targets, temperature=0.8)
+    assert watch.largest <= 4 * 40 * 6400  # one chunk of 4 rows at a time, not 16
+    full = torch.gather((logits.float() / 0.8).log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logps, full, atol=1e-5)
+
+    model, kept = tiny_model(), []
+    model.lm_head.register_forward_hook(lambda module, inputs, out: kept.append(out.shape[1]))
+    ids = torch.randint(3, 6400, (2, 12))
+    rollout = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids), prompt_length=7, temperature=0.8,
+                              completion_mask=torch.ones(2, 5))
+    with torch.no_grad():
+        logps, _ = completion_logprobs(model, rollout)
+        everything = model(ids).logits[:, 6:-1].float() / 0.8
+    assert kept[0] == 6  # the 5 answer tokens' predictions and the last position, not all 12
+    expected = torch.gather(everything.log_softmax(-1), 2, ids[:, 7:].unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logps, expected, atol=1e-5)
 
 
 def test_ddp_does_not_rebroadcast_the_rope_tables(tmp_path, monkeypatch):

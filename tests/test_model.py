@@ -215,7 +215,7 @@ def test_attention_uses_sdpa_with_masks_and_caches(monkeypatch):
 
     def spy(q, k, v, attn_mask=None, **kwargs):
         calls.append((tuple(q.shape), None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape)),
-                      kwargs.get("is_causal")))
+                      kwargs.get("is_causal"), None if attn_mask is None else (attn_mask.data_ptr(), attn_mask.stride())))
         return real_sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
@@ -227,8 +227,12 @@ def test_attention_uses_sdpa_with_masks_and_caches(monkeypatch):
         model(ids[:, 8:], attention_mask=mask, past_key_values=cache, use_cache=True)
     assert len(calls) == 3 * 2  # every forward of both layers went through SDPA
     assert calls[0][1] is None and calls[0][2] is True
-    assert calls[2][1] == (torch.bool, (2, 1, 8, 8))             # padded prefill: boolean mask, no float copy
-    assert calls[4][1] == (torch.bool, (2, 1, 4, 12))            # 4 new tokens against 8 cached
+    # One additive bias per forward in the compute dtype, shared by both layers (SDPA would turn a bool mask into it
+    # in every layer), its rows 16-element aligned for CUDA's memory-efficient kernel
+    assert calls[2][1] == (torch.float32, (2, 1, 8, 8))          # padded prefill
+    assert calls[4][1] == (torch.float32, (2, 1, 4, 12))         # 4 new tokens against 8 cached
+    assert calls[2][3] == calls[3][3] and calls[4][3] == calls[5][3]
+    assert calls[2][3][1][-2] % 16 == 0 and calls[4][3][1][-2] % 16 == 0
 
 
 def test_padding_rows_do_not_produce_nan():

@@ -174,7 +174,7 @@ def test_sdpa_gets_a_block_diagonal_mask_on_the_cpu(monkeypatch):
     mask = seen[0]["attn_mask"][0, 0]
     expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
                              [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
-    assert torch.equal(mask, expected) and not seen[0]["is_causal"]
+    assert torch.equal(mask == 0, expected) and not seen[0]["is_causal"]  # the additive bias: 0 where allowed
     seen.clear()
     with torch.no_grad():  # without position ids, a training row stays on the plain causal kernel
         model(torch.tensor([[5, 6, 7, 8, 9, 10]]))

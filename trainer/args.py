@@ -149,5 +149,6 @@ def add_rl_arguments(parser, max_gen_len):
     parser.add_argument("--reasoning", type=int, default=1, choices=[0, 1],
                         help="1 = start from the reasoning model and reward the <think>/<answer> format")
     parser.add_argument("--reward_model_path", default=None, help="a local Hugging Face reward model folder")
-    parser.add_argument("--reward_model_resident", type=int, default=0, choices=[0, 1],
-                        help="1 = keep the reward model on the GPU (faster; 0 = on the CPU between scorings)")
+    parser.add_argument("--reward_model_resident", type=int, default=-1, choices=[-1, 0, 1],
+                        help="1 = keep the reward model on the GPU, 0 = on the CPU between scorings (frees its memory "
+                             "for the policy), -1 = on the GPU when it takes under a quarter of the free memory")

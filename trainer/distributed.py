@@ -20,7 +20,15 @@ PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 def setup_device(requested, ddp: bool) -> torch.device:
     """This process's device, made current, and under torchrun its process group (nccl on CUDA, gloo else)."""
     device = pick_device(requested)
+    if ddp and device.startswith("mps"):
+        raise SystemExit("torchrun on Apple MPS: a Mac has one GPU and torch has no process-group backend for it "
+                         "(nccl is CUDA's, gloo reduces CPU tensors). Run the script with plain python instead.")
     if ddp and device.startswith("cuda"):
+        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+        if gpus > 1 and processes > gpus:  # (one visible GPU per process is a launcher's own isolation: allowed)
+            raise SystemExit(f"torchrun started {processes} processes on this machine, which has {gpus} GPUs: two "
+                             "processes would share one GPU (NCCL refuses that, and memory would run out). Use "
+                             f"--nproc_per_node {gpus} or fewer.")
         # torchrun numbers the processes of a machine 0..n-1 (LOCAL_RANK); a launcher that shows each
         # process only its own GPU makes that GPU cuda:0 there, hence the modulo.
         device = cuda_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")

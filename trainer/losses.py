@@ -13,15 +13,26 @@ def masked_mean(values, mask, dim=None):
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def gathered_logprobs(logits, targets, temperature=1.0, rows_per_chunk=4):
+    """log softmax(logits / temperature)[target] = z_target - logsumexp(z), z = logits / temperature, in fp32.
+
+    logits [N, T, V] (any dtype), targets [N, T] -> [N, T]. The logsumexp runs over a few rows at a time, so no fp32
+    copy of the whole [N, T, V] logits exists at once (without gradients; with them each chunk's fp32 copy is kept
+    for the backward, as log_softmax's output would be)."""
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() / temperature
+    normaliser = torch.cat([(chunk.float() / temperature).logsumexp(-1) for chunk in logits.split(rows_per_chunk)])
+    return picked - normaliser
+
+
 def token_logprobs(logits, labels):
     """log p(labels[:, t+1] | ...t) for every position t, and the mask of positions that count.
 
-    Returns ([B, T-1] log-probs, with 0 where labels are -100; [B, T-1] float mask). The log-softmax
-    runs in fp32 so long answers do not lose precision.
+    Returns ([B, T-1] log-probs, with 0 where labels are -100; [B, T-1] float mask), in fp32 so long answers do not
+    lose precision.
     """
     targets = labels[:, 1:]
     mask = (targets != -100).float()
-    logps = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logps = gathered_logprobs(logits[:, :-1], targets.clamp(min=0))
     return logps * mask, mask
 
 

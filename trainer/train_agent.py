@@ -175,7 +175,7 @@ def main(args):
     data = AgentRLDataset(data_file(args), on_bad_line="skip" if args.skip_bad_lines else "error")
     model = run.load_model()
     reference = run.frozen_copy(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=run.fused_adamw)
     stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the tasks
     checkpoint = Checkpoint(run, stream, model, optimizer)
     checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
@@ -195,8 +195,8 @@ def main(args):
         # What micro-batch b weighs in the step (--loss_agg): its n_b of the step's N kept trajectories (batch,
         # sequence) or sampled tokens (token), all processes; loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)
         weights = [s.kept_tokens if args.loss_agg == "token" else s.kept_trajectories for s in samples]
-        total = run.all_sum(sum(weights))[0].clamp(min=1)
-        kept = int(run.all_sum(sum(s.kept_trajectories for s in samples))[0])  # on every process
+        total = max(run.host_sum(sum(weights))[0], 1)
+        kept = int(run.host_sum(sum(s.kept_trajectories for s in samples))[0])  # on every process
         updates, loss = 0, None
         for epoch in range(args.ppo_epochs):  # several updates on one rollout batch: rho != 1 from the second on
             sums = StepSums(run)
@@ -221,7 +221,7 @@ def main(args):
                         else:  # batch and token: the token mean of the micro-batch, weighted as above
                             agent = masked_mean(per_token, mask)
                     share, aux_share = n / total, aux_loss / len(window) / run.world_size
-                    loss_part = agent * share.to(agent.dtype) + aux_share
+                    loss_part = agent * share + aux_share
                     run.scaler.scale(loss_part * run.world_size).backward()  # DDP averages over the W processes
                 sums.add(share, loss=agent, kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask),
                          ratio=masked_mean(importance_ratio(logps.detach(), sampler_logps), mask),
@@ -249,7 +249,7 @@ def main(args):
         in_use = dict(redrawn_groups=args.dynamic_sampling, dropped_groups=args.dynamic_sampling,
                       masked_truncated=args.mask_truncated, skipped_prompts=True)  # what the log shows
         counts = {name: n for name, n in counts.items() if in_use[name]}
-        counts = dict(zip(counts, run.all_sum(*counts.values())))  # over every process, read at log steps
+        counts = dict(zip(counts, run.host_sum(*counts.values())))  # over every process, on the CPU
         if not updates:
             metrics.pop("loss")  # no update applied: no loss to log
         run.log(stream, metrics, **({"loss": loss, "lr": lr} if updates else {}),

@@ -103,7 +103,7 @@ def main(args):
                           on_bad_line="skip" if args.skip_bad_lines else "error")
     tag_sequences = tag_token_sequences(tokenizer)
     model = run.load_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=run.fused_adamw)
     stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the rows
     checkpoint = Checkpoint(run, stream, model, optimizer)
     checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
@@ -117,21 +117,23 @@ def main(args):
         # Every position weighs its tag weight in the step: micro-batch b, whose weights sum to w_b of the step's W_sum
         # (all processes), enters as (w_b / W_sum) * its weighted mean loss:
         #   loss = sum_b (w_b / W_sum) * loss_b + sum_b aux_b / (M * W)     (aux: the MoE load-balancing loss)
-        counts = [float(tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences,
-                                         args.tag_weight)[:, 1:].sum()) for batch in window]
-        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        # (the weights are found on the batches' CPU copies: the host never waits on the GPU for them)
+        weights = [tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)
+                   for batch in window]
+        counts = [float(w[:, 1:].sum()) for w in weights]
+        total = max(run.host_sum(sum(counts))[0], 1)
         sums = StepSums(run)
-        for i, (batch, n) in enumerate(zip(window, counts)):
-            batch = run.to_device(batch)
+        for i, (batch, weights, n) in enumerate(zip(window, weights, counts)):
+            batch, weights = run.to_device(batch), weights.to(run.device, non_blocking=True)
             with run.grad_sync(model, last=i == len(window) - 1):
                 with run.autocast():
-                    weights = tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)
                     untagged = untagged + conversations_without_tags(weights, batch.get("position_ids"))
                     # right-padded rows need no mask; packed rows bring their position ids
-                    out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
+                    out = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                                documents=batch.get("documents"))
                     tag_weighted = weighted_next_token_loss(out.logits, batch["labels"], weights)
                 share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
-                loss = tag_weighted * share.to(tag_weighted.dtype) + aux_share
+                loss = tag_weighted * share + aux_share
                 run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
             sums.add(share, loss=tag_weighted)
             sums.add(tokens=batch["attention_mask"].sum())  # real tokens, for tokens/s

@@ -46,13 +46,16 @@ from trainer.trainer_utils import Run, StepSums, lr_at
 
 
 def distillation_loss(student_logits, teacher_logits, labels, alpha, temperature):
-    """(total, CE, KL) over positions with a label; KL(teacher || student) at temperature T, per token."""
-    mask = labels[:, 1:] != -100
-    student = student_logits[:, :-1][mask].float()
-    teacher = teacher_logits[:, :-1][mask].float()
-    ce = F.cross_entropy(student, labels[:, 1:][mask])
-    kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                  log_target=True, reduction="batchmean")
+    """(total, CE, KL) over positions with a label; KL(teacher || student) at temperature T, per token.
+    Every position is computed and the unlabelled ones weighted 0: selecting them with a boolean mask would make
+    the host wait for the GPU to learn how many there are."""
+    targets = labels[:, 1:]
+    mask = (targets != -100).float()
+    student, teacher = student_logits[:, :-1].float(), teacher_logits[:, :-1].float()
+    ce = F.cross_entropy(student.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    kl_per_token = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                            log_target=True, reduction="none").sum(-1)
+    kl = (kl_per_token * mask).sum() / mask.sum()
     return alpha * ce + (1 - alpha) * temperature ** 2 * kl, ce, kl
 
 
@@ -75,7 +78,7 @@ def main(args):
             raise SystemExit(f"{teacher_path} has a vocabulary of {vocab} tokens, the student {model.config.vocab_size}: "
                              "distillation compares distributions token by token, so both must use the same tokenizer")
     teacher = run.freeze(run.load_model(from_weight=args.teacher_weight, config=teacher_config))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=run.fused_adamw)
     stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the rows
     checkpoint = Checkpoint(run, stream, model, optimizer)
     checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
@@ -88,20 +91,22 @@ def main(args):
         # Every answer token weighs the same in the step (n_b of the step's N, all processes):
         #   loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)     (aux: the student's MoE balancing loss)
         counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in window]  # loss tokens, after the shift
-        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        total = max(run.host_sum(sum(counts))[0], 1)
         sums = StepSums(run)
         for i, (batch, n) in enumerate(zip(window, counts)):
             batch = run.to_device(batch)
             with run.grad_sync(model, last=i == len(window) - 1):
                 with run.autocast():
                     # right-padded rows need no mask; packed rows bring their position ids
-                    out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
+                    out = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                                documents=batch.get("documents"))
                     with torch.no_grad():  # the teacher only answers
-                        teacher_logits = teacher(batch["input_ids"], position_ids=batch.get("position_ids")).logits
+                        teacher_logits = teacher(batch["input_ids"], position_ids=batch.get("position_ids"),
+                                                 documents=batch.get("documents")).logits
                     kd, ce, kl = distillation_loss(out.logits, teacher_logits, batch["labels"], args.alpha,
                                                    args.temperature)
                 share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
-                loss = kd * share.to(kd.dtype) + aux_share
+                loss = kd * share + aux_share
                 run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
             sums.add(share, loss=kd, ce=ce, kl=kl)
             sums.add(tokens=batch["attention_mask"].sum())  # real tokens, for tokens/s

@@ -80,7 +80,7 @@ def main(args):
         reference_table = precompute_reference(run, reference, data, args.logp, pad_id, args.batch_size * 2)
         reference = None
         print0(f"reference log-probs of {len(data)} pairs precomputed; reference model freed")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=run.fused_adamw)
     stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the pairs
     checkpoint = Checkpoint(run, stream, model, optimizer)
     checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
@@ -93,7 +93,7 @@ def main(args):
         # Every pair weighs the same in the step: micro-batch b with n_b of the step's N pairs (all processes)
         #   loss = sum_b (n_b / N) * mean DPO loss_b + sum_b aux_b / (M * W)     (aux: the MoE load-balancing loss)
         counts = [len(batch["index"]) for batch in window]
-        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        total = max(run.host_sum(sum(counts))[0], 1)
         sums = StepSums(run)
         for i, (batch, n) in enumerate(zip(window, counts)):
             batch = run.to_device(batch)
@@ -113,7 +113,7 @@ def main(args):
                                                                            ref_rejected, args.beta)
                     dpo = pair_losses.mean()
                 share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
-                loss = dpo * share.to(dpo.dtype) + aux_share
+                loss = dpo * share + aux_share
                 run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
             if args.use_moe:
                 sums.add(aux_loss=aux_share)

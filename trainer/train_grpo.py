@@ -81,7 +81,7 @@ def main(args):
     reward_model = load_reward_model(args, run)  # None: the rule rewards alone
     model = run.load_model()
     reference = run.frozen_copy(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=run.fused_adamw)
     stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the prompts
     checkpoint = Checkpoint(run, stream, model, optimizer)
     checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
@@ -101,7 +101,7 @@ def main(args):
         # Every prompt weighs the same in the step: micro-batch b with n_b of the step's N prompts (all processes)
         #   loss = sum_b (n_b / N) * (token mean of loss_t over b's answers) + sum_b aux_b / (M * W)
         counts = [len(batch["prompt"]) for batch in window]
-        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        total = max(run.host_sum(sum(counts))[0], 1)
         # pi_old is the policy that sampled. In-process: the policy itself, its log-probs taken from the first
         # update's forward (rho = 1 exactly, the PPO-clip gradient) and kept for the further updates of
         # --ppo_epochs, where rho moves away from 1. A server engine samples with weights up to --sync_interval
@@ -126,7 +126,7 @@ def main(args):
                         mask = rollout.completion_mask
                         grpo = masked_mean(policy_loss + args.beta * k3_kl(logps, ref_logps), mask)
                     share, aux_share = n / total, aux_loss / len(window) / run.world_size
-                    loss = grpo * share.to(grpo.dtype) + aux_share
+                    loss = grpo * share + aux_share
                     run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
                 sums.add(share, loss=grpo, reward=rewards.mean(), answer_length=mask.sum(1).float().mean(),
                          kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask))

@@ -55,7 +55,7 @@ def main(args):
     print0(f"LoRA: {lora_count:,} trainable parameters "
            f"({100 * lora_count / sum(p.numel() for p in model.parameters()):.2f}% of the model)")
     lora_params = [p for p in model.parameters() if p.requires_grad]  # the adapters; the base stays frozen
-    optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, fused=run.fused_adamw)
     stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the rows
     checkpoint = Checkpoint(run, stream, model, optimizer, lora_only=True)  # saves the adapters alone
     checkpoint.restore()                                # --from_resume 1: weights, optimizer, position, RNG
@@ -69,16 +69,17 @@ def main(args):
         # processes), enters as (n_b / N) * its mean loss, which with M micro-batches on W processes gives
         #   loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)     (aux: the MoE load-balancing loss)
         counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in window]  # loss tokens, after the shift
-        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        total = max(run.host_sum(sum(counts))[0], 1)
         sums = StepSums(run)
         for i, (batch, n) in enumerate(zip(window, counts)):
             batch = run.to_device(batch)
             with run.grad_sync(model, last=i == len(window) - 1):
                 with run.autocast():
                     # the SFT loss; the frozen base passes gradients through to the adapters A and B
-                    out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
+                    out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
+                                documents=batch.get("documents"))
                 share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
-                loss = out.loss * share.to(out.loss.dtype) + aux_share
+                loss = out.loss * share + aux_share
                 run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
             sums.add(share, loss=out.loss)
             sums.add(tokens=batch["attention_mask"].sum())  # real tokens, for tokens/s

@@ -125,8 +125,8 @@ def main(args):
     old_actor = run.frozen_copy(actor)
     reference = run.frozen_copy(actor)
     critic = Critic(copy.deepcopy(actor)).to(run.device)
-    optimizer = torch.optim.AdamW(actor.parameters(), lr=args.learning_rate)
-    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate)
+    optimizer = torch.optim.AdamW(actor.parameters(), lr=args.learning_rate, fused=run.fused_adamw)
+    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate, fused=run.fused_adamw)
     stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the prompts
     checkpoint = Checkpoint(run, stream, actor, optimizer,
                             extras=dict(critic=critic, critic_optimizer=critic_optimizer, old_actor=old_actor))
@@ -148,7 +148,7 @@ def main(args):
         # Every prompt weighs the same in the step (n_b of the step's N prompts, all processes):
         #   loss = sum_b (n_b / N) * (actor_b + vf_coef * critic_b) + sum_b aux_b / (M * W)
         counts = [len(batch["prompt"]) for batch in window]
-        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        total = max(run.host_sum(sum(counts))[0], 1)
         sums = StepSums(run)
         for i, ((rollout, rewards), n) in enumerate(zip(rollouts, counts)):
             # both trained models wait for the window's last micro-batch before DDP reduces their gradients
@@ -184,7 +184,7 @@ def main(args):
                                                                                                    mask)
                 # both MoE routers keep their balancing term
                 share, aux_share = n / total, (actor_aux + critic_aux) / len(window) / run.world_size
-                loss = ppo * share.to(ppo.dtype) + aux_share
+                loss = ppo * share + aux_share
                 run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
             sums.add(share, loss=ppo, reward=rewards.mean(), kl=masked_mean(logps.detach() - ref_logps, mask),
                      actor_loss=actor_loss.detach(), critic_loss=critic_loss.detach(), answer_length=mask.sum(1).mean())

@@ -91,7 +91,7 @@ def main(args):
         low, high = low - MODEL_REWARD_CLIP, high + MODEL_REWARD_CLIP
     model = run.load_model()
     reference = run.frozen_copy(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=run.fused_adamw)
     tracker = BetaTracker()
     stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the prompts
     checkpoint = Checkpoint(run, stream, model, optimizer, extras=dict(tracker=tracker))
@@ -111,7 +111,7 @@ def main(args):
         # Every prompt weighs the same in the step (n_b of the step's N prompts, all processes):
         #   loss = sum_b (n_b / N) * mean_i(-A_i * logp_i + beta_kl * KL_i) + sum_b aux_b / (M * W)
         counts = [len(batch["prompt"]) for batch in window]
-        total = run.all_sum(sum(counts))[0].clamp(min=1)
+        total = max(run.host_sum(sum(counts))[0], 1)
         sums, step_rewards, step_logps = StepSums(run), [], []
         for i, ((rollout, rewards), n) in enumerate(zip(rollouts, counts)):
             with run.grad_sync(model, last=i == len(window) - 1):
@@ -130,7 +130,7 @@ def main(args):
                     kl = masked_mean(k3_kl(logps, ref_logps), mask, dim=1)
                     spo = (-advantages * weighted_logp + args.beta * kl).mean()
                 share, aux_share = n / total, aux_loss / len(window) / run.world_size
-                loss = spo * share.to(spo.dtype) + aux_share
+                loss = spo * share + aux_share
                 run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
             step_rewards.append(rewards.mean())
             step_logps.append(answer_logp.detach().mean())

@@ -55,23 +55,34 @@ def lr_at(step, total_steps, base_lr, warmup_steps=0):
     return base_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, total_steps))))
 
 
+def fused_adamw(device):
+    """AdamW(fused=True) on CUDA: one kernel for every parameter, with its step counters on the GPU (torch 2.13's
+    default there, foreach, keeps them on the CPU and reads each one back per step); None elsewhere keeps torch's
+    default."""
+    return True if device.type == "cuda" else None
+
+
 class StepSums:
-    """A step's weighted sums, kept on the device so that the step never waits for them: sums.add(weight, name=value)
-    adds weight * value to each name (float64; float32 on MPS, which has no float64). over_processes() sums them over
-    all processes in one collective: what run.log() writes."""
+    """A step's weighted sums, kept where they are made so that the step never waits for them: sums.add(weight,
+    name=value) adds weight * value to each name - device tensors on the device (float64; float32 on MPS, which has
+    no float64), Python numbers on the host. over_processes() sums them over all processes: what run.log() writes."""
 
     def __init__(self, run):
-        self.run, self.sums = run, {}
+        self.run, self.sums, self.host = run, {}, {}
 
     def add(self, weight=1.0, **values):
         for name, value in values.items():
-            value = torch.as_tensor(value, device=self.run.device).detach().to(self.run.sum_dtype)
-            self.sums[name] = self.sums.get(name, 0.0) + value * weight
+            if isinstance(value, torch.Tensor) or isinstance(weight, torch.Tensor):
+                value = torch.as_tensor(value, device=self.run.device).detach().to(self.run.sum_dtype)
+                self.sums[name] = self.sums.get(name, 0.0) + value * weight
+            else:  # Python numbers stay on the host: a device tensor made from one is a blocking copy from it
+                self.host[name] = self.host.get(name, 0.0) + value * weight
 
     def over_processes(self):
-        """{name: sum over every process}, as device tensors (read on the host only at log steps)."""
+        """{name: sum over every process}: device tensors (read on the host only at log steps) and floats."""
         names = sorted(self.sums)
-        return dict(zip(names, self.run.all_sum(*[self.sums[name] for name in names])))
+        summed = dict(zip(names, self.run.all_sum(*[self.sums[name] for name in names]))) if names else {}
+        return {**summed, **dict(zip(self.host, self.run.host_sum(*self.host.values())))}
 
 
 class Run:
@@ -88,6 +99,10 @@ class Run:
         torch.manual_seed(args.seed + self.rank)
         random.seed(args.seed + self.rank)
 
+        if getattr(args, "use_compile", 0) and self.device.type == "mps":
+            raise SystemExit("--use_compile 1 on Apple MPS: torch.compile's MPS backend is a prototype in torch 2.13, "
+                             "and this project has not run it. Train with --use_compile 0.")
+        self.fused_adamw = fused_adamw(self.device)  # what each script passes to torch.optim.AdamW(fused=...)
         self.dtype = choose_dtype(args.dtype, self.device)
         use_tf32(self.device)
         # The loss scaler of float16 (its gradients underflow without one); bf16 and fp32 need none, and disabled
@@ -216,6 +231,16 @@ class Run:
     def all_reduce(self, tensor):
         """The element-wise sum of a tensor over all processes (itself when there is one process)."""
         return distributed.all_reduce(tensor)
+
+    def host_sum(self, *numbers):
+        """Sum Python numbers over all processes, on the CPU group: counts read off a batch's CPU copy (loss tokens,
+        prompts) never touch the GPU. (A device tensor made from a Python number is a blocking copy from the host:
+        the CPU would wait for the GPU to finish its queue first.) Returns floats, exact for counts below 2^53."""
+        if not self.ddp:
+            return [float(n) for n in numbers]
+        summed = torch.tensor(numbers, dtype=torch.float64)
+        dist.all_reduce(summed, group=self.flag_group)
+        return summed.tolist()
 
     def all_sum(self, *values):
         """Sum numbers or 0-dim tensors over all processes (one collective, no host sync); returns a

@@ -22,7 +22,7 @@ import torch
 
 from common.chat import final_reply, opened_think, parse_tool_calls, render
 from inference.tools import run_tool
-from trainer.losses import token_logprobs
+from trainer.losses import gathered_logprobs
 
 
 @dataclass
@@ -145,5 +145,5 @@ def trajectory_logprobs(model, padded, temperature=1.0):
     """[N, L - 1] log-probs of every next token under `model` (at the sampling temperature), 0 where the loss mask
     is 0; and the forward's MoE balance loss."""
     out = model(padded["input_ids"], attention_mask=padded["attention_mask"])
-    logps, _ = token_logprobs(out.logits.float() / temperature, padded["input_ids"])  # no -100 here: every position
+    logps = gathered_logprobs(out.logits[:, :-1], padded["input_ids"][:, 1:], temperature)  # every next token
     return logps * padded["loss_mask"], out.aux_loss

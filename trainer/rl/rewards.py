@@ -51,11 +51,11 @@ def rule_rewards(texts, extras, reasoning: bool):
 class RewardModel:
     """A local Hugging Face reward model, scored in batches and clipped to +-3.
 
-    Held in half precision on a GPU (it only scores). resident=True keeps it on the device; otherwise it
-    waits on the CPU between scorings, leaving the GPU memory to the policy (the caching allocator reuses
-    the freed blocks, so no empty_cache() is needed)."""
+    Held in half precision on a GPU (it only scores). resident=1 keeps it on the device; 0 has it wait on the CPU
+    between scorings, leaving the GPU memory to the policy (the caching allocator reuses the freed blocks, so no
+    empty_cache() is needed); -1 keeps it on the device when it fits beside the policy (fits_beside_the_policy)."""
 
-    def __init__(self, path, device, batch_size=8, resident=False):
+    def __init__(self, path, device, batch_size=8, resident=-1):
         from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         try:
@@ -71,7 +71,8 @@ class RewardModel:
         self.device, self.batch_size, self.resident = torch.device(device), batch_size, resident
         from common.device import inference_dtype
         self.model.eval().requires_grad_(False).to(inference_dtype(self.device))
-        if resident:
+        self.resident = fits_beside_the_policy(self.model, self.device) if resident == -1 else bool(resident)
+        if self.resident:
             self.model.to(self.device)
 
     @torch.no_grad()
@@ -98,13 +99,23 @@ class RewardModel:
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
+def fits_beside_the_policy(model, device, share=0.25):
+    """Whether a reward model may stay on the device: on CUDA when its weights take under `share` of the GPU's free
+    memory (torch.cuda.mem_get_info), which leaves the rest to the policy's rollouts and backward; elsewhere always
+    (on a CPU nothing moves, and a Mac's GPU shares the same memory)."""
+    if device.type != "cuda":
+        return True
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return sum(p.numel() * p.element_size() for p in model.parameters()) < share * free_bytes
+
+
 def load_reward_model(args, run):
     """The --reward_model_path model, or None (with a message) for rule rewards alone."""
     from common.device import print0
     if not args.reward_model_path or args.reward_model_path.lower() == "none":
         print0("No --reward_model_path: rewards come from the rules alone (answer format and verifiable answers).")
         return None
-    return RewardModel(args.reward_model_path, run.device, resident=bool(getattr(args, "reward_model_resident", 0)))
+    return RewardModel(args.reward_model_path, run.device, resident=getattr(args, "reward_model_resident", -1))
 
 
 def rewards_for(texts, batch, samples_per_prompt, reward_model, reasoning):

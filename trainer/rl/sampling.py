@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.losses import gathered_logprobs
 from trainer.rl.engines import left_pad
 from trainer.rl.rewards import rewards_for
 
@@ -76,8 +77,9 @@ def completion_logprobs(model, rollout: Rollout):
     """([N, C] log-probs of the sampled answer tokens under `model`, 0 where the completion mask is 0;
     the forward's MoE load-balancing loss, 0 for a dense model). A trained MoE policy adds that loss to its
     own, or its router trains without the balancing term; frozen models (reference, old policy) ignore it."""
-    out = model(rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=positions(rollout.attention_mask))
-    logits = out.logits[:, rollout.prompt_length - 1:-1].float() / rollout.temperature  # those predicting the answer
     answer = rollout.input_ids[:, rollout.prompt_length:]
-    logps = torch.gather(logits.log_softmax(-1), 2, answer.unsqueeze(-1)).squeeze(-1)
+    # logits only where they predict the answer: the last C + 1 positions, less the very last (its token is not sampled)
+    out = model(rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=positions(rollout.attention_mask),
+                logits_to_keep=answer.shape[1] + 1)
+    logps = gathered_logprobs(out.logits[:, :-1], answer, rollout.temperature)  # fp32, a few rows at a time
     return logps * rollout.completion_mask, out.aux_loss
