@@ -132,3 +132,45 @@ def write_gpu_check_report(run, path):
                   peak_tflops=peak_tflops(run.device, run.dtype), attention=ATTENTION_KERNELS_SEEN)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(report, f)
+
+
+def _cpu_resident_bytes(field):
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process from /proc/self/status, in bytes."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def memory_added_by(device, fn):
+    """Run fn() and return (bytes, what was measured): the most memory fn added above what was in use before it.
+
+    CUDA: torch.cuda.max_memory_allocated over the call, less the tensors allocated before it (the weights).
+    MPS: the driver's allocation after the call less before it (MPS keeps no resettable peak; its allocator caches,
+    so this is close to a high-water mark but is not one). CPU (Linux): the process's peak resident set (VmHWM,
+    reset by writing 5 to /proc/self/clear_refs) less its resident set before the call. (None, why) where none of
+    these can be read."""
+    from common.device import synchronize
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, "torch.cuda.max_memory_allocated above the weights"
+    if device.type == "mps":
+        before = torch.mps.driver_allocated_memory()
+        fn()
+        torch.mps.synchronize()
+        return torch.mps.driver_allocated_memory() - before, "MPS driver allocation added (not a peak)"
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")  # resets VmHWM to the current resident set (Linux)
+        before = _cpu_resident_bytes("VmRSS")
+    except OSError as error:
+        fn()
+        return None, f"CPU: peak RSS not measurable here ({error})"
+    fn()
+    return _cpu_resident_bytes("VmHWM") - before, "CPU: peak resident set (VmHWM) above the RSS before"
