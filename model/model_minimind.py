@@ -245,12 +245,15 @@ class Attention(nn.Module):
             # so attention gets one dtype (flash and varlen refuse fp32 or mixed) and the KV cache stays half size
             q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         q, k = apply_rotary(q, k, cos, sin)
+        past_len = 0
         if past_key_values is not None:
+            past_len = past_key_values.get_seq_length(self.layer_idx)
             k, v = past_key_values.update(k, v, self.layer_idx)  # prepend cached keys/values
         dropout_p = self.dropout if self.training else 0.0
-        # With no mask, queries are the last rows of the causal square: is_causal for a fresh sequence,
-        # and nothing to mask for a single new token after the cache.
-        is_causal = attn_mask is None and seq_len > 1
+        # With no mask, queries are the last rows of the causal square: is_causal for a fresh sequence, and nothing
+        # to mask for a single new token after the cache (the model passes a mask in every other case). Decided by
+        # the cache, not by seq_len > 1: under torch.compile's dynamic shapes that is a SymBool, which SDPA refuses.
+        is_causal = attn_mask is None and past_len == 0
         if self.use_sdpa or documents is not None:  # SDPA's flash / memory-efficient kernels, or varlen flash
             out = fast_attention(q, k, v, attn_mask, dropout_p, is_causal, documents)
         else:  # the same computation written out: softmax(q k^T / sqrt(d) + mask) v

@@ -195,7 +195,7 @@ def main(args):
         # What micro-batch b weighs in the step (--loss_agg): its n_b of the step's N kept trajectories (batch,
         # sequence) or sampled tokens (token), all processes; loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)
         weights = [s.kept_tokens if args.loss_agg == "token" else s.kept_trajectories for s in samples]
-        total = max(run.host_sum(sum(weights))[0], 1)
+        total = max(run.host_sum(sum(weights))[0], 1)  # all processes, summed on the CPU: no GPU wait
         kept = int(run.host_sum(sum(s.kept_trajectories for s in samples))[0])  # on every process
         updates, loss = 0, None
         for epoch in range(args.ppo_epochs):  # several updates on one rollout batch: rho != 1 from the second on

@@ -121,7 +121,7 @@ def main(args):
         weights = [tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)
                    for batch in window]
         counts = [float(w[:, 1:].sum()) for w in weights]
-        total = max(run.host_sum(sum(counts))[0], 1)
+        total = max(run.host_sum(sum(counts))[0], 1)  # all processes, summed on the CPU: no GPU wait
         sums = StepSums(run)
         for i, (batch, weights, n) in enumerate(zip(window, weights, counts)):
             batch, weights = run.to_device(batch), weights.to(run.device, non_blocking=True)

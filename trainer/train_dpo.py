@@ -93,7 +93,7 @@ def main(args):
         # Every pair weighs the same in the step: micro-batch b with n_b of the step's N pairs (all processes)
         #   loss = sum_b (n_b / N) * mean DPO loss_b + sum_b aux_b / (M * W)     (aux: the MoE load-balancing loss)
         counts = [len(batch["index"]) for batch in window]
-        total = max(run.host_sum(sum(counts))[0], 1)
+        total = max(run.host_sum(sum(counts))[0], 1)  # all processes, summed on the CPU: no GPU wait
         sums = StepSums(run)
         for i, (batch, n) in enumerate(zip(window, counts)):
             batch = run.to_device(batch)

@@ -101,7 +101,7 @@ def main(args):
         # Every prompt weighs the same in the step: micro-batch b with n_b of the step's N prompts (all processes)
         #   loss = sum_b (n_b / N) * (token mean of loss_t over b's answers) + sum_b aux_b / (M * W)
         counts = [len(batch["prompt"]) for batch in window]
-        total = max(run.host_sum(sum(counts))[0], 1)
+        total = max(run.host_sum(sum(counts))[0], 1)  # all processes, summed on the CPU: no GPU wait
         # pi_old is the policy that sampled. In-process: the policy itself, its log-probs taken from the first
         # update's forward (rho = 1 exactly, the PPO-clip gradient) and kept for the further updates of
         # --ppo_epochs, where rho moves away from 1. A server engine samples with weights up to --sync_interval

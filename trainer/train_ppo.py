@@ -148,7 +148,7 @@ def main(args):
         # Every prompt weighs the same in the step (n_b of the step's N prompts, all processes):
         #   loss = sum_b (n_b / N) * (actor_b + vf_coef * critic_b) + sum_b aux_b / (M * W)
         counts = [len(batch["prompt"]) for batch in window]
-        total = max(run.host_sum(sum(counts))[0], 1)
+        total = max(run.host_sum(sum(counts))[0], 1)  # all processes, summed on the CPU: no GPU wait
         sums = StepSums(run)
         for i, ((rollout, rewards), n) in enumerate(zip(rollouts, counts)):
             # both trained models wait for the window's last micro-batch before DDP reduces their gradients

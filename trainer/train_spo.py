@@ -111,7 +111,7 @@ def main(args):
         # Every prompt weighs the same in the step (n_b of the step's N prompts, all processes):
         #   loss = sum_b (n_b / N) * mean_i(-A_i * logp_i + beta_kl * KL_i) + sum_b aux_b / (M * W)
         counts = [len(batch["prompt"]) for batch in window]
-        total = max(run.host_sum(sum(counts))[0], 1)
+        total = max(run.host_sum(sum(counts))[0], 1)  # all processes, summed on the CPU: no GPU wait
         sums, step_rewards, step_logps = StepSums(run), [], []
         for i, ((rollout, rewards), n) in enumerate(zip(rollouts, counts)):
             with run.grad_sync(model, last=i == len(window) - 1):
