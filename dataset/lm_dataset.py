@@ -32,7 +32,6 @@ import datasets
 from jinja2 import TemplateError
 from common.chat import render
 from dataset.files import FILES as DOWNLOADABLE  # the full MiniMind data files, by name
-from model.kernels import document_offsets
 
 ASSISTANT_START = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
@@ -585,10 +584,7 @@ class AgentRLDataset(Dataset):
 
 def pad_batch(rows, pad_id: int = 0):
     """Collate: pad every tensor field to the longest row of this batch (labels with -100), and add an
-    attention_mask per input_ids field. Non-tensor fields are gathered into lists (None where missing).
-    Packed rows (with position_ids) also get "documents": where each document starts in the flattened batch and the
-    longest one's length (kernels.document_offsets), found here on the CPU so that varlen attention on a GPU needs
-    no host read of the device's position ids."""
+    attention_mask per input_ids field. Non-tensor fields are gathered into lists (None where missing)."""
     batch = {}
     for key in dict.fromkeys(k for r in rows for k in r):  # every field of any row, in order
         values = [r.get(key) for r in rows]
@@ -609,8 +605,6 @@ def pad_batch(rows, pad_id: int = 0):
             for i, v in enumerate(values):
                 mask[i, :v.shape[0]] = 1
             batch[key.replace("input_ids", "attention_mask")] = mask
-    if "position_ids" in batch:
-        batch["documents"] = document_offsets(batch["position_ids"])
     return batch
 
 

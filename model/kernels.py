@@ -115,8 +115,8 @@ def document_mask(position_ids):
 def document_offsets(position_ids):
     """The packed batch as one stream of documents for varlen attention: (cu_seqlens int32 [D + 1] = where
     each of the D documents starts in the flattened B*T tokens, then B*T; the longest document's length).
-    Host work on a CPU tensor (the collator calls it: dataset.lm_dataset.pad_batch); on a GPU tensor nonzero and int
-    would each wait for the device."""
+    Host work on a CPU tensor (the trainers' collator calls it: trainer.sampler.collate); on a GPU tensor nonzero
+    and int would each wait for the device."""
     starts = document_starts(position_ids).reshape(-1).nonzero().squeeze(-1)
     cu_seqlens = torch.cat([starts, starts.new_tensor([position_ids.numel()])]).to(torch.int32)
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

@@ -447,7 +447,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
         Packed rows (several documents back to back, as with transformers' DataCollatorWithFlattening): pass
         position_ids that restart at 0 where each document starts, and no attention_mask and no cache;
         attention then stays inside each document, so every token gets what it would get alone. documents: the
-        collator's (cu_seqlens, longest) of those rows (dataset.lm_dataset.pad_batch), so that the GPU's varlen path
+        collator's (cu_seqlens, longest) of those rows (trainer.sampler.collate), so that the GPU's varlen path
         reads nothing back from the device.
         """
         if (input_ids is None) == (inputs_embeds is None):

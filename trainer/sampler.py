@@ -1,7 +1,7 @@
 """The sample stream of a run: which rows each process trains on, step by step, and where a resumed run continues.
 
     stream = SampleStream(data, args, run.rank, run.world_size, run.device)
-    for step, window in stream:      # window: the micro-batches of one optimizer step (each one pad_batch's dict)
+    for step, window in stream:      # window: the micro-batches of one optimizer step (each one collate's dict)
         ...
 
 Progress is counted in samples, which mean the same on any number of processes (a step does not: it takes
@@ -15,6 +15,17 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from dataset.lm_dataset import pad_batch
+from model.kernels import document_offsets
+
+
+def collate(rows):
+    """pad_batch's dict; packed rows (with position_ids) also get "documents": where each document starts in the
+    flattened batch and the longest one's length, found here on the batch's CPU copy (in the loader's workers), so that
+    varlen attention on a GPU needs no host read of position ids already on the device."""
+    batch = pad_batch(rows)
+    if "position_ids" in batch:
+        batch["documents"] = document_offsets(batch["position_ids"])
+    return batch
 
 
 class ResumableBatchSampler(Sampler):
@@ -143,7 +154,7 @@ class SampleStream:
                                             epoch, self.consumed, lengths)
             # The loader's own generator: creating its iterator must not draw from the global RNG, whose
             # state a resumed run restores for sampling (RL) and dropout.
-            loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=pad_batch,
+            loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
                                 num_workers=args.num_workers, pin_memory=self.device.type == "cuda",
                                 persistent_workers=False, generator=torch.Generator().manual_seed(args.seed + epoch))
             window = []
