@@ -288,3 +288,130 @@ def test_prompts_too_long_are_skipped_and_cut_off_trajectories_can_be_masked(tmp
     run_script("train_agent.py", *common, "--max_gen_len", "6", "--loss_agg", "sequence", tmp=tmp_path / "sequence")
     [row] = metrics(tmp_path / "sequence", "agent_64_metrics.jsonl")
     assert row["updates"] == 1 and row["loss"] == row["loss"]  # finite
+
+
+# -- MiniMind's own agent data: its six tools answer, a right call and answer earn the full reward ------------------
+from inference.tools import AGENT_TOOLS, load_tools  # noqa: E402
+
+# (request, the call that answers it, a right final answer, a wrong one, gt) - gt as the tools' results give it
+UPSTREAM_TASKS = [
+    ("帮我算一下 256 乘以 37 等于多少", {"name": "calculate_math", "arguments": {"expression": "256 * 37"}},
+     "256 × 37 = 9472。", "256 × 37 = 9462。", ["9472"]),
+    ("帮我把100公里换算成英里", {"name": "unit_converter", "arguments": {"value": 100, "from_unit": "km",
+                                                                  "to_unit": "miles"}},
+     "100公里约等于62.1371英里。", "100公里约等于160.934英里。", ["62.1371"]),
+    ("北京今天天气怎么样？", {"name": "get_current_weather", "arguments": {"location": "北京"}},
+     "北京今天天气晴，气温28°C。", "北京今天多云，气温22°C。", ["28°C", "晴"]),
+    ("纽约现在几点了？", {"name": "get_current_time", "arguments": {"timezone": "America/New_York"}},
+     "纽约现在是 2025-03-07 01:30:00。", "纽约现在是 2025-03-07 14:30:00。", ["01:30"]),
+    ("查一下美元兑人民币汇率", {"name": "get_exchange_rate", "arguments": {"from_currency": "USD",
+                                                                   "to_currency": "CNY"}},
+     "1美元约兑换7.21人民币。", "1美元约兑换7.85人民币。", ["7.21"]),
+    ("把'你好世界'翻译成英文", {"name": "translate_text", "arguments": {"text": "你好世界",
+                                                                "target_language": "english"}},
+     "“你好世界”的英文是 Hello World。", "“你好世界”的英文是 Hi there。", ["Hello World"]),
+]
+
+
+def upstream_row(request, gt, tools=AGENT_TOOLS):
+    """A row as MiniMind's agent_rl.jsonl has them: the tools as a JSON string on the system message."""
+    return {"conversations": [{"role": "system", "content": "你是一个有用的助手。",
+                               "tools": json.dumps(tools, ensure_ascii=False)},
+                              {"role": "user", "content": request}, {"role": "assistant", "content": "参考回答"}],
+            "gt": gt}
+
+
+def turn_ids(text):
+    return TOKENIZER(text, add_special_tokens=False).input_ids + [TOKENIZER.eos_token_id]
+
+
+def call_text(*calls):
+    return "\n".join(f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>" for c in calls)
+
+
+@pytest.mark.parametrize("request_, call, right, wrong, gt", UPSTREAM_TASKS, ids=[t[1]["name"] for t in UPSTREAM_TASKS])
+def test_a_right_call_and_answer_on_minimind_agent_rows_earn_the_full_reward(tmp_path, request_, call, right, wrong,
+                                                                             gt):
+    path = tmp_path / "agent_rl.jsonl"
+    path.write_text(json.dumps(upstream_row(request_, gt), ensure_ascii=False) + "\n", encoding="utf-8")
+    [row] = AgentRLDataset(str(path)).rows
+    assert row["tools"] == AGENT_TOOLS
+    # both trajectories call the tool in turn 1 (one generate over both), then answer in turn 2: one right, one wrong
+    engine = ScriptedEngine([turn_ids(call_text(call))] * 2 + [turn_ids(right), turn_ids(wrong)])
+    good, bad = run_trajectories(engine, TOKENIZER, [row["messages"]] * 2, [row["tools"]] * 2)
+    result = json.loads(good.results[0][0])
+    assert "error" not in result and any(str(v) in right or str(v) in gt for v in result.values())  # answer from it
+    assert agent_reward(good, row["gt"], row["tools"]) == dict(total=2.5, success=1.0, answer=1.0, valid_calls=1.0,
+                                                                unclosed=0.0, turn_limit=0.0, repetition=0.0)
+    parts = agent_reward(bad, row["gt"], row["tools"])
+    assert parts["success"] == 0.0 and parts["total"] < 2.5 and parts["valid_calls"] == 1.0
+
+
+def test_two_calls_in_one_turn_and_a_call_to_a_tool_not_offered():
+    """Two of MiniMind's tools in one turn, both answered; calling a tool the row does not offer is invalid even
+    where a tool of that name exists."""
+    weather, units = UPSTREAM_TASKS[2][1], UPSTREAM_TASKS[1][1]
+    row = AgentRLDataset.parse(json.dumps(upstream_row("北京天气如何？再把100公里换算成英里", ["28°C", "62.1371"])))
+    answer = "北京今天28°C，晴；100公里约等于62.1371英里。"
+    [t] = run_trajectories(ScriptedEngine([turn_ids(call_text(weather, units)), turn_ids(answer)]), TOKENIZER,
+                           [row["messages"]], [row["tools"]])
+    assert [json.loads(r) for r in t.results[0]] == [
+        {"city": "北京", "temperature": "28°C", "humidity": "65%", "condition": "晴"}, {"result": 62.1371}]
+    assert agent_reward(t, row["gt"], row["tools"])["total"] == 2.5
+    offered = [s for s in AGENT_TOOLS if s["function"]["name"] != "unit_converter"]
+    assert agent_reward(t, row["gt"], offered)["valid_calls"] == 0.5
+
+
+def test_a_tool_module_answers_the_calls_of_a_trajectory(tmp_path, monkeypatch):
+    """--tools package.module: its tools run in the rollouts; train_agent names the data's tools no tool answers."""
+    from trainer.train_agent import unanswered_tools
+    (tmp_path / "agent_plugin_tools.py").write_text(
+        'TOOLS = [{"type": "function", "function": {"name": "stock_price", "parameters": {"type": "object", '
+        '"properties": {"symbol": {"type": "string"}}}}}]\n'
+        'def call(name, arguments):\n    return {"symbol": arguments["symbol"], "price": 123.5}\n', encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    toolset = load_tools("agent_plugin_tools")
+    schema = toolset.schemas[0]
+    call = {"name": "stock_price", "arguments": {"symbol": "ACME"}}
+    engine = ScriptedEngine([turn_ids(call_text(call)), turn_ids("ACME 的股价是 123.5。")])
+    [t] = run_trajectories(engine, TOKENIZER, [QUESTION], [[schema]], toolset=toolset)
+    assert json.loads(t.results[0][0]) == {"symbol": "ACME", "price": 123.5}
+    assert agent_reward(t, ["123.5"], [schema])["total"] == 2.5
+    [t] = run_trajectories(ScriptedEngine([turn_ids(call_text(call)), turn_ids("123.5")]), TOKENIZER, [QUESTION],
+                           [[schema]])  # without the module: an error result, an invalid call
+    assert "no tool named 'stock_price'" in t.results[0][0]
+    rows = [{"tools": [schema]}, {"tools": AGENT_TOOLS + [schema]}, {"tools": []}]
+    assert unanswered_tools(rows, load_tools(None)) == {"stock_price": 2} and not unanswered_tools(rows, toolset)
+
+
+class StandInRewardModel:
+    """RewardModel's interface (score: conversations ending in the answer -> clipped scores), without a model: the
+    score is fixed, and what it was asked is kept."""
+
+    def __init__(self, score):
+        self.value, self.asked = score, []
+
+    def score(self, conversations):
+        self.asked += conversations
+        return torch.full((len(conversations),), float(self.value)).clamp(-3.0, 3.0)
+
+
+@pytest.mark.parametrize("score", [1.5, -2.0, 9.0])
+def test_the_reward_model_scores_answers_given_without_a_tool_call(score):
+    """--reward_model_path (MiniMind's term): a trajectory that answers without calling a tool gets the reward
+    model's clipped score added, then the total is clipped to [-3, 3]; a trajectory that called a tool is judged by
+    its gt and calls alone. Through train_agent.draw, as the trainer calls it."""
+    from types import SimpleNamespace
+    from trainer.train_agent import draw
+    args = SimpleNamespace(num_generations=2, max_turns=3, max_gen_len=64, max_total_len=2500)
+    batch = {"messages": [QUESTION], "tools": [TOOLS], "gt": [["84"]]}
+    scripted = [turn_ids("<think>\n12 乘 7\n</think>\n84"), turn_ids(CALL), turn_ids("12*7 = 84")]
+    judge = StandInRewardModel(score)
+    [direct, called], [with_model, tool_parts] = draw(ScriptedEngine(scripted), TOKENIZER, [0], batch, args, 0.0,
+                                                      reward_model=judge)
+    assert judge.asked == [QUESTION + [{"role": "assistant", "content": "84"}]]  # the answer after its thinking
+    clipped = max(-3.0, min(3.0, score))
+    assert with_model["model"] == clipped and with_model["total"] == max(-3.0, min(3.0, 2.0 + clipped))
+    assert tool_parts["model"] == 0.0 and tool_parts["total"] == 2.5
+    [_, _], [without_model, _] = draw(ScriptedEngine(scripted), TOKENIZER, [0], batch, args, 0.0)
+    assert "model" not in without_model and without_model["total"] == 2.0

@@ -1,5 +1,5 @@
-"""inference/tools.py (the tools a chat can call), scripts/eval_toolcall.py's scoring, eval_llm.py's tool loop
-and the demo's tool conversations."""
+"""inference/tools.py (the tools a chat can call: this project's, MiniMind's six agent tools, --tools plug-ins),
+scripts/eval_toolcall.py's scoring, eval_llm.py's tool loop and the demo's tool conversations."""
 import json
 import os
 
@@ -94,6 +94,139 @@ def test_the_tool_loop_runs_the_calls_and_answers_from_the_result(capsys):
     assert tool_turn(looping, ask, None) == [{"role": "assistant", "content": looping(None)}]
 
 
+# -- MiniMind's agent tools: its names and schemas, deterministic answers ---------------------------------------------
+@pytest.mark.parametrize("name, arguments, answer", [
+    # calculate_math: MiniMind's format (the result as a string), through the safe calculator with math's names
+    ("calculate_math", {"expression": "256 * 37"}, {"result": "9472"}),
+    ("calculate_math", {"expression": "2^10 − 24"}, {"result": "1000"}),
+    ("calculate_math", {"expression": "sqrt(144) + math.floor(2.7)"}, {"result": "14"}),
+    ("calculate_math", {"expression": "log(8, 2)"}, {"result": "3"}),
+    # unit_converter: MiniMind's pairs with its factors, others exact, temperatures by the real formulas
+    ("unit_converter", {"value": 100, "from_unit": "km", "to_unit": "miles"}, {"result": 62.1371}),
+    ("unit_converter", {"value": 10, "from_unit": "kg", "to_unit": "pounds"}, {"result": 22.0462}),
+    ("unit_converter", {"value": "5", "from_unit": "英尺", "to_unit": "cm"}, {"result": 152.4}),
+    ("unit_converter", {"value": 30, "from_unit": "celsius", "to_unit": "fahrenheit"}, {"result": 86.0}),
+    ("unit_converter", {"value": 212, "from_unit": "°F", "to_unit": "摄氏度"}, {"result": 100.0}),
+    # get_current_weather: MiniMind's table, however the city is written; its default for a city it does not list
+    ("get_current_weather", {"location": "北京"}, {"city": "北京", "temperature": "28°C", "humidity": "65%",
+                                                  "condition": "晴"}),
+    ("get_current_weather", {"location": "new york"}, {"city": "new york", "temperature": "8°C", "humidity": "65%",
+                                                      "condition": "多云"}),
+    ("get_current_weather", {"location": "苏州"}, {"city": "苏州", "temperature": "22°C", "humidity": "65%",
+                                                  "condition": "晴"}),
+    # get_current_time: the fixed clock (2025-03-07 06:30 UTC) gives MiniMind's table, and any zone from it
+    ("get_current_time", {}, {"datetime": "2025-03-07 14:30:00", "timezone": "Asia/Shanghai"}),
+    ("get_current_time", {"timezone": "America/New_York"}, {"datetime": "2025-03-07 01:30:00",
+                                                           "timezone": "America/New_York"}),
+    ("get_current_time", {"timezone": "Australia/Sydney"}, {"datetime": "2025-03-07 17:30:00",
+                                                           "timezone": "Australia/Sydney"}),
+    ("get_current_time", {"timezone": "asia/kolkata"}, {"datetime": "2025-03-07 12:00:00", "timezone": "Asia/Kolkata"}),
+    # get_exchange_rate: MiniMind's table, then inverse and cross rates (4 significant digits)
+    ("get_exchange_rate", {"from_currency": "USD", "to_currency": "CNY"}, {"from": "USD", "to": "CNY", "rate": 7.21}),
+    ("get_exchange_rate", {"from_currency": "人民币", "to_currency": "usd"}, {"from": "CNY", "to": "USD",
+                                                                          "rate": 0.1387}),
+    ("get_exchange_rate", {"from_currency": "EUR", "to_currency": "JPY"}, {"from": "EUR", "to": "JPY", "rate": 163.5}),
+    # translate_text: MiniMind's phrase table
+    ("translate_text", {"text": "你好世界", "target_language": "english"}, {"translated_text": "Hello World"}),
+    ("translate_text", {"text": "'Good morning'", "target_language": "中文"}, {"translated_text": "早上好"}),
+])
+def test_minimind_agent_tools_answer_from_computation_or_its_tables(name, arguments, answer):
+    assert json.loads(tools.run_tool(name, arguments)) == answer
+
+
+@pytest.mark.parametrize("name, arguments, error", [
+    ("calculate_math", {"expression": "__import__('os')"}, "not Call"),
+    ("calculate_math", {"expression": "math.os"}, "not Attribute"),
+    ("calculate_math", {"expression": "sqrt(-1)"}, "math domain error"),
+    ("calculate_math", {"expression": "exp(1000)"}, "math range error"),
+    ("unit_converter", {"value": 5, "from_unit": "kg", "to_unit": "km"}, "cannot convert kg to km"),
+    ("unit_converter", {"value": 5, "from_unit": "parsec", "to_unit": "km"}, "unknown unit"),
+    ("unit_converter", {"from_unit": "km", "to_unit": "miles"}, "value must be"),
+    ("get_current_weather", {}, "location must be"),
+    ("get_current_time", {"timezone": "../../etc/passwd"}, "unknown time zone"),
+    ("get_current_time", {"timezone": "zone.tab"}, "unknown time zone"),
+    ("get_exchange_rate", {"from_currency": "BTC", "to_currency": "USD"}, "unknown currency"),
+    ("translate_text", {"text": "随便一句话", "target_language": "english"}, "no offline translation"),
+])
+def test_minimind_agent_tools_refuse_bad_calls(name, arguments, error):
+    assert error in json.loads(tools.run_tool(name, arguments))["error"]
+
+
+def test_the_agent_tools_carry_minimind_schemas_and_the_clock_can_be_set(monkeypatch):
+    import datetime
+    assert [t["function"]["name"] for t in tools.AGENT_TOOLS] == [
+        "calculate_math", "unit_converter", "get_current_weather", "get_current_time", "get_exchange_rate",
+        "translate_text"]
+    assert tools.AGENT_TOOLS[1]["function"]["parameters"]["required"] == ["value", "from_unit", "to_unit"]
+    assert {t["function"]["name"] for t in tools.BUILTIN_TOOLS} == set(tools.FUNCTIONS) == tools.BUILTIN.names
+    monkeypatch.setattr(tools, "_clock", tools.CLOCK)
+    tools.use_clock(datetime.datetime(2024, 12, 31, 23, 0, tzinfo=datetime.timezone.utc))
+    assert tools.current_time("Asia/Tokyo")["datetime"] == "2025-01-01 08:00:00"
+    tools.use_clock(None)  # the real clock
+    assert tools.current_time("UTC")["datetime"] >= "2025-03-07"
+    with pytest.raises(ValueError, match="time zone"):
+        tools.use_clock(datetime.datetime(2024, 1, 1))
+
+
+# -- --tools package.module: tools of your own -----------------------------------------------------------------------
+PLUGIN = """
+TOOLS = [{"type": "function", "function": {"name": "word_count", "parameters": {"type": "object", "properties":
+          {"text": {"type": "string"}}, "required": ["text"]}}},
+         {"type": "function", "function": {"name": "get_current_weather", "parameters": {}}},
+         {"type": "function", "function": {"name": "echo", "parameters": {}}},
+         {"type": "function", "function": {"name": "broken", "parameters": {}}}]
+
+
+def call(name, arguments):
+    if name == "word_count":
+        if not isinstance(arguments.get("text"), str):
+            raise ValueError("text must be a string")
+        return {"words": len(arguments["text"].split())}
+    if name == "get_current_weather":   # replaces the built-in one
+        return '{"condition": "sunny"}'
+    if name == "echo":                  # plain text: sent as the result
+        return arguments.get("say", "")
+    return {"value": object()}          # not JSON: the tool's failure
+"""
+
+
+def test_a_tool_module_adds_its_tools_and_replaces_built_in_ones(tmp_path, monkeypatch):
+    (tmp_path / "my_agent_tools.py").write_text(PLUGIN, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    toolset = tools.load_tools("my_agent_tools")
+    assert {"word_count", "echo", "calculator", "translate_text"} <= toolset.names
+    assert json.loads(toolset.run("word_count", {"text": "one two three"})) == {"words": 3}
+    assert json.loads(toolset.run("word_count", {"text": 3})) == {"error": "text must be a string"}
+    assert json.loads(toolset.run("get_current_weather", {"location": "北京"})) == {"condition": "sunny"}
+    assert json.loads(toolset.run("echo", {"say": "hi"})) == {"result": "hi"}
+    assert "the tool failed: TypeError" in json.loads(toolset.run("broken", {}))["error"]
+    assert json.loads(toolset.run("calculator", {"expression": "12*7"})) == {"result": 84}  # built-ins still there
+    assert tools.is_error(toolset.run("word_count", "one two"))  # arguments must be an object, as for any tool
+    # eval_toolcall scores a call with the same tools
+    reply = '<tool_call>\n{"name": "word_count", "arguments": {"text": "a b"}}\n</tool_call>'
+    assert score_call(reply, {"name": "word_count", "arguments": {"text": "c d"}}, toolset)["right_arguments"]
+
+
+@pytest.mark.parametrize("source, error", [
+    (None, "cannot import it (ModuleNotFoundError"),
+    ("raise RuntimeError('boom')", "cannot import it (RuntimeError: boom)"),
+    ("def call(name, arguments): return {}", "its TOOLS is missing"),
+    ("TOOLS = [{'type': 'function', 'function': {}}]\ndef call(name, arguments): return {}", "its TOOLS is missing"),
+    ("TOOLS = [{'function': {'name': 'a'}}, {'function': {'name': 'a'}}]\ndef call(n, a): return {}", "twice"),
+    ("TOOLS = [{'type': 'function', 'function': {'name': 'a'}}]", "it has no call(name, arguments)"),
+], ids=["not there", "fails to import", "no TOOLS", "a tool without a name", "a name twice", "no call"])
+def test_a_module_that_is_not_a_tool_module_is_refused_with_the_interface(tmp_path, monkeypatch, source, error):
+    name = f"bad_tools_{abs(hash(source))}"
+    if source is not None:
+        (tmp_path / f"{name}.py").write_text(source, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as refused:
+        tools.load_tools(name)
+    assert error in str(refused.value) and f"--tools {name}" in str(refused.value)
+    assert tools.INTERFACE in str(refused.value) or error == "twice"  # what a tool module must define
+    assert tools.load_tools(None) is tools.load_tools("") is tools.BUILTIN
+
+
 # -- No tool input ends a run: every failure is an error answer the model reads --------------------------------------
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
@@ -134,10 +267,16 @@ def test_no_expression_escapes_the_calculator(expression):
 
 
 @settings(max_examples=800, deadline=None)
-@given(st.sampled_from(["calculator", "dictionary", "calendar", "weather", "", "__init__"]) | st.text(max_size=10),
-       JSON_VALUES | st.fixed_dictionaries({}, optional={"expression": JSON_VALUES, "word": JSON_VALUES,
-                                                         "date": JSON_VALUES | st.dates().map(str),
-                                                         "days": JSON_VALUES | st.integers()}))
+@given(st.sampled_from(sorted(tools.FUNCTIONS) + ["weather", "", "__init__"]) | st.text(max_size=10),
+       JSON_VALUES | st.fixed_dictionaries({}, optional={
+           "expression": JSON_VALUES | st.sampled_from(["sqrt(2)", "log(0)", "pow(9, 99)", "math.e ** 70", "pi"]),
+           "word": JSON_VALUES, "date": JSON_VALUES | st.dates().map(str), "days": JSON_VALUES | st.integers(),
+           "value": JSON_VALUES, "from_unit": JSON_VALUES | st.sampled_from(sorted(tools.UNITS)),
+           "to_unit": JSON_VALUES | st.sampled_from(sorted(tools.UNITS)), "location": JSON_VALUES,
+           "timezone": JSON_VALUES | st.sampled_from(["Asia/Shanghai", "UTC", "Etc/GMT+12", "/etc", "..", "北京"]),
+           "from_currency": JSON_VALUES | st.sampled_from(tools.CURRENCIES),
+           "to_currency": JSON_VALUES | st.sampled_from(tools.CURRENCIES), "text": JSON_VALUES,
+           "target_language": JSON_VALUES}))
 def test_no_arguments_escape_any_tool(name, arguments):
     answer_of(name, arguments)
 

@@ -4,12 +4,16 @@
     python trainer/train_agent.py --loss_type grpo --loss_agg token --ppo_epochs 2 --dynamic_sampling 2
 
 For every task the policy runs G = --num_generations trajectories (trainer/rl/agent.py): each turn is generated
-to <|im_end|>, its <tool_call> blocks are run with the project's offline tools (calculator, dictionary, calendar;
-a failing, slow or long-winded call comes back as an error result) and the results appended as the chat template
+to <|im_end|>, its <tool_call> blocks are run with the offline tools of inference/tools.py (this project's
+calculator, dictionary, calendar, and MiniMind's six that its agent_rl.jsonl offers: calculate_math, unit_converter,
+get_current_weather, get_current_time, get_exchange_rate, translate_text; plus those of --tools package.module; a
+failing, slow or long-winded call comes back as an error result) and the results appended as the chat template
 renders a tool turn, up to --max_turns turns. A trajectory is one token sequence - the sampled ids exactly as
 sampled, plus the observation ids - and only the sampled tokens carry loss and KL. Rewards (trainer/rl/rewards.py
 agent_reward): the gt answers the final answer gives (one rule: no credit for listing candidates), valid calls,
-closed tags, the turn limit, repetition. Then, with A_i the reward relative to its group (as in GRPO),
+closed tags, the turn limit, repetition, and with --reward_model_path the reward model's score of an answer given
+without any tool call (MiniMind's term, agent_model_scores). Then, with A_i the reward relative to its group (as in
+GRPO),
     rho_t  = pi(a_t) / pi_sample(a_t)       (pi_sample: the log-probs the rollout engine sampled with)
     cispo  loss_t = -sg(min(rho_t, 1 + eps_high)) A_i log pi(a_t) + beta * KL_t       (Chen et al., 2025, MiniMax-M1)
     grpo   loss_t = -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) + beta * KL_t   (Shao et al., 2024)
@@ -34,7 +38,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
-from trainer.args import add_engine_arguments, common_parser, data_file, parse_args  # argparse only
+from trainer.args import (add_engine_arguments, add_reward_model_arguments, common_parser, data_file,  # argparse only
+                          parse_args)
 
 
 def arguments(argv=None):
@@ -67,8 +72,16 @@ def arguments(argv=None):
     parser.add_argument("--dynamic_sampling", type=int, default=0,
                         help="redraw a task's G trajectories when their rewards are all equal (no signal), up to "
                              "this many times; groups still equal then are dropped (DAPO); 0 = off")
+    parser.add_argument("--tools", default=None,
+                        help="tools of your own: package.module (comma-separated for several), importable (the "
+                             "repository root, trainer/, or PYTHONPATH=. for the current directory), defining TOOLS "
+                             "(OpenAI-style schemas) and call(name, arguments) -> dict or str; called by name before "
+                             "the built-in tools (inference/tools.py describes the interface)")
+    add_reward_model_arguments(parser, what="a local Hugging Face reward model folder: its score (clipped to +-3) is "
+                                            "added to the reward of a trajectory that answers without any tool call")
     add_engine_arguments(parser)
-    args = parse_args(parser, argv)
+    # --generation minimind-3: upstream minimind-3's defaults where they differ from MiniMind2's (README table)
+    args = parse_args(parser, argv, minimind3=dict(max_gen_len=768))
     if args.num_generations < 2:
         parser.error("--num_generations must be at least 2: each trajectory is judged against its group")
     if args.ppo_epochs < 1:
@@ -84,19 +97,22 @@ if __name__ == "__main__":
     args = arguments()  # --help and bad flags are answered here, before torch loads
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from common.chat import has_thinking_switch
+from common.device import print0
 from dataset.lm_dataset import AgentRLDataset
+from inference.tools import load_tools
 from trainer.distributed import unwrap
 from trainer.losses import (cispo_objective, clipped_objective, group_advantages, importance_ratio, k3_kl,
                             k3_kl_to_sampler, masked_mean)
 from trainer.resume import Checkpoint
 from trainer.rl.agent import pad_trajectories, run_trajectories, trajectory_logprobs
 from trainer.rl.engines import check_sampler_ratio, make_engine
-from trainer.rl.rewards import agent_reward
+from trainer.rl.rewards import agent_model_scores, agent_reward, load_reward_model
 from trainer.sampler import SampleStream
 from trainer.trainer_utils import Run, StepSums, lr_at
 
@@ -124,32 +140,44 @@ class Sampled:
     kept_tokens: int          # the sampled tokens of the kept trajectories
 
 
-def draw(engine, tokenizer, tasks, batch, args, thinking_ratio):
-    """G trajectories for each of the batch's tasks (indices into it), and each one's reward parts (agent_reward)."""
+def unanswered_tools(rows, toolset):
+    """{tool name: tasks offering it} for the tools the data offers that no tool of this run answers (built-in or
+    --tools): every call to one of them would be an error result and an invalid call, a run that teaches nothing."""
+    return Counter(name for row in rows for name in {t["function"]["name"] for t in row["tools"]}
+                   if name not in toolset.names)
+
+
+def draw(engine, tokenizer, tasks, batch, args, thinking_ratio, toolset=None, reward_model=None):
+    """G trajectories for each of the batch's tasks (indices into it), and each one's reward parts (agent_reward,
+    with the reward model's scores when there is one)."""
     G = args.num_generations
     trajectories = run_trajectories(engine, tokenizer, [batch["messages"][i] for i in tasks],
                                     [batch["tools"][i] for i in tasks], G, args.max_turns, args.max_gen_len,
-                                    thinking_ratio, args.max_total_len, rng=random)  # Run seeds and resumes it
-    scores = [agent_reward(t, batch["gt"][i], batch["tools"][i])
-              for t, i in zip(trajectories, [i for i in tasks for _ in range(G)])]
+                                    thinking_ratio, args.max_total_len, rng=random,  # Run seeds and resumes it
+                                    toolset=toolset)
+    of_task = [i for i in tasks for _ in range(G)]  # the task of each trajectory
+    model_scores = agent_model_scores(trajectories, [batch["messages"][i] for i in of_task], reward_model) \
+        or [None] * len(trajectories)
+    scores = [agent_reward(t, batch["gt"][i], batch["tools"][i], model_score)
+              for t, i, model_score in zip(trajectories, of_task, model_scores)]
     return trajectories, scores
 
 
-def sample_batch(engine, tokenizer, batch, args, thinking_ratio, counts, device):
+def sample_batch(engine, tokenizer, batch, args, thinking_ratio, counts, device, toolset=None, reward_model=None):
     """The trajectories of one micro-batch of tasks (AgentRLDataset rows through pad_batch), with DAPO's dynamic
     sampling: a task whose G rewards are all equal teaches nothing, so its group is drawn again (up to
     --dynamic_sampling times) and dropped if still equal. Returns (Sampled, each trajectory's reward parts); counts
     what was redrawn, dropped, skipped and masked."""
     G = args.num_generations
     tasks = range(len(batch["gt"]))
-    trajectories, scores = draw(engine, tokenizer, tasks, batch, args, thinking_ratio)
+    trajectories, scores = draw(engine, tokenizer, tasks, batch, args, thinking_ratio, toolset, reward_model)
     dropped = set()
     for attempt in range(args.dynamic_sampling + 1):
         flat = [i for i in tasks if len({s["total"] for s in scores[i * G:(i + 1) * G]}) == 1]
         if attempt == args.dynamic_sampling or not flat:
             dropped = set(flat) if args.dynamic_sampling else set()
             break
-        again, rescored = draw(engine, tokenizer, flat, batch, args, thinking_ratio)
+        again, rescored = draw(engine, tokenizer, flat, batch, args, thinking_ratio, toolset, reward_model)
         for k, i in enumerate(flat):
             trajectories[i * G:(i + 1) * G] = again[k * G:(k + 1) * G]
             scores[i * G:(i + 1) * G] = rescored[k * G:(k + 1) * G]
@@ -169,12 +197,20 @@ def sample_batch(engine, tokenizer, batch, args, thinking_ratio, counts, device)
 
 
 def main(args):
+    toolset = load_tools(args.tools)  # first: a module that does not load ends the run before anything is loaded
     run = Run(args)
     tokenizer = run.load_tokenizer()
     thinking_ratio = thinking_share(args, tokenizer)
     data = AgentRLDataset(data_file(args), on_bad_line="skip" if args.skip_bad_lines else "error")
+    unanswered = unanswered_tools(data.rows, toolset)
+    if unanswered:
+        print0(f"No tool answers {', '.join(f'{n} ({k} tasks)' for n, k in unanswered.most_common(10))}: every call "
+               "to them will be an error result and an invalid call. Provide them with --tools package.module "
+               "(inference/tools.py describes the interface).")
     model = run.load_model()
     reference = run.frozen_copy(model)
+    reward_model = load_reward_model(args, run, rules="the gt answers, valid calls, closed tags, the turn limit")
+    reward_parts = REWARD_PARTS + (("model",) if reward_model is not None else ())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=run.fused_adamw)
     stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the tasks
     checkpoint = Checkpoint(run, stream, model, optimizer)
@@ -186,8 +222,8 @@ def main(args):
         engine.maybe_sync(unwrap(model), step - 1)  # a server engine gets the weights every --sync_interval steps
         counts = dict(redrawn_groups=0, dropped_groups=0, skipped_prompts=0, masked_truncated=0)
         with run.autocast():  # rollouts first: G trajectories for each task, turn by turn, then scored
-            drawn = [sample_batch(engine, tokenizer, batch, args, thinking_ratio, counts, run.device)
-                     for batch in window]
+            drawn = [sample_batch(engine, tokenizer, batch, args, thinking_ratio, counts, run.device, toolset,
+                                  reward_model) for batch in window]
         samples, parts = [s for s, _ in drawn], [p for _, scores in drawn for p in scores]
         lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
         for group in optimizer.param_groups:
@@ -245,7 +281,7 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             loss, updates = metrics["loss"], updates + 1  # the loss of the update applied, not of one skipped
 
-        rewards = {name: sum(p[name] for p in parts) / len(parts) for name in REWARD_PARTS}
+        rewards = {name: sum(p[name] for p in parts) / len(parts) for name in reward_parts}
         in_use = dict(redrawn_groups=args.dynamic_sampling, dropped_groups=args.dynamic_sampling,
                       masked_truncated=args.mask_truncated, skipped_prompts=True)  # what the log shows
         counts = {name: n for name, n in counts.items() if in_use[name]}

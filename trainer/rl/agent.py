@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.chat import final_reply, opened_think, parse_tool_calls, render
-from inference.tools import run_tool
+from inference.tools import BUILTIN
 from trainer.losses import gathered_logprobs
 
 
@@ -60,17 +60,19 @@ def observation_text(tokenizer, messages, assistant, tool_messages, tools, think
 
 
 def run_trajectories(engine, tokenizer, conversations, tools, samples_per_prompt=1, max_turns=3, max_new_tokens=256,
-                     thinking_ratio=0.0, max_total_tokens=4096, rng=None):
+                     thinking_ratio=0.0, max_total_tokens=4096, rng=None, toolset=None):
     """Trajectories for every conversation (samples_per_prompt each, adjacent), run turn by turn together.
 
     conversations: lists of messages up to the user's request; tools: each conversation's tools (OpenAI layout).
     thinking_ratio: the share of trajectories rendered with the thinking switch on. A trajectory whose turn calls
-    tools has them run (inference/tools.py: any failure, a slow tool or a long answer comes back as an error result,
-    never an exception) and continues, up to max_turns; one that reaches max_total_tokens stops there, as cut off,
+    tools has them run by toolset (inference/tools.py ToolSet: the built-in tools, and --tools plug-ins; any failure,
+    a slow tool or a long answer comes back as an error result, never an exception) and continues, up to max_turns;
+    one that reaches max_total_tokens stops there, as cut off,
     and one whose prompt alone fills it is marked prompt_too_long and gets no turn. A turn counts as calling tools
     only when its reply (after any thinking) is nothing but <tool_call> blocks, as the server reads replies;
     otherwise it is the final answer."""
     rng = rng or random.Random(0)  # anything with .random(): the trainer passes the global RNG it resumes
+    toolset = toolset or BUILTIN
     runs = []  # (trajectory, its messages so far, its tools)
     for messages, offered in zip(conversations, tools):
         for _ in range(samples_per_prompt):
@@ -103,7 +105,7 @@ def run_trajectories(engine, tokenizer, conversations, tools, samples_per_prompt
             ended = bool(ids) and ids[-1] == tokenizer.eos_token_id
             calls = (parse_tool_calls(final_reply(text, trajectory.opened_think[-1])) or []) if ended else []
             trajectory.calls.append(calls)
-            results = [run_tool(c["name"], c["arguments"]) for c in calls]  # bounded, and never raises
+            results = [toolset.run(c["name"], c["arguments"]) for c in calls]  # bounded, and never raises
             trajectory.results.append(results)
             if not ended:
                 trajectory.cut_off = True
