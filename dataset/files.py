@@ -30,4 +30,7 @@ FILES = {
 DEMO_STAND_INS = {"pretrain_hq.jsonl": "demo/pretrain.jsonl", "sft_mini_512.jsonl": "demo/sft.jsonl",
                   "dpo.jsonl": "demo/dpo.jsonl", "r1_mix_1024.jsonl": "demo/r1.jsonl",
                   "rlaif-mini.jsonl": "demo/rlaif.jsonl", "lora_identity.jsonl": "demo/lora_identity.jsonl",
-                  "agent_rl.jsonl": "demo/agent_rl.jsonl"}
+                  "agent_rl.jsonl": "demo/agent_rl.jsonl",
+                  # minimind-3's defaults (--generation minimind-3): the demo files of the same formats
+                  "pretrain_t2t_mini.jsonl": "demo/pretrain.jsonl", "sft_t2t_mini.jsonl": "demo/sft.jsonl",
+                  "rlaif.jsonl": "demo/rlaif.jsonl", "lora_medical.jsonl": "demo/lora_identity.jsonl"}

@@ -4,7 +4,7 @@ A JSONL file is read as Arrow text rows (memory-mapped, never held as Python obj
 tokenised in parallel by `datasets.map`; the result is cached on disk, so a second run with the same
 file, tokenizer and settings starts at once. Token ids are stored as uint16 (the vocabulary has 6400).
 
-    PretrainDataset  {"text"}                    -> input_ids (truncated, or packed into full rows)
+    PretrainDataset  {"text"}                    -> input_ids (cut to max_length, or packed into full rows)
     SFTDataset       {"conversations": [...]}    -> input_ids, loss_mask (assistant turns only); or packed rows
     DPODataset       {"chosen", "rejected"}      -> both sides tokenised with their loss masks
     RLAIFDataset     {"conversations", ...}      -> the prompt text ending in the generation prompt, its messages,
@@ -16,11 +16,18 @@ file, tokenizer and settings starts at once. Token ids are stored as uint16 (the
 line number; with on_bad_line="skip" such lines are skipped and counted instead (see `.report`). Whatever a line
 holds - bytes that are not UTF-8, text that is not JSON, JSON of any shape - it is one of these two, never a
 traceback (tests/test_fuzz_data.py generates such lines).
+
+SFT and DPO rows may be augmented as minimind-3's upstream does it (Augmentation): the empty think block left out of a
+share of rows, a system prompt from SYSTEM_PROMPTS put before a share of the conversations without tools. Each row's
+draws are fixed by (seed, file, line), and the result is part of the cached tokenisation, so every epoch and every
+resume sees the same rows; the load message counts what was done.
 """
 import codecs
 import hashlib
 import json
 import os
+import random
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.compute as pc
@@ -36,8 +43,69 @@ from dataset.files import FILES as DOWNLOADABLE  # the full MiniMind data files,
 ASSISTANT_START = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
 ROLES = {"system", "user", "assistant", "tool"}
-CACHE_VERSION = "5"  # bump when the tokenisation logic below changes
+CACHE_VERSION = "6"  # bump when the tokenisation logic below changes
 CUT_OFF = "cut off"  # a well-formed row whose answer lies beyond max_length: left out and counted
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # what minimind-3's template writes before an answer without reasoning
+
+# What a row's "notes" column records (bits), for the counts in the load message
+TRUNCATED = 1       # pretraining: the document was cut to fit max_length
+HAD_EMPTY_THINK = 2  # SFT / DPO: an assistant turn starts with an empty think block
+DROPPED_THINK = 4   # ... and the blocks were left out of this row
+NO_SYSTEM = 8       # SFT: no tools and no system message of its own, so a system prompt may be added
+ADDED_SYSTEM = 16   # ... and one was
+
+# Short, generic system prompts (this project's wording; upstream's minimind-3 list is of the same kind), one of
+# which goes before a share (--add_system_ratio) of the SFT conversations that have neither tools nor a system message
+SYSTEM_PROMPTS = (
+    "你是一个乐于助人的AI助手。",
+    "你是minimind，一个小而实用的语言模型，请认真回答用户的问题。",
+    "你是一个知识渊博的助手，请给出准确、清晰的回答。",
+    "你是一个耐心的AI助手，尽量帮助用户解决问题。",
+    "你是minimind，请用简洁可靠的方式回答。",
+    "You are a helpful and honest AI assistant.",
+    "You are minimind, a small language model that does its best to help.",
+    "You are a knowledgeable assistant. Answer accurately and clearly.",
+    "You are a friendly AI. Read the user's question carefully before you answer.",
+    "You are minimind, a compact assistant. Give useful, correct answers.",
+)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """minimind-3's data augmentation of SFT and DPO rows (upstream's pre_processing_chat / post_processing_chat):
+    drop_empty_think: the share of rows whose assistant turns open with an empty think block (EMPTY_THINK, which
+        minimind-3's template writes before every answer without reasoning) that are trained without it; upstream
+        0.8 (its empty_think_ratio=0.2 is the share that keeps it). One draw per row: all its turns, or none; a DPO
+        pair's two sides share the draw.
+    add_system_ratio: the share of SFT rows without tools and without a system message of their own that get one
+        of SYSTEM_PROMPTS; upstream 0.2 (DPO rows get none, as upstream).
+    seed: with the row's file and line, fixes its draws (row_draws), so a row is augmented the same way in every
+        epoch, on every process and after a resume; upstream draws afresh each time a row is read."""
+    drop_empty_think: float = 0.0
+    add_system_ratio: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("drop_empty_think", "add_system_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a share of the rows, from 0 to 1; got {getattr(self, name)}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.drop_empty_think or self.add_system_ratio)
+
+    def key(self):
+        """What the cached tokenisation depends on: nothing while no row is changed (the seed then changes nothing)."""
+        return (self.drop_empty_think, self.add_system_ratio, self.seed) if self.active else None
+
+    def row_draws(self, file_number: int, index: int):
+        """Three numbers in [0, 1) fixed by (seed, file, line): whether the empty think blocks go, whether a system
+        prompt comes, which one. All three are always drawn, so changing one share never moves the other's rows."""
+        rng = random.Random(f"minimind/{self.seed}/{file_number}/{index}")
+        return rng.random(), rng.random(), rng.random()
+
+
+NO_AUGMENTATION = Augmentation()
 
 
 class DataError(ValueError):
@@ -231,23 +299,55 @@ def tokenize_with_loss_mask(tokenizer, text: str, max_length: int):
     return ids, mask
 
 
-def pretrain_row(row, tokenizer, max_length):
+def pretrain_row(row, tokenizer, max_length, draws=None, augment=NO_AUGMENTATION):
+    """<bos> text <eos>. A text longer than max_length - 2 tokens is cut there and still ends in <eos>, as upstream
+    does it (MiniMind's PretrainDataset); max_length None (packing) keeps the whole text."""
     if not isinstance(row.get("text"), str):
         return None, 'expected {"text": string}'
-    ids = [tokenizer.bos_token_id] + tokenizer(row["text"], add_special_tokens=False)["input_ids"]
-    return dict(input_ids=(ids + [tokenizer.eos_token_id])[:max_length]), None
+    ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+    cut = max_length is not None and len(ids) > max_length - 2
+    if cut:
+        ids = ids[:max(max_length - 2, 0)]
+    ids = [tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id]
+    return dict(input_ids=ids[:max_length], notes=TRUNCATED if cut else 0), None
 
 
-def sft_row(row, tokenizer, max_length):
+def add_system_prompt(messages, tools, augment, draws):
+    """(messages, notes): a system prompt from SYSTEM_PROMPTS before a share of the conversations that have no
+    tools and no system message (upstream's rule: a tool conversation is kept whole)."""
+    if tools or messages[0]["role"] == "system":
+        return messages, 0
+    if draws is None or draws[1] >= augment.add_system_ratio:
+        return messages, NO_SYSTEM
+    prompt = SYSTEM_PROMPTS[min(int(draws[2] * len(SYSTEM_PROMPTS)), len(SYSTEM_PROMPTS) - 1)]
+    return [dict(role="system", content=prompt)] + messages, NO_SYSTEM | ADDED_SYSTEM
+
+
+def drop_empty_think(texts, augment, draws):
+    """(texts, notes): the empty think block at the start of every assistant turn left out of all the texts (a DPO
+    pair's two sides) together, for a share of the rows that have one. Only a block right after
+    "<|im_start|>assistant\n" goes, never text elsewhere that happens to look like one."""
+    opening = ASSISTANT_START + EMPTY_THINK
+    if not any(opening in text for text in texts):
+        return texts, 0
+    if draws is None or draws[0] >= augment.drop_empty_think:
+        return texts, HAD_EMPTY_THINK
+    return [text.replace(opening, ASSISTANT_START) for text in texts], HAD_EMPTY_THINK | DROPPED_THINK
+
+
+def sft_row(row, tokenizer, max_length, draws=None, augment=NO_AUGMENTATION):
+    """draws: the row's Augmentation.row_draws (None: no augmentation)."""
     messages, tools, error = read_conversation(row)
     if error:
         return None, error + ' (expected {"conversations": [{"role": ..., "content": ...}, ...]})'
     if not any(has_answer(m) for m in messages):
         return None, "the conversation has no non-empty assistant turn (content or tool calls) to learn from"
-    ids, mask = tokenize_with_loss_mask(tokenizer, render(tokenizer, messages, tools), max_length)
+    messages, system_notes = add_system_prompt(messages, tools, augment, draws)
+    [text], think_notes = drop_empty_think([render(tokenizer, messages, tools)], augment, draws)
+    ids, mask = tokenize_with_loss_mask(tokenizer, text, max_length)
     if not any(mask):
         return None, CUT_OFF
-    return dict(input_ids=ids, loss_mask=mask), None
+    return dict(input_ids=ids, loss_mask=mask, notes=system_notes | think_notes), None
 
 
 def dpo_messages(row):
@@ -266,7 +366,9 @@ def dpo_messages(row):
     return sides[0], sides[1], None
 
 
-def dpo_row(row, tokenizer, max_length):
+def dpo_row(row, tokenizer, max_length, draws=None, augment=NO_AUGMENTATION):
+    """draws: the pair's Augmentation.row_draws (None: no augmentation); only the empty think blocks can go, from
+    both sides or neither (upstream adds DPO rows no system prompt)."""
     chosen, rejected, error = dpo_messages(row)
     if error:
         return None, error
@@ -275,16 +377,17 @@ def dpo_row(row, tokenizer, max_length):
             return None, f"{side} has no non-empty assistant turn (content or tool calls)"
     if chosen == rejected:
         return None, "chosen and rejected are identical: there is no preference to learn"
-    out = {}
-    for side, messages in (("chosen", chosen), ("rejected", rejected)):
-        ids, mask = tokenize_with_loss_mask(tokenizer, render(tokenizer, messages), max_length)
+    texts, notes = drop_empty_think([render(tokenizer, chosen), render(tokenizer, rejected)], augment, draws)
+    out = dict(notes=notes)
+    for side, text in zip(("chosen", "rejected"), texts):
+        ids, mask = tokenize_with_loss_mask(tokenizer, text, max_length)
         if not any(mask):
             return None, CUT_OFF
         out[f"{side}_ids"], out[f"{side}_mask"] = ids, mask
     return out, None
 
 
-def rlaif_row(row, tokenizer, max_length):
+def rlaif_row(row, tokenizer, max_length, draws=None, augment=NO_AUGMENTATION):
     """RL prompts (rlaif.jsonl) and minimind-3's agent_rl rows ({"conversations": [system with tools, user,
     assistant placeholder], "gt": [strings the final answer must contain]}): extra fields are kept."""
     messages, tools, error = read_conversation(row)
@@ -316,10 +419,12 @@ FEATURES = {
 }
 
 
-def _parse_batch(batch, indices, kind, tokenizer, max_length, path):
-    """datasets.map body: raw text lines -> tokenised columns + an error column ("" = good row)."""
+def _parse_batch(batch, indices, kind, tokenizer, max_length, path, file_number=0, augment=NO_AUGMENTATION):
+    """datasets.map body: raw text lines -> tokenised columns, a notes column (what was done to the row: TRUNCATED,
+    DROPPED_THINK, ...) and an error column ("" = good row). indices: the lines' numbers in the file (from 0), which
+    with file_number (the file's place in the list) fix each row's augmentation."""
     out = {name: [] for name in FEATURES[kind]}
-    out["error"] = []
+    out["notes"], out["error"] = [], []
     empty = {name: ("" if kind == "rlaif" else []) for name in FEATURES[kind]}
     for line, index in zip(batch["text"], indices):
         built, error = None, None
@@ -328,14 +433,16 @@ def _parse_batch(batch, indices, kind, tokenizer, max_length, path):
         else:
             row, error = read_json_line(line)
             if row is not None:
+                draws = augment.row_draws(file_number, index) if augment.active else None
                 try:  # the validators should leave the template nothing to refuse; if it does, it is this line's fault
-                    built, error = ROW_BUILDERS[kind](row, tokenizer, max_length)
+                    built, error = ROW_BUILDERS[kind](row, tokenizer, max_length, draws, augment)
                 except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as err:
                     error = f"the chat template cannot render this row ({type(err).__name__}: {err})"
                 except RecursionError:
                     error = "nested too deeply to read"
         for name in FEATURES[kind]:
             out[name].append(built[name] if built else empty[name])
+        out["notes"].append(built.get("notes", 0) if built else 0)
         out["error"].append("" if built else (error if error in ("blank", CUT_OFF) else f"{path} line {index + 1}: {error}"))
     return out
 
@@ -349,25 +456,36 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _fingerprint(backend.to_str() if backend is not None else repr(tokenizer), tokenizer.chat_template)
 
 
-def load_jsonl(paths, kind: str, tokenizer, max_length: int, on_bad_line: str = "error",
-               num_proc: int | None = None, cache_dir: str | None = None):
-    """Parse + tokenise JSONL files into one Arrow dataset. Returns (dataset, report dict)."""
+NOTE_COUNTS = dict(truncated=TRUNCATED, empty_think=HAD_EMPTY_THINK, empty_think_dropped=DROPPED_THINK,
+                   no_system=NO_SYSTEM, system_added=ADDED_SYSTEM)
+
+
+def load_jsonl(paths, kind: str, tokenizer, max_length: int | None, on_bad_line: str = "error",
+               num_proc: int | None = None, cache_dir: str | None = None, augment: Augmentation = NO_AUGMENTATION):
+    """Parse + tokenise JSONL files into one Arrow dataset. Returns (dataset, report dict). The report counts the rows
+    used, the bad lines skipped, the blank lines, the rows whose answer lies beyond max_length (cut_off, left out),
+    and among the rows used: the pretraining documents cut to max_length (truncated), the rows with an empty think
+    block and those it was dropped from (empty_think, empty_think_dropped), the rows without tools or a system
+    message and those given a system prompt (no_system, system_added)."""
     if on_bad_line not in ("error", "skip"):
         raise ValueError('on_bad_line must be "error" or "skip"')
-    parts, report = [], dict(files=[], rows=0, skipped=0, blank_lines=0, cut_off=0, first_errors=[])
-    for path in split_paths(paths):
+    parts, report = [], dict(files=[], rows=0, skipped=0, blank_lines=0, cut_off=0, first_errors=[],
+                             **{name: 0 for name in NOTE_COUNTS})
+    for file_number, path in enumerate(split_paths(paths)):
         check_file(path)
         size = os.path.getsize(path)
         procs = num_proc or (1 if size < 64 * 2**20 else min(8, os.cpu_count() or 1))
         lines = datasets.load_dataset("text", data_files=path, split="train", cache_dir=cache_dir,
                                       encoding_errors=UTF8_ERRORS)  # a non-UTF-8 byte: a bad line (read_json_line)
-        features = datasets.Features({**FEATURES[kind], "error": datasets.Value("string")})
+        features = datasets.Features({**FEATURES[kind], "notes": datasets.Value("uint8"),
+                                      "error": datasets.Value("string")})
         parsed = lines.map(
             _parse_batch, batched=True, with_indices=True, remove_columns=["text"], features=features,
-            fn_kwargs=dict(kind=kind, tokenizer=tokenizer, max_length=max_length, path=path),
+            fn_kwargs=dict(kind=kind, tokenizer=tokenizer, max_length=max_length, path=path, file_number=file_number,
+                           augment=augment),
             num_proc=procs if len(lines) > 1000 else None, desc=f"tokenising {os.path.basename(path)}",
             new_fingerprint=_fingerprint(CACHE_VERSION, kind, lines._fingerprint, tokenizer_fingerprint(tokenizer),
-                                         max_length, path))
+                                         max_length, path, augment.key() and (augment.key(), file_number)))
         errors = parsed.filter(lambda e: [x != "" for x in e], batched=True, input_columns=["error"],
                                new_fingerprint=_fingerprint(parsed._fingerprint, "errors"))
         kinds = list(errors["error"]) if len(errors) else []
@@ -377,7 +495,11 @@ def load_jsonl(paths, kind: str, tokenizer, max_length: int, on_bad_line: str = 
             more = f" (and {len(bad) - 1} more bad lines)" if len(bad) > 1 else ""
             raise DataError(f"{bad[0]}{more}. Fix the data, or skip and count bad lines with --skip_bad_lines.")
         good = parsed.filter(lambda e: [x == "" for x in e], batched=True, input_columns=["error"],
-                             new_fingerprint=_fingerprint(parsed._fingerprint, "good")).remove_columns("error")
+                             new_fingerprint=_fingerprint(parsed._fingerprint, "good"))
+        notes = np.asarray(good.with_format("numpy", columns=["notes"])["notes"]) if len(good) else np.zeros(0, int)
+        for name, bit in NOTE_COUNTS.items():
+            report[name] += int(np.count_nonzero(notes & bit))
+        good = good.remove_columns(["notes", "error"])
         report["files"].append(path)
         report["rows"] += len(good)
         report["skipped"] += len(bad)
@@ -438,15 +560,17 @@ def pack_conversations(data, max_length: int):
 class _ArrowDataset(Dataset):
     kind = ""
 
-    def __init__(self, data_path, tokenizer, max_length=512, on_bad_line="error", num_proc=None, cache_dir=None):
+    def __init__(self, data_path, tokenizer, max_length=512, on_bad_line="error", num_proc=None, cache_dir=None,
+                 augment=NO_AUGMENTATION, cut_at="max_length"):
         self.tokenizer = tokenizer
         self.max_length = max_length
-        data, self.report = load_jsonl(data_path, self.kind, tokenizer, max_length, on_bad_line, num_proc, cache_dir)
-        r = self.report
-        if r["skipped"] or r["cut_off"]:
-            print(f"{', '.join(r['files'])}: {r['rows']} rows used; {r['skipped']} bad lines skipped"
-                  f"{' (first: ' + r['first_errors'][0] + ')' if r['first_errors'] else ''}; {r['cut_off']} rows left "
-                  f"out because no answer token fits in max_length={max_length} (raise --max_seq_len to keep them)")
+        self.augment = augment
+        cut_at = max_length if cut_at == "max_length" else cut_at  # None: rows are not cut (packed pretraining)
+        data, self.report = load_jsonl(data_path, self.kind, tokenizer, cut_at, on_bad_line, num_proc, cache_dir,
+                                       augment)
+        message = load_message(self.report, max_length, augment)
+        if message:
+            print(message)
         self.data = data.with_format("numpy")  # rows come back as arrays, not Python lists
 
     def __len__(self):
@@ -463,6 +587,33 @@ class _ArrowDataset(Dataset):
         return torch.from_numpy(np.maximum.reduce(sides).astype(np.int64))
 
 
+def load_message(report, max_length, augment=NO_AUGMENTATION):
+    """The line a dataset prints when it loads: the rows used and everything done to the others or to them (bad lines
+    skipped, rows left out, documents cut, augmentation); None when there is nothing to say but the row count."""
+    r, parts = report, []
+    if r["skipped"]:
+        first = f" (first: {r['first_errors'][0]})" if r["first_errors"] else ""
+        parts.append(f"{r['skipped']} bad lines skipped{first}")
+    if r["cut_off"]:
+        parts.append(f"{r['cut_off']} rows left out because no answer token fits in max_length={max_length} (raise "
+                     "--max_seq_len to keep them; MiniMind keeps such rows, with no token to learn)")
+    if r["truncated"]:
+        parts.append(f"{r['truncated']} documents cut to max_length={max_length} (each still ends in <|im_end|>, as in "
+                     "MiniMind)")
+    if augment.drop_empty_think and not r["empty_think"]:
+        parts.append(f"no row opens an answer with an empty think block to drop (--drop_empty_think "
+                     f"{augment.drop_empty_think:g} changes nothing: this chat template writes none, minimind-3's does)")
+    elif augment.drop_empty_think:
+        parts.append(f"empty think block dropped from {r['empty_think_dropped']} of the {r['empty_think']} rows that "
+                     f"have one (--drop_empty_think {augment.drop_empty_think:g})")
+    if augment.add_system_ratio:
+        parts.append(f"a system prompt added to {r['system_added']} of the {r['no_system']} rows without tools or a "
+                     f"system message (--add_system_ratio {augment.add_system_ratio:g})")
+    if not parts:
+        return None
+    return f"{', '.join(r['files'])}: {r['rows']} rows used; " + "; ".join(parts)
+
+
 def _long(array):
     return torch.from_numpy(np.asarray(array, dtype=np.int64))
 
@@ -470,11 +621,12 @@ def _long(array):
 class PretrainDataset(_ArrowDataset):
     """Next-token prediction on raw text. packing=True concatenates the documents (each <bos> ... <eos>) into one
     stream and cuts it into rows of max_length (pack_rows): no compute goes to padding, a document may continue in
-    the next row, and documents in one row see each other."""
+    the next row, and documents in one row see each other. Without packing a document longer than max_length is cut
+    to max_length - 2 tokens between <bos> and <eos> (as MiniMind's); packed, every document is kept whole."""
     kind = "pretrain"
 
     def __init__(self, data_path, tokenizer, max_length=512, packing=False, **kwargs):
-        super().__init__(data_path, tokenizer, max_length, **kwargs)
+        super().__init__(data_path, tokenizer, max_length, cut_at=None if packing else max_length, **kwargs)
         if packing:
             self.data = pack_rows(self.data, max_length).with_format("numpy")
 
@@ -486,11 +638,14 @@ class PretrainDataset(_ArrowDataset):
 class SFTDataset(_ArrowDataset):
     """Chat data: the loss covers each assistant turn's content, its <|im_end|> and the newline after.
     packing=True puts several whole conversations in a row (pack_conversations); rows then also carry
-    position_ids, which the trainers pass to the model to keep attention inside each conversation."""
+    position_ids, which the trainers pass to the model to keep attention inside each conversation.
+    drop_empty_think, add_system_ratio, seed: minimind-3's augmentation (Augmentation; 0 and 0 = none)."""
     kind = "sft"
 
-    def __init__(self, data_path, tokenizer, max_length=512, packing=False, **kwargs):
-        super().__init__(data_path, tokenizer, max_length, **kwargs)
+    def __init__(self, data_path, tokenizer, max_length=512, packing=False, drop_empty_think=0.0,
+                 add_system_ratio=0.0, seed=0, **kwargs):
+        super().__init__(data_path, tokenizer, max_length,
+                         augment=Augmentation(drop_empty_think, add_system_ratio, seed), **kwargs)
         if packing:
             self.data = pack_conversations(self.data.with_format(None), max_length).with_format("numpy")
 
@@ -504,8 +659,12 @@ class SFTDataset(_ArrowDataset):
 
 
 class DPODataset(_ArrowDataset):
-    """Preference pairs; each side carries labels masked to its assistant turns."""
+    """Preference pairs; each side carries labels masked to its assistant turns. drop_empty_think, seed:
+    minimind-3's augmentation (Augmentation), the same draw for both sides of a pair."""
     kind = "dpo"
+
+    def __init__(self, data_path, tokenizer, max_length=512, drop_empty_think=0.0, seed=0, **kwargs):
+        super().__init__(data_path, tokenizer, max_length, augment=Augmentation(drop_empty_think, 0.0, seed), **kwargs)
 
     def __getitem__(self, index):
         row = self.data[int(index)]

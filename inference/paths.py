@@ -18,7 +18,9 @@ def add_model_arguments(parser):
                                                             "--save_dir; otherwise a .pth file or a transformers folder")
     parser.add_argument("--save_dir", default=os.path.join(REPO_ROOT, "out"))
     parser.add_argument("--weight", default="full_sft", help="out/{weight}_{hidden}[_moe].pth")
-    parser.add_argument("--lora_weight", default="None", help="out/lora/{name}_{hidden}.pth, or a path")
+    parser.add_argument("--lora_weight", default="None",
+                        help="a name: out/lora/{name}_{hidden}.pth (this project's layout) or out/{name}_{hidden}.pth "
+                             "(MiniMind's), whichever exists; or a path")
     parser.add_argument("--lora_alpha", type=float, default=None, help="as used in training (default: none)")
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_hidden_layers", type=int, default=8,
@@ -33,8 +35,8 @@ def add_model_arguments(parser):
 
 def resolve_paths(args):
     """(model path, LoRA path or None) from the command-line flags eval_llm.py and the server share:
-    --load_from (a folder or .pth; 'model' = out/{weight}_{hidden}[_moe].pth), --lora_weight (a name
-    under out/lora/ or a path)."""
+    --load_from (a folder or .pth; 'model' = out/{weight}_{hidden}[_moe].pth), --lora_weight (a path, or a name:
+    lora_file)."""
     if args.load_from != "model":
         if not os.path.exists(args.load_from):
             raise SystemExit(f"--load_from {args.load_from} does not exist (expected a model folder or a .pth file)")
@@ -50,9 +52,24 @@ def resolve_paths(args):
         hidden = args.hidden_size
     lora_path = None
     if args.lora_weight != "None":
-        lora_path = args.lora_weight if os.path.exists(args.lora_weight) else \
-            os.path.join(args.save_dir, "lora", f"{args.lora_weight}_{hidden}.pth")
+        lora_path = lora_file(args.save_dir, args.lora_weight, hidden, getattr(args, "use_moe", 0))
     return path, lora_path
+
+
+def lora_file(save_dir, name, hidden, use_moe=0):
+    """The LoRA file --lora_weight names: the path itself when it exists; else, for a name, the first of
+    out/lora/{name}_{hidden}.pth (where train_lora.py writes it) and out/{name}_{hidden}.pth (where MiniMind's
+    writes it; with _moe after the size for a MoE model) that exists. Neither: an error naming both."""
+    if os.path.exists(name):
+        return name
+    sizes = [f"{hidden}_moe", f"{hidden}"] if use_moe else [f"{hidden}"]
+    candidates = [os.path.join(save_dir, "lora", f"{name}_{hidden}.pth")] + \
+        [os.path.join(save_dir, f"{name}_{size}.pth") for size in sizes]
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    if found is None:
+        raise SystemExit(f"--lora_weight {name}: no LoRA file at {' or '.join(candidates)} (train one with "
+                         "trainer/train_lora.py, or pass the file's path)")
+    return found
 
 
 def demo_hint(args):

@@ -76,14 +76,29 @@ def test_sft_truncation_keeps_mask_consistent(tok, tmp_path, cache):
     assert tok.decode(row["input_ids"][a:]) in long_answer
 
 
-def test_pretrain_truncation_adds_bos_eos(tok, tmp_path, cache):
+def test_pretrain_truncation_adds_bos_eos(tok, tmp_path, cache, capsys):
+    """A document longer than max_length keeps its first max_length - 2 tokens and still ends in <eos>, as in
+    MiniMind's PretrainDataset; the load message counts the documents cut."""
     path = write_jsonl(tmp_path / "p.jsonl", [{"text": "短文本"}, {"text": "长" * 500}])
     data = PretrainDataset(path, tok, max_length=32, cache_dir=cache)
     short, long = data[0]["input_ids"], data[1]["input_ids"]
     assert short[0] == tok.bos_token_id and short[-1] == tok.eos_token_id
     assert tok.decode(short[1:-1]) == "短文本"
-    assert long.shape == (32,) and long[0] == tok.bos_token_id
+    assert long.shape == (32,) and long[0] == tok.bos_token_id and long[-1] == tok.eos_token_id
+    assert torch.equal(long[1:-1], torch.tensor(tok("长" * 500, add_special_tokens=False)["input_ids"][:30]))
     assert torch.equal(data[0]["labels"], short)
+    assert data.report["truncated"] == 1
+    assert "2 rows used; 1 documents cut to max_length=32 (each still ends in <|im_end|>" in capsys.readouterr().out
+
+
+def test_packed_pretraining_keeps_long_documents_whole(tok, tmp_path, cache):
+    text = "白日依山尽，黄河入海流。" * 40
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": text}, {"text": "短"}])
+    packed = PretrainDataset(path, tok, max_length=32, packing=True, cache_dir=cache)
+    stream = torch.cat([packed[i]["input_ids"] for i in range(len(packed))])
+    expected = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id,
+                tok.bos_token_id, *tok("短", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    assert stream.tolist() == expected and packed.report["truncated"] == 0
 
 
 def test_packing_keeps_every_token(tok, tmp_path, cache):
@@ -356,7 +371,9 @@ def test_rows_whose_answer_lies_beyond_max_length_are_counted_not_errors(tok, tm
     data = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [short, long_question, short]), tok, max_length=32,
                       cache_dir=cache)
     assert len(data) == 2 and data.report["cut_off"] == 1 and data.report["skipped"] == 0
-    assert "1 rows left out because no answer token fits in max_length=32" in capsys.readouterr().out
+    message = capsys.readouterr().out
+    assert "sft.jsonl: 2 rows used; 1 rows left out because no answer token fits in max_length=32" in message
+    assert "MiniMind keeps such rows, with no token to learn" in message
 
 
 def test_rl_rows_with_different_extra_fields_batch_together(tok, tmp_path, cache):
@@ -378,3 +395,150 @@ def test_lengths_are_token_counts(tok, cache):
                                            for i in range(20)]
     with pytest.raises(ValueError, match="no tokens"):
         RLAIFDataset(os.path.join(demo, "rlaif_eval.jsonl"), tok, max_length=64, cache_dir=cache).lengths()
+
+
+# --------------------------------------------------------------------------------------------
+# minimind-3's augmentation: the empty think block dropped, a system prompt added (seeded per row)
+# --------------------------------------------------------------------------------------------
+
+# A small template in the manner of minimind-3's: each assistant turn without a think block of its own opens with an
+# empty one; a tools block goes into the system message
+THINKING_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' + (messages[0].content if messages[0].role == 'system' else '') }}"
+    "{{- '\\n\\n# Tools\\n<tools>' }}{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}{%- set content = message.content or '' %}"
+    "{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' + ('' if '</think>' in content else '<think>\\n\\n</think>\\n\\n') + content }}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}")
+
+
+@pytest.fixture(scope="module")
+def thinking_tok():
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
+    tokenizer.chat_template = THINKING_TEMPLATE
+    return tokenizer
+
+
+def mixed_rows(n=600):
+    """Row i: i % 4 == 0 offers tools, 1 is plain, 2 has its own system message, 3 reasons (a non-empty think)."""
+    rows = []
+    for i in range(n):
+        turns = [{"role": "user", "content": f"问题{i}"}, {"role": "assistant", "content": f"回答{i}"}]
+        if i % 4 == 0:
+            turns.insert(0, {"role": "system", "content": "", "tools": json.dumps([CALCULATOR])})
+        elif i % 4 == 2:
+            turns.insert(0, {"role": "system", "content": "只用一句话回答。"})
+        elif i % 4 == 3:
+            turns[1]["reasoning_content"] = f"想一想{i}"
+        rows.append({"conversations": turns})
+    return rows
+
+
+def texts(data, tok):
+    return [tok.decode(data[i]["input_ids"]) for i in range(len(data))]
+
+
+def test_augmentation_shares_and_rules(thinking_tok, tmp_path, cache, capsys):
+    path = write_jsonl(tmp_path / "sft.jsonl", mixed_rows())
+    data = SFTDataset(path, thinking_tok, 256, drop_empty_think=0.8, add_system_ratio=0.2, seed=7, cache_dir=cache)
+    r, decoded = data.report, texts(data, thinking_tok)
+    assert len(decoded) == 600 and r["empty_think"] == 450 and r["no_system"] == 300  # rows 0-2 / rows 1 and 3 mod 4
+    assert abs(r["empty_think_dropped"] / 450 - 0.8) < 0.07 and abs(r["system_added"] / 300 - 0.2) < 0.07
+    added = [next((p for p in lm_dataset.SYSTEM_PROMPTS if p in text), None) for text in decoded]
+    assert sum(p is not None for p in added) == r["system_added"] and len(set(added) - {None}) >= 5
+    for i, (text, prompt) in enumerate(zip(decoded, added)):
+        if i % 4 in (0, 2):  # tools, or a system message of its own: never a system prompt
+            assert prompt is None and text.count("<|im_start|>system") == 1, text
+        if i % 4 == 3:  # its think block is not empty: kept
+            assert f"<|im_start|>assistant\n<think>\n想一想{i}\n</think>\n\n回答{i}" in text
+    assert sum("<think>\n\n</think>" in text for text in decoded) == 450 - r["empty_think_dropped"]
+    message = capsys.readouterr().out
+    assert (f"sft.jsonl: 600 rows used; empty think block dropped from {r['empty_think_dropped']} of the 450 rows "
+            f"that have one (--drop_empty_think 0.8); a system prompt added to {r['system_added']} of the 300 rows "
+            f"without tools or a system message (--add_system_ratio 0.2)") in message
+
+
+def test_augmentation_is_fixed_per_row_and_keyed_in_the_cache(thinking_tok, tmp_path, monkeypatch):
+    """A row is augmented the same way in every load (a resume re-reads the same rows, even tokenised afresh), a
+    changed --seed or share tokenises again, and the two shares draw independently of each other."""
+    path = write_jsonl(tmp_path / "sft.jsonl", mixed_rows(200))
+    load = lambda cache, **kw: texts(SFTDataset(path, thinking_tok, 256, cache_dir=str(tmp_path / cache), **{
+        **dict(drop_empty_think=0.5, add_system_ratio=0.5, seed=1), **kw}), thinking_tok)
+    first = load("a")
+    assert load("b") == first  # tokenised again, in a fresh cache: the same rows
+    other_seed = load("a", seed=2)
+    assert other_seed != first
+    dropped = lambda rows: [i for i, text in enumerate(rows) if i % 4 != 3 and "<think>" not in text]
+    with_system = lambda rows: [i for i, text in enumerate(rows) if any(p in text for p in lm_dataset.SYSTEM_PROMPTS)]
+    assert dropped(other_seed) != dropped(first) and with_system(other_seed) != with_system(first)
+    more_system = load("a", add_system_ratio=0.9)
+    assert dropped(more_system) == dropped(first) and set(with_system(first)) < set(with_system(more_system))
+    assert load("a", drop_empty_think=0.0, add_system_ratio=0.0) == load("a", drop_empty_think=0.0,
+                                                                         add_system_ratio=0.0, seed=2)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("tokenisation ran again instead of using the cache")
+    monkeypatch.setattr(lm_dataset, "_parse_batch", must_not_run)
+    assert load("a") == first  # the same settings: from the cache
+    with pytest.raises(AssertionError, match="tokenisation ran again"):
+        load("a", drop_empty_think=0.6)
+
+
+def test_a_dropped_think_block_is_not_trained(thinking_tok, tmp_path, cache):
+    turns = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
+             {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": turns}])
+    learned = {}
+    for share in (0.0, 1.0):
+        row = SFTDataset(path, thinking_tok, 256, drop_empty_think=share, cache_dir=cache)[0]
+        learned[share] = row["input_ids"][row["labels"] != -100]
+    block = len(thinking_tok(lm_dataset.EMPTY_THINK, add_special_tokens=False)["input_ids"])
+    assert thinking_tok.decode(learned[0.0]) == "<think>\n\n</think>\n\n2<|im_end|>\n<think>\n\n</think>\n\n4<|im_end|>\n"
+    assert thinking_tok.decode(learned[1.0]) == "2<|im_end|>\n4<|im_end|>\n"
+    assert len(learned[0.0]) - len(learned[1.0]) == 2 * block  # every turn's block, in every dropped row
+
+
+def test_dpo_pairs_drop_the_block_on_both_sides_and_get_no_system_prompt(thinking_tok, tmp_path, cache, capsys):
+    pairs = [{"chosen": [{"role": "user", "content": f"问{i}"}, {"role": "assistant", "content": f"好{i}"}],
+              "rejected": [{"role": "user", "content": f"问{i}"}, {"role": "assistant", "content": f"坏{i}"}]}
+             for i in range(300)]
+    data = DPODataset(write_jsonl(tmp_path / "dpo.jsonl", pairs), thinking_tok, 128, drop_empty_think=0.5, seed=3,
+                      cache_dir=cache)
+    sides = [(thinking_tok.decode(data[i]["chosen_input_ids"]), thinking_tok.decode(data[i]["rejected_input_ids"]))
+             for i in range(len(data))]
+    kept = [("<think>" in chosen, "<think>" in rejected) for chosen, rejected in sides]
+    assert all(a == b for a, b in kept)  # one draw per pair
+    assert data.report["empty_think"] == 300 and sum(not a for a, _ in kept) == data.report["empty_think_dropped"]
+    assert abs(data.report["empty_think_dropped"] / 300 - 0.5) < 0.1
+    assert not any("<|im_start|>system" in chosen for chosen, _ in sides)
+    assert "of the 300 rows that have one (--drop_empty_think 0.5)" in capsys.readouterr().out
+
+
+def test_the_message_says_when_the_template_writes_no_empty_think_block(tok, tmp_path, cache, capsys):
+    rows = [{"conversations": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}]
+    data = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", rows), tok, 64, drop_empty_think=0.8, cache_dir=cache)
+    assert data.report["empty_think"] == 0
+    assert "--drop_empty_think 0.8 changes nothing: this chat template writes none" in capsys.readouterr().out
+
+
+def test_shares_default_per_generation():
+    from trainer import train_dpo, train_full_sft
+    minimind3 = train_full_sft.arguments(["--generation", "minimind-3"])
+    assert (minimind3.drop_empty_think, minimind3.add_system_ratio) == (0.8, 0.2)
+    assert "--drop_empty_think 0.8: the default of --generation minimind-3" in minimind3.chosen_for_you
+    minimind2 = train_full_sft.arguments([])
+    assert (minimind2.drop_empty_think, minimind2.add_system_ratio) == (0.0, 0.0)
+    assert not any("empty_think" in note or "system_ratio" in note for note in minimind2.chosen_for_you)
+    typed = train_full_sft.arguments(["--generation", "minimind-3", "--drop_empty_think", "0", "--add_system_ratio",
+                                      "0.5"])
+    assert (typed.drop_empty_think, typed.add_system_ratio) == (0.0, 0.5)
+    dpo = train_dpo.arguments(["--generation", "minimind-3"])
+    assert dpo.drop_empty_think == 0.8 and not hasattr(dpo, "add_system_ratio")
+    with pytest.raises(SystemExit):
+        train_full_sft.arguments(["--add_system_ratio", "1.5"])

@@ -342,11 +342,11 @@ def test_lora_ppo_spo_reasoning_and_distillation_run_as_minimind3(tmp_path, use_
                "--teacher_hidden_size", "64", "--teacher_num_layers", "2", "--from_weight", "none", "--max_steps", "1",
                tmp=tmp_path)
     run_script("train_ppo.py", *common, *RL, "--max_steps", "2", tmp=tmp_path)
-    for name in ["lora_identity", "reason", "spo", "full_dist", "ppo_actor"]:
+    for name in ["lora_medical", "reason", "spo", "full_dist", "ppo_actor"]:  # lora_medical: minimind-3's LoRA name
         size = 32 if name == "full_dist" else 64
         rows = metrics(tmp_path, f"{name}_{size}{moe}_metrics.jsonl")
         assert rows and all(math.isfinite(row["loss"]) for row in rows), name
-        if moe and name != "lora_identity":  # LoRA's adapters sit on attention: the frozen router is not trained
+        if moe and name != "lora_medical":  # LoRA's adapters sit on attention: the frozen router is not trained
             assert all(row["aux_loss"] > 0 for row in rows), name
     assert "model.layers.0.self_attn.q_norm.weight" in torch.load(tmp_path / "out" / f"ppo_actor_64{moe}.pth",
                                                                   weights_only=True)

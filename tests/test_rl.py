@@ -318,6 +318,22 @@ def test_grpo_updates_several_times_per_rollout_and_stops_on_kl(tmp_path, rl_set
     assert max(updates) < 3 and updates[-1] == 1
 
 
+def test_ppo_updates_several_times_per_rollout_and_stops_on_kl(tmp_path, rl_setup):
+    """--ppo_epochs 3 (upstream's --ppo_update_iters): actor and critic updated three times on each rollout batch
+    against the pi_old, reference and values taken before the first; --kl_stop (--early_stop_kl) with a tiny bound
+    keeps only the first update."""
+    for run, extra in (("epochs", []), ("stopped", ["--early_stop_kl", "1e-12"])):
+        (tmp_path / run / "out").mkdir(parents=True)
+        (tmp_path / run / "out" / "full_sft_64.pth").write_bytes((rl_setup / "start.pth").read_bytes())
+        run_script("train_ppo.py", *RL_ARGS, "--ppo_update_iters", "3", "--update_old_actor_freq", "1",
+                   "--learning_rate", "1e-2", "--critic_learning_rate", "1e-2", "--max_steps", "2", *extra,
+                   "--reward_model_path", str(rl_setup / "rm"), tmp=tmp_path / run)
+    rows = metrics(tmp_path / "epochs", "ppo_actor_64_metrics.jsonl")
+    assert [r["updates"] for r in rows] == [3, 3]
+    assert all(abs(r["ratio"] - 1) > 1e-5 and r["kl_to_old"] > 0 for r in rows)
+    assert [r["updates"] for r in metrics(tmp_path / "stopped", "ppo_actor_64_metrics.jsonl")] == [1, 1]
+
+
 def test_grpo_with_one_generation_is_a_usage_error(tmp_path):
     result = run_script("train_grpo.py", *RL_ARGS, "--num_generations", "1", "--max_steps", "1", tmp=tmp_path,
                         check=False)

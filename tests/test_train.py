@@ -213,6 +213,11 @@ def test_resume_refuses_settings_that_change_the_sample_order(tmp_path):
     (dict(group_by_length=0, max_seq_len=64), dict(group_by_length=0, max_seq_len=128), None),
     (dict(group_by_length=0, packing=0), dict(group_by_length=0, packing=1), "--packing 0"),
     (dict(), dict(group_by_length=1), "--group_by_length 0"),  # a file from before grouping existed
+    # the augmentation shares change the row lengths, so they matter where lengths order the rows
+    (dict(group_by_length=1, drop_empty_think=0.8), dict(group_by_length=1, drop_empty_think=0.5),
+     "--drop_empty_think 0.8"),
+    (dict(group_by_length=1), dict(group_by_length=1, add_system_ratio=0.2), "--add_system_ratio 0.0"),  # older file
+    (dict(group_by_length=0, add_system_ratio=0.2), dict(group_by_length=0, add_system_ratio=0.0), None),
     (dict(group_by_length=1, batch_size=4, learning_rate=1e-3), dict(group_by_length=1, batch_size=4,
                                                                       learning_rate=5e-4), None),
 ])

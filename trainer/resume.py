@@ -223,18 +223,22 @@ def restore_rng(rng, device):
 
 # Settings that fix which rows a resumed position points at, with the value a resume file that predates
 # the setting was written under. The seed fixes the shuffle; grouping (and with it the batch size and
-# the row lengths, which --max_seq_len cuts) the order; --max_seq_len and --packing which rows exist.
-ORDER_SETTINGS = dict(seed=None, group_by_length=0, packing=0, batch_size=None, max_seq_len=None)
+# the row lengths, which --max_seq_len cuts and the augmentation shares change) the order; --max_seq_len and
+# --packing which rows exist.
+ORDER_SETTINGS = dict(seed=None, group_by_length=0, packing=0, batch_size=None, max_seq_len=None,
+                      drop_empty_think=0.0, add_system_ratio=0.0)
 
 
 def check_same_order(args, saved, path):
     """Refuse to resume with a setting that would change the sample order: the saved position would then
     skip some rows and repeat others (a changed seed or grouping, or with grouping or packing on a
-    changed --batch_size / --max_seq_len). Other settings (learning rate, steps, ...) may change."""
+    changed --batch_size / --max_seq_len / augmentation share). Other settings (learning rate, steps, ...) may
+    change."""
     current = vars(args)
     grouped = saved.get("group_by_length", 0) or current.get("group_by_length")
     packed = saved.get("packing", 0) or current.get("packing")
-    matters = dict(seed=True, group_by_length=True, packing=True, batch_size=grouped, max_seq_len=grouped or packed)
+    matters = dict(seed=True, group_by_length=True, packing=True, batch_size=grouped, max_seq_len=grouped or packed,
+                   drop_empty_think=grouped or packed, add_system_ratio=grouped or packed)
     for name, before_it_existed in ORDER_SETTINGS.items():
         if name not in current or not matters[name]:
             continue

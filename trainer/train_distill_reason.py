@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
-from trainer.args import common_parser, data_file, parse_args  # argparse only
+from trainer.args import add_augmentation_arguments, common_parser, data_file, parse_args  # argparse only
 
 
 def arguments(argv=None):
@@ -26,6 +26,7 @@ def arguments(argv=None):
     parser.add_argument("--tag_weight", type=float, default=10.0, help="loss weight of the tag tokens")
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
                         help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
+    add_augmentation_arguments(parser)
     return parse_args(parser, argv)
 
 
@@ -100,7 +101,8 @@ def main(args):
     tokenizer = run.load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
         data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
-                          on_bad_line="skip" if args.skip_bad_lines else "error")
+                          drop_empty_think=args.drop_empty_think, add_system_ratio=args.add_system_ratio,
+                          seed=args.seed, on_bad_line="skip" if args.skip_bad_lines else "error")
     tag_sequences = tag_token_sequences(tokenizer)
     model = run.load_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=run.fused_adamw)

@@ -2,17 +2,19 @@
 (Hinton et al., 2015, "Distilling the Knowledge in a Neural Network").
 
     cd trainer && python train_distillation.py        # student 512x8 <- teacher 768x16, both from full_sft
+    python train_distillation.py --generation minimind-3  # student 768x8 <- teacher 768x8 MoE (full_sft_768_moe)
 
 On the answer tokens of SFT data, with softmax temperature T:
     loss = alpha * CE(student, data) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
 The T^2 keeps the gradient scale of the soft term independent of T. The teacher is frozen and runs
 under the same autocast. Writes out/full_dist_{student_hidden}[_moe].pth.
 """
+import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
-from trainer.args import common_parser, data_file, parse_args, weight_path  # argparse only
+from trainer.args import add_augmentation_arguments, common_parser, data_file, parse_args, weight_path  # argparse only
 
 
 def arguments(argv=None):
@@ -24,12 +26,28 @@ def arguments(argv=None):
     parser.add_argument("--student_num_layers", type=int, default=8)
     parser.add_argument("--teacher_hidden_size", type=int, default=768)
     parser.add_argument("--teacher_num_layers", type=int, default=16)
-    parser.add_argument("--teacher_weight", default="full_sft", help="out/{teacher_weight}_{teacher_hidden}.pth")
+    parser.add_argument("--teacher_use_moe", type=int, default=None, choices=[0, 1],
+                        help="1 = the teacher is a MoE model (default: 1 with --generation minimind-3, else as the "
+                             "student, --use_moe)%(default).0s")
+    parser.add_argument("--teacher_weight", "--from_teacher_weight", default="full_sft",
+                        help="out/{teacher_weight}_{teacher_hidden}[_moe].pth")
+    # upstream minimind-3's names of the student's options (--use_moe, --from_weight)
+    parser.add_argument("--student_use_moe", dest="use_moe", type=int, choices=[0, 1], default=argparse.SUPPRESS,
+                        help="the same as --use_moe")
+    parser.add_argument("--from_student_weight", dest="from_weight", default=argparse.SUPPRESS,
+                        help="the same as --from_weight")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE")
     parser.add_argument("--temperature", type=float, default=1.5)
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
                         help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
-    return parse_args(parser, argv)
+    add_augmentation_arguments(parser)
+    # --generation minimind-3: upstream minimind-3's defaults where they differ from MiniMind2's (README table): a
+    # dense 768x8 student learns from the 768x8 MoE teacher (minimind-3-moe)
+    args = parse_args(parser, argv, minimind3=dict(data_path="../dataset/sft_t2t_mini.jsonl", student_hidden_size=768,
+                                                   teacher_num_layers=8, teacher_use_moe=1))
+    if args.teacher_use_moe is None:
+        args.teacher_use_moe = args.use_moe
+    return args
 
 
 if __name__ == "__main__":
@@ -63,13 +81,14 @@ def main(args):
     args.hidden_size, args.num_hidden_layers = args.student_hidden_size, args.student_num_layers  # the model we train
 
     run = Run(args)
-    teacher_config = MiniMindConfig(generation=args.generation, hidden_size=args.teacher_hidden_size, num_hidden_layers=args.teacher_num_layers,
-                                    use_moe=bool(args.use_moe))
+    teacher_config = MiniMindConfig(generation=args.generation, hidden_size=args.teacher_hidden_size,
+                                    num_hidden_layers=args.teacher_num_layers, use_moe=bool(args.teacher_use_moe))
     run.check_from_weight(args.teacher_weight, teacher_config)  # before tokenising
     tokenizer = run.load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
         data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
-                          on_bad_line="skip" if args.skip_bad_lines else "error")
+                          drop_empty_think=args.drop_empty_think, add_system_ratio=args.add_system_ratio,
+                          seed=args.seed, on_bad_line="skip" if args.skip_bad_lines else "error")
     model = run.load_model()
     teacher_path = weight_path(args.save_dir, args.teacher_weight, teacher_config)
     if os.path.exists(teacher_path):  # peek at the teacher's vocabulary without reading the whole file

@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
-from trainer.args import common_parser, data_file, parse_args  # argparse only
+from trainer.args import add_augmentation_arguments, common_parser, data_file, parse_args  # argparse only
 
 
 def arguments(argv=None):
@@ -28,7 +28,9 @@ def arguments(argv=None):
                         help="answer log-prob: per-token mean (MiniMind) or sum (the paper)")
     parser.add_argument("--precompute_ref", type=int, default=0, choices=[0, 1],
                         help="1 = reference log-probs once before training, then free the reference model")
-    return parse_args(parser, argv)
+    add_augmentation_arguments(parser, system_prompts=False)
+    # --generation minimind-3: upstream minimind-3's defaults where they differ from MiniMind2's (README table)
+    return parse_args(parser, argv, minimind3=dict(beta=0.15))
 
 
 if __name__ == "__main__":
@@ -72,7 +74,8 @@ def main(args):
     tokenizer = run.load_tokenizer()
     pad_id = tokenizer.pad_token_id
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
-        data = DPODataset(data_file(args), tokenizer, args.max_seq_len, on_bad_line="skip" if args.skip_bad_lines else "error")
+        data = DPODataset(data_file(args), tokenizer, args.max_seq_len, drop_empty_think=args.drop_empty_think,
+                          seed=args.seed, on_bad_line="skip" if args.skip_bad_lines else "error")
     model = run.load_model()
     reference = run.frozen_copy(model)  # the starting policy, frozen
     reference_table = None

@@ -11,7 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: the import root
-from trainer.args import common_parser, data_file, parse_args  # argparse only
+from trainer.args import add_augmentation_arguments, common_parser, data_file, parse_args  # argparse only
 
 
 def arguments(argv=None):
@@ -20,7 +20,10 @@ def arguments(argv=None):
                            data_path="../dataset/sft_mini_512.jsonl", from_weight="pretrain", group_by_length=1)
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
                         help="1 = pack whole conversations into full rows, attention kept inside each (less padding)")
-    return parse_args(parser, argv)
+    add_augmentation_arguments(parser)
+    # --generation minimind-3: upstream minimind-3's defaults where they differ from MiniMind2's (README table)
+    return parse_args(parser, argv, minimind3=dict(learning_rate=1e-5, max_seq_len=768,
+                                                   data_path="../dataset/sft_t2t_mini.jsonl"))
 
 
 if __name__ == "__main__":
@@ -39,7 +42,8 @@ def main(args):
     tokenizer = run.load_tokenizer()
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
         data = SFTDataset(data_file(args), tokenizer, args.max_seq_len, packing=bool(args.packing),
-                          on_bad_line="skip" if args.skip_bad_lines else "error")
+                          drop_empty_think=args.drop_empty_think, add_system_ratio=args.add_system_ratio,
+                          seed=args.seed, on_bad_line="skip" if args.skip_bad_lines else "error")
     model = run.load_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=run.fused_adamw)
     stream = SampleStream(data, args, run.rank, run.world_size, run.device)  # the resumable order of the rows

@@ -2,6 +2,7 @@
 (Shao et al., 2024, "DeepSeekMath", Group Relative Policy Optimization).
 
     cd trainer && python train_grpo.py                # from out/reason_512.pth (--reasoning 1) on rlaif-mini.jsonl
+    python train_grpo.py --generation minimind-3      # upstream's minimind-3: from full_sft_768.pth, CISPO, rlaif.jsonl
     python trainer/train_grpo.py --reasoning 0 --reward_model_path /path/to/reward_model
 
 For every prompt the policy samples G = --num_generations answers; with rewards r_1..r_G
@@ -22,7 +23,9 @@ moves away from 1 and the clip / the weight cap take effect. --kl_stop skips the
 update's forward finds the policy that far from pi_old (the k3 estimate of KL(pi_old || pi) over the answer
 tokens). --rollout_engine sglang / vllm samples on a server (trainer/rl/engines.py) that gets the weights every
 --sync_interval steps: pi_old is then the server's log-probs, so rho != 1 from the first update and the clip
-corrects for the stale weights (logged: staleness, ratio, kl_to_old).
+corrects for the stale weights (logged: staleness, ratio, kl_to_old). --thinking_ratio R renders that share of the
+prompts with thinking open (minimind-3's template opens <think>; default 0.9 there, 0 with a template that has no
+thinking switch, which refuses a non-zero share; logged: thinking_share), the G answers of a prompt alike.
 """
 import os
 import sys
@@ -45,7 +48,10 @@ def arguments(argv=None):
     parser.add_argument("--ppo_epochs", type=int, default=1, help="policy updates on each rollout batch")
     parser.add_argument("--kl_stop", type=float, default=0.0,
                         help="end a batch's updates once KL(pi_old || pi) passes this; 0 = never")
-    args = parse_args(parser, argv)
+    # --generation minimind-3: upstream minimind-3's defaults where they differ from MiniMind2's (README table)
+    args = parse_args(parser, argv, minimind3=dict(
+        learning_rate=3e-7, max_seq_len=768, max_gen_len=1024, data_path="../dataset/rlaif.jsonl", reasoning=0,
+        num_generations=6, beta=0.1, loss_type="cispo", epsilon_high=5.0))
     if args.num_generations < 2:  # the group's std of one answer is undefined: every advantage would be nan
         parser.error(f"--num_generations {args.num_generations}: GRPO judges each answer against its siblings, so it "
                      "needs at least 2 answers per prompt (for one answer per prompt use train_spo.py)")
@@ -67,7 +73,7 @@ from trainer.losses import (cispo_objective, clipped_objective, group_advantages
 from trainer.resume import Checkpoint
 from trainer.rl.engines import check_sampler_ratio, make_engine
 from trainer.rl.rewards import load_reward_model
-from trainer.rl.sampling import completion_logprobs, sample_and_score
+from trainer.rl.sampling import completion_logprobs, sample_and_score, thinking_share
 from trainer.sampler import SampleStream
 from trainer.trainer_utils import Run, StepSums, lr_at
 
@@ -75,6 +81,7 @@ from trainer.trainer_utils import Run, StepSums, lr_at
 def main(args):
     run = Run(args)
     tokenizer = run.load_tokenizer()
+    thinking_ratio = thinking_share(args.thinking_ratio, tokenizer)  # 0.9 / 0 by the template; refused
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
         data = RLAIFDataset(data_file(args), tokenizer, args.max_seq_len,
                             on_bad_line="skip" if args.skip_bad_lines else "error")
@@ -93,7 +100,8 @@ def main(args):
     for step, window in run.steps(stream, checkpoint):
         engine.maybe_sync(unwrap(model), step - 1)  # a server engine gets the weights every --sync_interval steps
         with run.autocast():  # rollouts first: G answers to each prompt from the rollout engine, scored
-            rollouts = [sample_and_score(engine, tokenizer, batch, args, reward_model, G, run.device)
+            rollouts = [sample_and_score(engine, tokenizer, batch, args, reward_model, G, run.device,
+                                         thinking_ratio)
                         for batch in window]
         lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
         for group in optimizer.param_groups:
@@ -130,6 +138,8 @@ def main(args):
                     run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
                 sums.add(share, loss=grpo, reward=rewards.mean(), answer_length=mask.sum(1).float().mean(),
                          kl=masked_mean(k3_kl(logps.detach(), ref_logps), mask))
+                if thinking_ratio:  # the share of the step's prompts rendered with thinking open
+                    sums.add(share, thinking_share=sum(rollout.thinking) / len(rollout.thinking))
                 if args.ppo_epochs > 1 or args.rollout_engine != "torch":
                     # pi / pi_old, and the k3 estimate of KL(pi_old || pi) on tokens pi_old sampled (never negative)
                     sums.add(share, ratio=masked_mean(importance_ratio(logps.detach(), old_logps[i]), mask),

@@ -22,7 +22,8 @@ def arguments(argv=None):
     parser.add_argument("--packing", type=int, default=0, choices=[0, 1],
                         help="1 = concatenate the documents and cut the stream into full rows (no padding; a "
                              "document may run into the next row, and documents in a row see each other)")
-    return parse_args(parser, argv)
+    # --generation minimind-3: upstream minimind-3's defaults where they differ from MiniMind2's (README table)
+    return parse_args(parser, argv, minimind3=dict(epochs=2, data_path="../dataset/pretrain_t2t_mini.jsonl"))
 
 
 if __name__ == "__main__":

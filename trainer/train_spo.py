@@ -27,7 +27,9 @@ def arguments(argv=None):
                            data_path="../dataset/rlaif-mini.jsonl", from_weight=None)
     add_rl_arguments(parser, max_gen_len=1536)
     parser.add_argument("--beta", type=float, default=0.02, help="weight of the KL penalty to the reference")
-    return parse_args(parser, argv)
+    # --generation minimind-3 (upstream has no SPO for it): the prompts, answers, data and start of its GRPO / PPO
+    return parse_args(parser, argv, minimind3=dict(max_seq_len=768, max_gen_len=1024,
+                                                   data_path="../dataset/rlaif.jsonl", reasoning=0))
 
 
 if __name__ == "__main__":
@@ -42,7 +44,7 @@ from trainer.losses import importance_ratio, k3_kl, masked_mean
 from trainer.resume import Checkpoint
 from trainer.rl.engines import check_sampler_ratio, make_engine
 from trainer.rl.rewards import MODEL_REWARD_CLIP, RULE_REWARD_RANGE, load_reward_model
-from trainer.rl.sampling import completion_logprobs, sample_and_score
+from trainer.rl.sampling import completion_logprobs, sample_and_score, thinking_share
 from trainer.sampler import SampleStream
 from trainer.trainer_utils import Run, StepSums, lr_at
 
@@ -82,6 +84,7 @@ def rescale(rewards, low, high):
 def main(args):
     run = Run(args)
     tokenizer = run.load_tokenizer()
+    thinking_ratio = thinking_share(args.thinking_ratio, tokenizer)  # 0.9 / 0 by the template; refused
     with run.main_process_first():  # tokenised once, into the datasets cache the other processes read
         data = RLAIFDataset(data_file(args), tokenizer, args.max_seq_len,
                             on_bad_line="skip" if args.skip_bad_lines else "error")
@@ -103,7 +106,8 @@ def main(args):
     for step, window in run.steps(stream, checkpoint):
         engine.maybe_sync(unwrap(model), step - 1)  # a server engine gets the weights every --sync_interval steps
         with run.autocast():  # rollouts first: one answer to each prompt from the rollout engine, scored
-            rollouts = [sample_and_score(engine, tokenizer, batch, args, reward_model, device=run.device)
+            rollouts = [sample_and_score(engine, tokenizer, batch, args, reward_model, device=run.device,
+                                         thinking_ratio=thinking_ratio)
                         for batch in window]
         lr = lr_at(*stream.schedule_position(), args.learning_rate, args.warmup_steps)  # MiniMind's cosine
         for group in optimizer.param_groups:
@@ -135,6 +139,8 @@ def main(args):
             step_rewards.append(rewards.mean())
             step_logps.append(answer_logp.detach().mean())
             sums.add(share, loss=spo, reward=rewards.mean(), baseline=tracker.baseline(), kl=kl.detach().mean())
+            if thinking_ratio:  # the share of the step's prompts rendered with thinking open
+                sums.add(share, thinking_share=sum(rollout.thinking) / len(rollout.thinking))
             if args.rollout_engine != "torch":  # pi / pi_sample, 1 right after a sync (checked below)
                 sums.add(share, ratio=masked_mean(importance_ratio(logps.detach(), rollout.sample_logps), mask))
             sums.add(tokens=rollout.attention_mask.sum())  # real tokens, for tokens/s

@@ -3,8 +3,10 @@
 Rule rewards (range 0 .. 2.5):
 - reasoning format: +0.5 for the exact layout <think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>, plus 0.25 for
   each of the four tags present exactly once (MiniMind's rule);
-- verifiable answers (demo prompts carry "answers"): +1 when the text inside <answer> (or the whole answer
-  when there is no such block) equals one of them after trimming spaces and trailing punctuation.
+- verifiable answers (demo prompts carry "answers"): +1 when the text inside <answer> (or, when there is no such
+  block, the answer after its think block) equals one of them after trimming spaces and trailing punctuation.
+An answer to a prompt that opened <think> (minimind-3 with thinking on) is scored with that "<think>\n" in front
+(trainer/rl/sampling.py), so its think block counts as its own.
 A reward model (--reward_model_path) adds its score, clipped to [-3, 3]: any local Hugging Face
 sequence-classification model, or one with a get_score(tokenizer, messages) method such as
 InternLM2-1.8B-Reward. It is moved to the GPU only while scoring.
@@ -13,7 +15,7 @@ import re
 
 import torch
 
-from common.chat import CALL, END_CALL, END_THINK, THINK, final_reply
+from common.chat import CALL, END_CALL, END_THINK, THINK, final_reply, split_thinking
 from inference.tools import WEEKDAYS_ZH, is_error
 
 TAGS = (THINK, END_THINK, "<answer>", "</answer>")
@@ -33,8 +35,9 @@ def normalise(answer: str) -> str:
 
 
 def extract_answer(text: str) -> str:
+    """The <answer> block's text; without one, what follows the think block ("" when it is never closed)."""
     block = ANSWER_BLOCK.search(text)
-    return normalise(block.group(1) if block else text)
+    return normalise(block.group(1) if block else split_thinking(text)[1])
 
 
 def answer_reward(text: str, answers) -> float:
@@ -109,11 +112,11 @@ def fits_beside_the_policy(model, device, share=0.25):
     return sum(p.numel() * p.element_size() for p in model.parameters()) < share * free_bytes
 
 
-def load_reward_model(args, run):
-    """The --reward_model_path model, or None (with a message) for rule rewards alone."""
+def load_reward_model(args, run, rules="answer format and verifiable answers"):
+    """The --reward_model_path model, or None (with a message naming the rules) for rule rewards alone."""
     from common.device import print0
     if not args.reward_model_path or args.reward_model_path.lower() == "none":
-        print0("No --reward_model_path: rewards come from the rules alone (answer format and verifiable answers).")
+        print0(f"No --reward_model_path: rewards come from the rules alone ({rules}).")
         return None
     return RewardModel(args.reward_model_path, run.device, resident=getattr(args, "reward_model_resident", -1))
 
@@ -133,7 +136,9 @@ def rewards_for(texts, batch, samples_per_prompt, reward_model, reasoning):
 # Agentic RL (train_agent.py): rewards of a multi-turn tool-use trajectory
 # ----------------------------------------------------------------------------------------------
 
-NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w.])")
+# A number stands alone: not inside a word, an identifier or a longer number ("v2", "12345" holds no 1234). Only ASCII
+# letters count as word characters here, so that Chinese text around a number ("约等于62.1371英里") leaves it a number.
+NUMBER = re.compile(r"(?<![A-Za-z0-9_.])[-+]?\d+(?:\.\d+)?(?![A-Za-z0-9_.])")
 AGENT_REWARD_CLIP = 3.0
 # Closed sets of alternatives: an answer that names one of them and another of the same set names neither
 ALTERNATIVES = [("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"), tuple(WEEKDAYS_ZH)]
@@ -190,7 +195,19 @@ def repetition(text, n=3, cap=0.5):
     return min(cap, 2 * cap * (len(grams) - len(set(grams))) / len(grams)) if grams else 0.0
 
 
-def agent_reward(trajectory, gt, tools):
+def turns_opened(trajectory):
+    """Each turn: whether its prompt opened a <think> (missing entries: no)."""
+    return list(trajectory.opened_think) + [False] * (len(trajectory.turns) - len(trajectory.opened_think))
+
+
+def final_answer(trajectory):
+    """The final reply after its thinking; "" when there is none (the turn limit reached, or cut off)."""
+    if trajectory.hit_turn_limit or trajectory.cut_off or not trajectory.turns:
+        return ""
+    return final_reply(trajectory.turns[-1], turns_opened(trajectory)[-1])
+
+
+def agent_reward(trajectory, gt, tools, model_score=None):
     """The reward of one trajectory and its parts, each logged:
         answer      share of the gt answers its final answer gives (given_answers: one rule, no sprays) x 2.0
         valid_calls share of its tool calls that name an offered tool with arguments the tool accepts x 0.5
@@ -198,21 +215,43 @@ def agent_reward(trajectory, gt, tools):
                     prompt opened (minimind-3's generation prompt with thinking on) counts as the turn's own x -0.5
         turn_limit  1 when the last allowed turn still called tools                              x -0.5
         repetition  repeated 3-grams in the final reply (0 .. 0.5)                               x -1
+        model       (with a reward model) its score of the final answer when the trajectory called no tool,
+                    clipped to [-3, 3] (agent_model_scores; MiniMind's R_rm term)                x 1
     total clipped to [-3, 3]; success: every gt answer is in the final answer."""
     offered = {t["function"]["name"] for t in tools or []}
     calls = [(c, r) for turn_calls, results in zip(trajectory.calls, trajectory.results)
              for c, r in zip(turn_calls, results)]
     valid = sum(c["name"] in offered and not is_error(r) for c, r in calls)
-    opened = list(trajectory.opened_think) + [False] * (len(trajectory.turns) - len(trajectory.opened_think))
-    final = "" if trajectory.hit_turn_limit or trajectory.cut_off or not trajectory.turns else \
-        final_reply(trajectory.turns[-1], opened[-1])
+    opened = turns_opened(trajectory)
+    final = final_answer(trajectory)
     found = given_answers(final, gt) if gt else []
     unclosed = sum(abs(turn.count(CALL) - turn.count(END_CALL))
                    + abs(turn.count(THINK) + was_open - turn.count(END_THINK))  # was_open: the prompt's <think>
                    for turn, was_open in zip(trajectory.turns, opened))
     parts = dict(answer=len(found) / len(gt) if gt else 0.0, valid_calls=valid / len(calls) if calls else 0.0,
                  unclosed=float(unclosed), turn_limit=float(trajectory.hit_turn_limit), repetition=repetition(final))
+    if model_score is not None:
+        parts["model"] = float(model_score)
     total = 2.0 * parts["answer"] + 0.5 * parts["valid_calls"] - 0.5 * parts["unclosed"] - 0.5 * parts["turn_limit"] \
-        - parts["repetition"]
+        - parts["repetition"] + parts.get("model", 0.0)
     return dict(total=max(-AGENT_REWARD_CLIP, min(AGENT_REWARD_CLIP, total)), success=float(bool(gt) and
                 len(found) == len(gt)), **parts)
+
+
+def agent_model_scores(trajectories, conversations, reward_model):
+    """The reward model's score (RewardModel.score: clipped to [-3, 3]) of each trajectory's final answer, after the
+    conversation that asked for it, for the trajectories that answered without calling any tool; 0 for the others.
+    None without a reward model. This is MiniMind's term (train_agent.py: an answer without tool calls gets
+    reward += RM score): such an answer has no tool result to check, so a judge of its quality is the signal; a
+    trajectory that called tools is judged by its gt answers and calls instead. conversations: each trajectory's
+    messages up to the request."""
+    if reward_model is None:
+        return None
+    scores = [0.0] * len(trajectories)
+    judged = [k for k, t in enumerate(trajectories) if not any(t.calls) and final_answer(t).strip()]
+    if judged:
+        asked = [list(conversations[k]) + [dict(role="assistant", content=final_answer(trajectories[k]).strip())]
+                 for k in judged]
+        for k, score in zip(judged, reward_model.score(asked).tolist()):
+            scores[k] = score
+    return scores
