@@ -19,7 +19,7 @@ from transformers import (AutoModelForCausalLM, DynamicCache, LogitsProcessorLis
 
 from common.chat import render, split_reply
 from common.device import inference_dtype, pick_device, ready_device
-from common.tokenizer import check_tokenizer_fits, tokenizer_for
+from common.tokenizer import check_recorded, check_tokenizer_fits, tokenizer_for
 from inference.tools import run_tool
 from model.model_lora import apply_lora, load_lora, lora_layout
 from model.model_minimind import MiniMindForCausalLM
@@ -47,8 +47,10 @@ def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inferenc
     bf16 (fp16 before sm80, and on MPS) on a GPU, fp32 on a CPU.
 
     The tokenizer: tokenizer_dir, else the one the folder ships, else model/ (this project's). A tokenizer the
-    weight was not trained with stops the load with the reason (check_tokenizer_fits; a warning when tokenizer_dir
-    names it), as does a tokenizer_dir that differs from the one the folder ships.
+    weight was not trained with stops the load with the reason, as does a weight holding nan or inf
+    (check_tokenizer_fits: the record beside a .pth, and a LoRA file's, else the probe; a warning when tokenizer_dir
+    names a tokenizer the probe or the chat template doubts), and a tokenizer_dir that differs from the one the
+    folder ships.
 
     trust_remote_code=False (the server's weight updates: folders another process wrote): a folder whose config.json
     asks for code of its own (auto_map: a module in the folder, imported to load it) is refused instead of run.
@@ -76,12 +78,13 @@ def load_chat_model(path, lora_path=None, lora_alpha=None, device=None, inferenc
         load_state_dict_strict(model, state, source=path)
     else:
         raise SystemExit(f"{path} is neither a .pth file nor a model folder")
-    if tokenizer_path != path:  # a folder's own tokenizer is the one it was trained with
-        check_tokenizer_fits(model, tokenizer, tokenizer_path, path, chosen=bool(tokenizer_dir))
+    # finite values, and the tokenizer: the .pth's record, or the probe (a folder's own tokenizer is its own)
+    check_tokenizer_fits(model, tokenizer, tokenizer_path, path, chosen=bool(tokenizer_dir))
     name = os.path.basename(os.path.normpath(path)).removesuffix(".pth")
     if lora_path:
         if not os.path.isfile(lora_path):
             raise SystemExit(f"LoRA weight {lora_path} does not exist")
+        check_recorded(lora_path, tokenizer, tokenizer_path, chosen=bool(tokenizer_dir))  # the adapters' own record
         lora = torch.load(lora_path, map_location="cpu", weights_only=True)
         rank, targets = lora_layout(lora)
         apply_lora(model, rank=rank, alpha=lora_alpha, target_modules=targets)

@@ -10,7 +10,8 @@
 
 to_transformers: a folder with config.json (model_type "minimind" and an auto_map), model_minimind.py + kernels.py,
     model.safetensors and the tokenizer, for AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
-to_native: the half-precision state_dict that --from_weight / eval_llm.py --weight load.
+to_native: the half-precision state_dict that --from_weight / eval_llm.py --weight load, with the record of the
+    tokenizer the folder ships beside it (NAME.tokenizer.json, common/tokenizer.py).
 to_llama: a dense model as transformers' own LlamaForCausalLM (no remote code), which vLLM and other
     transformers-format engines load. MoE models have no Llama equivalent and are refused.
 to_qwen3: a minimind-3 weight (dense or MoE) as transformers' own Qwen3ForCausalLM / Qwen3MoeForCausalLM, the
@@ -20,7 +21,12 @@ to_gguf: one GGUF file for llama.cpp (llama-cli, llama-server) and Ollama, writt
     is refused); the byte-level BPE vocabulary with its merges and pre-tokenizer, the special tokens and the chat
     template (--tokenizer_dir: the tokenizer the weight was trained with); NAME.Modelfile for `ollama create` is
     written beside NAME.gguf.
-merge_lora: folds a LoRA file into its base weight (W + s * B A), giving a plain weight every export takes.
+merge_lora: folds a LoRA file into its base weight (W + s * B A), giving a plain weight every export takes; the
+    base's tokenizer record (or the LoRA's) goes with it, and a base and a LoRA recorded with other tokenizers are
+    refused.
+
+Every export copies the tokenizer (--tokenizer_dir, default the repository's model/) into what it writes; a .pth
+whose record names another tokenizer is refused, saying which one to pass.
 """
 import argparse
 import os
@@ -43,16 +49,17 @@ def arguments(argv=None):
         command.add_argument("source", help=source)
         command.add_argument("target", help=target)
         command.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-        if name == "to_qwen3":
-            command.add_argument("--tokenizer_dir", default=os.path.join(REPO_ROOT, "model"),
-                                 help="the tokenizer the weight was trained with (default: the repository's)")
+        if name != "to_native":  # a transformers folder ships its own tokenizer
+            command.add_argument("--tokenizer_dir", default=None,
+                                 help="the tokenizer the weight was trained with (default: the repository's model/)")
     command = commands.add_parser("to_gguf", help="a native .pth of a dense model -> one GGUF file and a Modelfile")
     command.add_argument("source", help="a native .pth of a dense model")
     command.add_argument("target", help="the .gguf file to write (NAME.Modelfile for Ollama is written beside NAME.gguf)")
     command.add_argument("--outtype", default="f16", choices=list(GGUF_OUTTYPES),
                          help="weight type of the 2-D tensors (norms stay f32)")
-    command.add_argument("--tokenizer_dir", default=os.path.join(REPO_ROOT, "model"),
-                         help="folder with tokenizer.json and tokenizer_config.json (default: the repository's)")
+    command.add_argument("--tokenizer_dir", default=None,
+                         help="folder with tokenizer.json and tokenizer_config.json: the tokenizer the weight was "
+                              "trained with (default: the repository's model/)")
     command = commands.add_parser("merge_lora", help="a base .pth + a LoRA .pth -> one .pth with the LoRA folded in")
     command.add_argument("source", help="the base weight the LoRA was trained on (a native .pth)")
     command.add_argument("lora", help="the LoRA file (out/lora/*.pth)")
@@ -68,6 +75,8 @@ if __name__ == "__main__":
 import torch
 
 from common.files import atomic_torch_save
+from common.tokenizer import (PROJECT_TOKENIZER, check_finite, check_recorded, has_tokenizer, load_tokenizer,
+                              read_record, tokenizer_fields, write_record)
 from model.model_lora import apply_lora, load_lora, lora_layout, merge_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.hf_export import copy_tokenizer, save_llama, save_qwen3
@@ -75,46 +84,60 @@ from model.weights import config_from_state_dict, load_state_dict_strict
 
 
 def load_native(path):
-    """A native .pth as a MiniMind model, its config read off the tensor shapes."""
+    """A native .pth as a MiniMind model, its config read off the tensor shapes; refused if it holds nan or inf."""
     if not os.path.exists(path):
         raise SystemExit(f"{path} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = MiniMindForCausalLM(config_from_state_dict(state))
     load_state_dict_strict(model, state, source=path)
+    check_finite(model, path)
     return model.eval()
 
 
-def to_transformers(pth, out_dir, dtype=torch.float16):
+def exported_tokenizer(pth, tokenizer_dir=None):
+    """The folder of the tokenizer to export with a weight: tokenizer_dir, else model/; refused when the weight's
+    record (common/tokenizer.py) names another one. A weight without a record is taken at its word."""
+    folder = tokenizer_dir or PROJECT_TOKENIZER
+    check_recorded(pth, load_tokenizer(folder), folder, chosen=tokenizer_dir is not None)
+    return folder
+
+
+def to_transformers(pth, out_dir, dtype=torch.float16, tokenizer_dir=None):
     """Native weights -> a transformers folder that carries its own model code (auto_map)."""
+    tokenizer_dir = exported_tokenizer(pth, tokenizer_dir)
     model = load_native(pth).to(dtype)
     MiniMindConfig.register_for_auto_class()
     MiniMindForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     model.save_pretrained(out_dir)  # also copies model/model_minimind.py into the folder
-    copy_tokenizer(out_dir, os.path.join(REPO_ROOT, "model"))
+    copy_tokenizer(out_dir, tokenizer_dir)
     return out_dir
 
 
 def to_native(folder, pth, dtype=torch.float16):
-    """A transformers folder -> the (by default half-precision) state_dict MiniMind's scripts load."""
+    """A transformers folder -> the (by default half-precision) state_dict MiniMind's scripts load, with the record
+    of the tokenizer the folder ships."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     os.makedirs(os.path.dirname(os.path.abspath(pth)), exist_ok=True)
-    atomic_torch_save({k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}, pth)
+    state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    atomic_torch_save(state, pth)
+    if has_tokenizer(folder):
+        write_record(pth, tokenizer_fields(load_tokenizer(folder), folder), config_from_state_dict(state).generation)
     return pth
 
 
-def to_llama(pth, out_dir, dtype=torch.float16):
+def to_llama(pth, out_dir, dtype=torch.float16, tokenizer_dir=None):
     """A dense MiniMind2 as transformers' LlamaForCausalLM (model/hf_export.py)."""
     try:
-        return save_llama(load_native(pth), out_dir, os.path.join(REPO_ROOT, "model"), dtype)
+        return save_llama(load_native(pth), out_dir, exported_tokenizer(pth, tokenizer_dir), dtype)
     except ValueError as e:
         raise SystemExit(f"to_llama: {pth}: {e}")
 
 
-def to_qwen3(pth, out_dir, dtype=torch.float16, tokenizer_dir=os.path.join(REPO_ROOT, "model")):
+def to_qwen3(pth, out_dir, dtype=torch.float16, tokenizer_dir=None):
     """A minimind-3 weight as transformers' Qwen3ForCausalLM / Qwen3MoeForCausalLM (model/hf_export.py)."""
     try:
-        return save_qwen3(load_native(pth), out_dir, tokenizer_dir, dtype)
+        return save_qwen3(load_native(pth), out_dir, exported_tokenizer(pth, tokenizer_dir), dtype)
     except ValueError as e:
         raise SystemExit(f"to_qwen3: {pth}: {e}")
 
@@ -202,7 +225,7 @@ def to_gguf(pth, out_path, outtype="f16", tokenizer_dir=None):
     pre-tokenizer with use_regex (contractions, letters, digits, other symbols, spaces)."""
     import gguf
     from transformers import AutoTokenizer
-    tokenizer_dir = tokenizer_dir or os.path.join(REPO_ROOT, "model")
+    tokenizer_dir = exported_tokenizer(pth, tokenizer_dir)
     model = load_native(pth)
     config = model.config
     if config.use_moe and not config.qk_norm:
@@ -284,9 +307,17 @@ def to_gguf(pth, out_path, outtype="f16", tokenizer_dir=None):
 
 
 def merge_lora_file(base_pth, lora_pth, out_pth, lora_alpha=None, dtype=torch.float16):
-    """Base weight + LoRA file -> one native weight with every adapter folded in (W <- W + s * B A)."""
+    """Base weight + LoRA file -> one native weight with every adapter folded in (W <- W + s * B A), with the
+    tokenizer record of the base (else of the LoRA); a base and a LoRA recorded with other tokenizers are refused."""
     if not os.path.isfile(lora_pth):
         raise SystemExit(f"{lora_pth} does not exist")
+    records = [record for record in (read_record(base_pth), read_record(lora_pth)) if record]
+    if len({(r["vocab_hash"], r["chat_template_hash"]) for r in records}) > 1:
+        base, adapters = records
+        raise SystemExit(f"{base_pth} was trained with the tokenizer in {base['tokenizer_dir']} (vocabulary "
+                         f"{base['vocab_hash']}, chat template {base['chat_template_hash']}) and {lora_pth} with the "
+                         f"one in {adapters['tokenizer_dir']} (vocabulary {adapters['vocab_hash']}, chat template "
+                         f"{adapters['chat_template_hash']}): the LoRA was not trained on this base")
     model = load_native(base_pth)
     lora = torch.load(lora_pth, map_location="cpu", weights_only=True)
     rank, targets = lora_layout(lora)  # the rank and target layers are read off the file
@@ -294,14 +325,16 @@ def merge_lora_file(base_pth, lora_pth, out_pth, lora_alpha=None, dtype=torch.fl
     load_lora(model, lora)
     merge_lora(model)
     atomic_torch_save({k: v.detach().to(dtype) for k, v in model.state_dict().items()}, out_pth)
+    if records:
+        write_record(out_pth, records[0], model.config.generation)
     return out_pth
 
 
 def main(args):
     if args.direction == "to_transformers":
-        print(to_transformers(args.source, args.target, getattr(torch, args.dtype)))
+        print(to_transformers(args.source, args.target, getattr(torch, args.dtype), args.tokenizer_dir))
     elif args.direction == "to_llama":
-        print(to_llama(args.source, args.target, getattr(torch, args.dtype)))
+        print(to_llama(args.source, args.target, getattr(torch, args.dtype), args.tokenizer_dir))
     elif args.direction == "to_qwen3":
         print(to_qwen3(args.source, args.target, getattr(torch, args.dtype), args.tokenizer_dir))
     elif args.direction == "to_native":

@@ -247,42 +247,162 @@ def other_tokenizer(folder, seed=0):
     return str(folder)
 
 
-def weight_that_reads(tokenizer_dir, path, steps=40):
-    """A tiny minimind-3 weight trained on the probe sentence as tokenizer_dir encodes it: it reads that
-    tokenizer's ids, as a released weight reads the tokenizer it was trained with."""
+def weight_that_reads(tokenizer_dir, path, steps=30):
+    """A tiny minimind-3 weight trained for a few dozen steps on the demo pretraining text as tokenizer_dir encodes
+    it - never on the probe sentence: it reads that tokenizer's ids a little, as an early checkpoint does."""
+    import json
+    import random
+    import re
     from common.tokenizer import PROBE_TEXT, load_tokenizer
     tokenizer = load_tokenizer(tokenizer_dir)
+    with open(os.path.join(REPO_ROOT, "dataset", "demo", "pretrain.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line)["text"] for line in f]
+    random.Random(0).shuffle(rows)  # Chinese and English rows mixed
+    text = tokenizer.bos_token.join(rows[:100])
+    assert not any(sentence in text for sentence in re.split(r"(?<=[。.])", PROBE_TEXT) if len(sentence) > 5)
+    batches = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids[:steps * 8 * 32]).view(steps, 8, 32)
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(**TINY3))
-    ids = torch.tensor([tokenizer(tokenizer.bos_token + PROBE_TEXT).input_ids])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        model(ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small gains nothing from more, and loses much when the cores are busy
+    try:
+        for ids in batches:
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
     torch.save({k: v.half() for k, v in model.state_dict().items()}, path)
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def other_pair(tmp_path_factory):
-    """(a tokenizer folder other than the project's, a minimind-3 .pth trained with it)."""
+    """(a tokenizer folder other than the project's, a minimind-3 .pth trained with it, with no record beside it, as
+    a weight downloaded from elsewhere). The tokenizer folder lies beside the weight, where the probe looks."""
     tmp = tmp_path_factory.mktemp("tokenizers")
     other = other_tokenizer(tmp / "other")
     return other, weight_that_reads(other, tmp / "full_sft_64.pth")
 
 
-def test_the_probe_tells_the_tokenizer_a_weight_reads(other_pair):
-    from common.tokenizer import load_tokenizer, probe_loss
-    other, weight = other_pair
-    state = {k: v.float() for k, v in torch.load(weight, weights_only=True).items()}
+def load_weight(path):
+    state = {k: v.float() for k, v in torch.load(path, weights_only=True).items()}
     model = MiniMindForCausalLM(config_from_state_dict(state))
     model.load_state_dict(state)
-    uniform = math.log(6400)
-    assert probe_loss(model, load_tokenizer(other)) < uniform - 3
-    assert probe_loss(model, load_tokenizer(PROJECT_TOKENIZER)) > uniform + 1
-    # a fresh random weight is close to uniform with any tokenizer: it cannot tell, and is let through
-    assert abs(probe_loss(MiniMindForCausalLM(MiniMindConfig(**TINY3)), load_tokenizer(PROJECT_TOKENIZER)) - uniform) < 0.1
+    return model
+
+
+def test_the_probe_tells_the_tokenizer_a_weight_reads(other_pair, capsys):
+    """A weight without a record, trained on other text than the probe sentence, for a few dozen steps: its loss
+    with its own tokenizer is only a little below uniform guessing, but clearly below the loss with another."""
+    from common.tokenizer import CLEARLY, check_tokenizer_fits, load_tokenizer, probe_loss
+    other, weight = other_pair
+    model = load_weight(weight)
+    mine, project = load_tokenizer(other), load_tokenizer(PROJECT_TOKENIZER)
+    assert probe_loss(model, mine) < probe_loss(model, project) - CLEARLY
+    # model/ in use: the tokenizer beside the weight reads better, and is named
+    with pytest.raises(SystemExit, match=rf"does not read the token ids of the tokenizer in {PROJECT_TOKENIZER}: .*"
+                                         rf"It reads the tokenizer in {other}: pass --tokenizer_dir {other}"):
+        check_tokenizer_fits(model, project, PROJECT_TOKENIZER, weight)
+    check_tokenizer_fits(model, project, PROJECT_TOKENIZER, weight, chosen=True)  # named: a warning
+    assert f"warning: {weight} does not read" in capsys.readouterr().err
+    check_tokenizer_fits(model, mine, other, weight)  # its own: no stop
+    # a fresh random weight reads every tokenizer alike: the probe cannot tell, says so, and lets it through
+    fresh = MiniMindForCausalLM(MiniMindConfig(**TINY3))
+    assert abs(probe_loss(fresh, project) - math.log(6400)) < 0.1
+    check_tokenizer_fits(fresh, project, PROJECT_TOKENIZER, weight)
+    assert "note: the probe cannot confirm" in capsys.readouterr().err
+
+
+def test_a_weight_holding_nan_is_reported_as_such(other_pair, tmp_path):
+    from inference.chat_core import load_chat_model
+    state = torch.load(other_pair[1], weights_only=True)
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "broken_64.pth")
+    for tokenizer_dir in (None, other_pair[0]):
+        with pytest.raises(SystemExit, match=r"broken_64.pth holds non-finite values \(nan or inf\) in 1 of its "
+                                             r"tensors \(model.layers.1.mlp.up_proj.weight\)"):
+            load_chat_model(str(tmp_path / "broken_64.pth"), device="cpu", tokenizer_dir=tokenizer_dir)
+
+
+def recorded_weight(path, tokenizer_dir):
+    """A random minimind-3 .pth with the record of tokenizer_dir beside it, as the trainers save them."""
+    from common.tokenizer import load_tokenizer, tokenizer_fields, write_record
+    torch.manual_seed(1)
+    torch.save({k: v.half() for k, v in MiniMindForCausalLM(MiniMindConfig(**TINY3)).state_dict().items()}, path)
+    write_record(str(path), tokenizer_fields(load_tokenizer(tokenizer_dir), tokenizer_dir), "minimind-3")
+    return str(path)
+
+
+def test_a_weights_record_names_its_tokenizer(other_pair, tmp_path, capsys):
+    """The record beside a .pth is checked on every load, in place of the probe: another vocabulary stops the load
+    whatever was asked, naming both tokenizers; its own loads without a word; a record of another file (the weight
+    replaced) is left aside for the probe."""
+    import json
+    import shutil
+    from common.tokenizer import record_path, tokenizer_id
+    from inference.chat_core import load_chat_model
+    other = other_pair[0]
+    weight = recorded_weight(tmp_path / "full_sft_64.pth", other)
+    record = json.load(open(record_path(weight), encoding="utf-8"))
+    assert record_path(weight) == str(tmp_path / "full_sft_64.tokenizer.json")
+    assert (record["tokenizer_dir"], record["vocab_hash"], record["generation"]) == \
+        (other, tokenizer_id(AutoTokenizer.from_pretrained(other)), "minimind-3")
+    named = (rf"full_sft_64.pth was trained with the tokenizer in {other} \(vocabulary {record['vocab_hash']}.*"
+             rf"records, and this load uses the one in {PROJECT_TOKENIZER} \(vocabulary "
+             rf"{tokenizer_id(AutoTokenizer.from_pretrained(PROJECT_TOKENIZER))}.*Pass --tokenizer_dir {other}\.")
+    for tokenizer_dir in (None, PROJECT_TOKENIZER):  # named or not: the ids would mean other text
+        with pytest.raises(SystemExit, match=named):
+            load_chat_model(weight, device="cpu", tokenizer_dir=tokenizer_dir)
+    capsys.readouterr()
+    load_chat_model(weight, device="cpu", tokenizer_dir=other)  # a random weight, which the probe would doubt
+    assert capsys.readouterr().err == ""
+    # the trained weight saved over it: the record describes another file, and the probe takes over
+    shutil.copy(other_pair[1], weight)
+    shutil.copytree(other, tmp_path / "other")  # beside the weight, where the probe looks
+    with pytest.raises(SystemExit, match=rf"It reads the tokenizer in {tmp_path / 'other'}"):
+        load_chat_model(weight, device="cpu")
+    assert "describes another file" in capsys.readouterr().err
+
+
+def test_a_weights_record_names_its_chat_template(tmp_path, capsys):
+    """The same vocabulary with another chat template: refused, or a warning when that tokenizer is named."""
+    import json
+    import shutil
+    from inference.chat_core import load_chat_model
+    edited = tmp_path / "edited"
+    shutil.copytree(PROJECT_TOKENIZER, edited, ignore=lambda folder, names: [n for n in names
+                                                                           if not n.startswith("tokenizer")])
+    config = json.load(open(edited / "tokenizer_config.json", encoding="utf-8"))
+    config["chat_template"] = config["chat_template"].replace("You are a helpful assistant", "You are MiniMind")
+    json.dump(config, open(edited / "tokenizer_config.json", "w", encoding="utf-8"), ensure_ascii=False)
+    weight = recorded_weight(tmp_path / "full_sft_64.pth", str(edited))
+    with pytest.raises(SystemExit, match=rf"trained with the tokenizer in {edited} .* the same token ids, but another "
+                                         rf"chat template.*Pass --tokenizer_dir {edited}\."):
+        load_chat_model(weight, device="cpu")
+    capsys.readouterr()
+    load_chat_model(weight, device="cpu", tokenizer_dir=PROJECT_TOKENIZER)
+    err = capsys.readouterr().err
+    assert err.startswith("warning:") and "another chat template" in err
+
+
+def test_the_converters_check_and_carry_the_record(other_pair, tmp_path):
+    """An export copies a tokenizer into what it writes: the weight's record must name it. A merged LoRA keeps the
+    base's record."""
+    from common.tokenizer import read_record
+    from model.model_lora import apply_lora, save_lora
+    other = other_pair[0]
+    weight = recorded_weight(tmp_path / "full_sft_64.pth", other)
+    with pytest.raises(SystemExit, match=rf"trained with the tokenizer in {other} .*Pass --tokenizer_dir {other}\."):
+        convert_model.to_qwen3(weight, str(tmp_path / "no"))  # model/ by default
+    assert not os.path.exists(tmp_path / "no")
+    convert_model.to_qwen3(weight, str(tmp_path / "released"), tokenizer_dir=other)
+    model = load_weight(weight)
+    apply_lora(model, rank=2)
+    save_lora(model, str(tmp_path / "lora_64.pth"))
+    merged = convert_model.merge_lora_file(weight, str(tmp_path / "lora_64.pth"), str(tmp_path / "merged_64.pth"))
+    assert read_record(merged)["vocab_hash"] == read_record(weight)["vocab_hash"]
 
 
 def test_the_chat_loader_refuses_a_tokenizer_the_weight_does_not_read(other_pair, tmp_path, capsys):
@@ -292,6 +412,7 @@ def test_the_chat_loader_refuses_a_tokenizer_the_weight_does_not_read(other_pair
         load_chat_model(weight, device="cpu")  # the default tokenizer (model/) is not the one it was trained with
     chat = load_chat_model(weight, device="cpu", tokenizer_dir=other)
     assert chat.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(other).get_vocab()
+    capsys.readouterr()
     load_chat_model(weight, device="cpu", tokenizer_dir=PROJECT_TOKENIZER)  # named: a warning, not a stop
     assert "warning:" in capsys.readouterr().err
     # a released folder ships its tokenizer: it is used, and another one named beside it is refused
@@ -303,6 +424,8 @@ def test_the_chat_loader_refuses_a_tokenizer_the_weight_does_not_read(other_pair
 
 
 def test_trainers_take_the_tokenizer_and_a_released_folder(other_pair, tmp_path):
+    from common.tokenizer import read_record, tokenizer_id
+    from inference.chat_core import load_chat_model
     from test_train import run_script
     other, weight = other_pair
     common = ["--generation", "minimind-3", "--dtype", "float32", "--max_steps", "1"]
@@ -310,10 +433,20 @@ def test_trainers_take_the_tokenizer_and_a_released_folder(other_pair, tmp_path)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "does not read the token ids of the tokenizer" in refused.stdout + refused.stderr
     run_script("train_full_sft.py", *common, "--from_weight", weight, "--tokenizer_dir", other, tmp=tmp_path)
-    # --from_weight of a released folder: its weights, and the tokenizer it ships
+    # the weight it saved records that tokenizer, which every load then checks
+    saved = str(tmp_path / "out" / "full_sft_64.pth")
+    assert read_record(saved)["vocab_hash"] == tokenizer_id(AutoTokenizer.from_pretrained(other))
+    with pytest.raises(SystemExit, match=rf"full_sft_64.pth was trained with the tokenizer in {other} .*"
+                                         rf"this load uses the one in {PROJECT_TOKENIZER} .*--tokenizer_dir {other}"):
+        load_chat_model(saved, device="cpu")
+    # --from_weight of a released folder: its weights, and the tokenizer it ships, which the LoRA's record names
     folder = convert_model.to_qwen3(weight, str(tmp_path / "released"), dtype=torch.float32, tokenizer_dir=other)
     result = run_script("train_lora.py", *common, "--from_weight", folder, tmp=tmp_path)
     assert f"tokenizer: {folder}" in result.stdout and f"loaded {folder}" in result.stdout
+    assert read_record(str(tmp_path / "out" / "lora" / "lora_identity_64.pth"))["tokenizer_dir"] == folder
+    with pytest.raises(SystemExit, match=r"lora_identity_64.pth was trained with the tokenizer in .*released"):
+        load_chat_model(str(recorded_weight(tmp_path / "base_64.pth", PROJECT_TOKENIZER)), device="cpu",
+                        lora_path=str(tmp_path / "out" / "lora" / "lora_identity_64.pth"))
     # a resume file remembers its tokenizer
     run_script("train_pretrain.py", *common, "--tokenizer_dir", other, tmp=tmp_path / "resume")
     result = run_script("train_pretrain.py", *common[:-1], "2", "--from_resume", "1", tmp=tmp_path / "resume",

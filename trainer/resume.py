@@ -7,9 +7,11 @@
 
 A resume file holds the trainable weights in fp32, the optimizer and loss-scaler states, the sample stream's position
 (trainer/sampler.py: step, epoch, samples consumed), every process's random states, the tokenizer's hash and the
-settings that fix the sample order; the inference weight beside it is saved in half precision. Both are written
-atomically (common/files.py), so a kill never leaves half a checkpoint. Under torchrun only process 0 writes them;
-restore() makes every process resume from process 0's file, even on machines that do not share --checkpoint_dir.
+settings that fix the sample order; the inference weight beside it is saved in half precision, with the record of
+the tokenizer it was trained with (common/tokenizer.py: out/{name}_{hidden}.tokenizer.json), which every load checks.
+All are written atomically (common/files.py), so a kill never leaves half a checkpoint. Under torchrun only process 0
+writes them; restore() makes every process resume from process 0's file, even on machines that do not share
+--checkpoint_dir.
 """
 import io
 import json
@@ -22,7 +24,7 @@ import torch.distributed as dist
 
 from common.device import is_main, print0
 from common.files import atomic_torch_save, atomic_write_text
-from common.tokenizer import tokenizer_id
+from common.tokenizer import tokenizer_fields, tokenizer_id, write_record
 from model.model_lora import save_lora
 from trainer.args import REPO_ROOT, recorded_settings
 from trainer.distributed import unwrap
@@ -42,7 +44,8 @@ class Checkpoint:
             if lora_only else run.weight_file
 
     def save(self):
-        """The weight for inference (half precision; the adapters only for LoRA) and the fp32 resume file."""
+        """The weight for inference (half precision; the adapters only for LoRA) with the record of its tokenizer, and
+        the fp32 resume file."""
         run = self.run
         run.check_finite()  # never overwrite a good checkpoint with weights that saw a nan
         raw = unwrap(self.model)
@@ -62,6 +65,9 @@ class Checkpoint:
             else:
                 atomic_torch_save({k: v.detach().half().cpu() for k, v in raw.state_dict().items()},
                                   self.weight_file)
+            if run.tokenizer is not None:  # out/{name}_{hidden}.tokenizer.json, checked wherever the weight is loaded
+                write_record(self.weight_file, tokenizer_fields(run.tokenizer, run.tokenizer_dir),
+                             run.config.generation)
             position = self.stream.state_dict()
             state = dict(model=trainable_state(raw), optimizer=self.optimizer.state_dict(),
                          scaler=run.scaler.state_dict(), step=position["step"], epoch=position["epoch"],

@@ -171,7 +171,7 @@ class Run:
 
     def load_model(self, from_weight=None, config=None):
         """A MiniMind model, initialised randomly or from --from_weight (a name under --save_dir, a .pth file or a
-        model folder), loaded strictly and checked against the run's tokenizer."""
+        model folder), loaded strictly and checked against the run's tokenizer (check_tokenizer_fits)."""
         config = config or self.config
         model = MiniMindForCausalLM(config)
         path = self.check_from_weight(from_weight, config)
@@ -182,8 +182,8 @@ class Run:
                 raise SystemExit(f"{path} holds a {generation} model, and this run builds a {config.generation} one: "
                                  f"pass --generation {generation}")
             load_state_dict_strict(model, state, source=path)
-            # a folder's own tokenizer is the one it was trained with; any other is checked
-            if self.tokenizer is not None and self.tokenizer_dir != path:
+            # finite values, and the run's tokenizer: the weight's record, or the probe (a folder's own is its own)
+            if self.tokenizer is not None:
                 check_tokenizer_fits(model, self.tokenizer, self.tokenizer_dir, path,
                                      chosen=bool(getattr(self.args, "tokenizer_dir", None)))
             print0(f"loaded {path}")
