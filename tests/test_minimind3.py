@@ -443,10 +443,10 @@ def test_trainers_take_the_tokenizer_and_a_released_folder(other_pair, tmp_path)
     folder = convert_model.to_qwen3(weight, str(tmp_path / "released"), dtype=torch.float32, tokenizer_dir=other)
     result = run_script("train_lora.py", *common, "--from_weight", folder, tmp=tmp_path)
     assert f"tokenizer: {folder}" in result.stdout and f"loaded {folder}" in result.stdout
-    assert read_record(str(tmp_path / "out" / "lora" / "lora_identity_64.pth"))["tokenizer_dir"] == folder
-    with pytest.raises(SystemExit, match=r"lora_identity_64.pth was trained with the tokenizer in .*released"):
+    assert read_record(str(tmp_path / "out" / "lora" / "lora_medical_64.pth"))["tokenizer_dir"] == folder
+    with pytest.raises(SystemExit, match=r"lora_medical_64.pth was trained with the tokenizer in .*released"):
         load_chat_model(str(recorded_weight(tmp_path / "base_64.pth", PROJECT_TOKENIZER)), device="cpu",
-                        lora_path=str(tmp_path / "out" / "lora" / "lora_identity_64.pth"))
+                        lora_path=str(tmp_path / "out" / "lora" / "lora_medical_64.pth"))
     # a resume file remembers its tokenizer
     run_script("train_pretrain.py", *common, "--tokenizer_dir", other, tmp=tmp_path / "resume")
     result = run_script("train_pretrain.py", *common[:-1], "2", "--from_resume", "1", tmp=tmp_path / "resume",
