@@ -54,8 +54,11 @@ def machine(rank, tmp, save_first, rows):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     stream = SampleStream(Rows(rows), run.args, run.rank, run.world_size, run.device)
     Checkpoint(run, stream, model, optimizer).restore()
+    rng = torch.get_rng_state()
+    torch.manual_seed(run.args.seed + rank)  # as Run seeds each process (tiny_model reseeded them alike)
+    fresh = run.load_model()  # a random init, no --from_weight
     torch.save(dict(step=stream.step, epoch=stream.epoch, consumed=stream.consumed, model=model.state_dict(),
-                    optimizer=optimizer.state_dict(), rng_at_save=rng_at_save, rng=torch.get_rng_state()),
+                    optimizer=optimizer.state_dict(), rng_at_save=rng_at_save, rng=rng, fresh=fresh.state_dict()),
                tmp / f"restored{rank}.pth")
     distributed.leave_together(0)
 
@@ -111,6 +114,10 @@ def test_a_machine_without_the_resume_file_gets_process_0s(tmp_path):
         for key, value in saved["optimizer"]["state"][0].items():
             assert torch.equal(restored["optimizer"]["state"][0][key], value), f"rank {rank}: AdamW's {key}"
         assert torch.equal(restored["rng"], restored["rng_at_save"])  # each process its own saved random state
+    # Run.load_model gives every process process 0's weights, so copies made before DDP's own broadcast (DPO's and
+    # RL's reference, PPO's old actor) are the policy on every process
+    fresh = [torch.load(tmp_path / f"restored{rank}.pth", weights_only=True)["fresh"] for rank in (0, 1)]
+    assert all(torch.equal(fresh[0][name], fresh[1][name]) for name in fresh[0])
     output0 = results[0][1]
     assert "there is no resume file for process 1 (" in output0 and "so process 0 sends its" in output0
     assert "--checkpoint_dir is not shared" in output0

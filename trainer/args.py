@@ -174,16 +174,6 @@ def recorded_settings(args):
     return {k: v for k, v in vars(args).items() if "api_key" not in k and k != "chosen_for_you"}
 
 
-def add_alias(parser, option, alias):
-    """Make `alias` a second spelling of the parser's existing `option` (same dest, listed beside it in --help):
-    for options that common_parser defines for every stage but only some stages know under another name."""
-    action = parser._option_string_actions[option]  # argparse keeps no public way to extend an option's names
-    if alias in parser._option_string_actions:
-        raise ValueError(f"{alias} is already an option")
-    action.option_strings.append(alias)
-    parser._option_string_actions[alias] = action
-
-
 def add_engine_arguments(parser):
     """Who samples the rollouts (trainer/rl/engines.py): the RL stages and the agent stage share these. MiniMind's
     spellings of the engine flags (--sglang_base_url, --sglang_model_path, --sglang_shared_path) are second names
@@ -197,8 +187,10 @@ def add_engine_arguments(parser):
     parser.add_argument("--sync_dir", "--sglang_shared_path", default=None,
                         help="where synced weight folders are written (default SAVE_DIR/rollout_weights); the "
                              "engine server must be able to read it")
-    if "--tokenizer_dir" in parser._option_string_actions:  # MiniMind's tokenizer path for its SGLang engine
-        add_alias(parser, "--tokenizer_dir", "--sglang_model_path")
+    # MiniMind's tokenizer path for its SGLang engine: a second option writing --tokenizer_dir's dest (SUPPRESS: when
+    # absent it leaves --tokenizer_dir's value alone)
+    parser.add_argument("--sglang_model_path", dest="tokenizer_dir", default=argparse.SUPPRESS,
+                        help="MiniMind's name for --tokenizer_dir")
     parser.add_argument("--rollout_timeout", type=float, default=300,
                         help="seconds to wait for a server engine's answer before stopping with an error")
     parser.add_argument("--rollout_retries", type=int, default=3,

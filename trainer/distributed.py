@@ -69,6 +69,13 @@ def wrap(model, device, use_compile, ddp):
     return model
 
 
+def broadcast_from_first(model):
+    """Process 0's parameters and buffers copied into every process's model, in place (nothing with one process)."""
+    if dist.is_initialized():
+        for tensor in model.state_dict().values():  # (tied weights come twice: the same values again)
+            dist.broadcast(tensor, src=0)
+
+
 def unwrap(model):
     """The MiniMind module inside DDP and/or torch.compile wrappers."""
     model = getattr(model, "module", model)

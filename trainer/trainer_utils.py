@@ -193,7 +193,12 @@ class Run:
                f"{self.world_size} process(es)")
         if os.environ.get(GPU_CHECK_ENV):  # scripts/gpu_check.py: record which attention kernel each call gets
             kernels.ATTENTION_PROBE = attention_probe()
-        return model.to(self.device)
+        model = model.to(self.device)
+        # Under torchrun every process holds process 0's weights from here on: a random init differs with each
+        # process's seed, and DDP's own broadcast (at wrap) reaches only the trained model, not the reference or old
+        # actor copied from it before
+        distributed.broadcast_from_first(model)
+        return model
 
     def freeze(self, model):
         """A model that is only ever evaluated (reference, old policy, teacher): eval mode, no gradients, and the
