@@ -82,7 +82,8 @@ class StepSums:
         """{name: sum over every process}: device tensors (read on the host only at log steps) and floats."""
         names = sorted(self.sums)
         summed = dict(zip(names, self.run.all_sum(*[self.sums[name] for name in names]))) if names else {}
-        return {**summed, **dict(zip(self.host, self.run.host_sum(*self.host.values())))}
+        host_names = sorted(self.host)  # the same order on every process
+        return {**summed, **dict(zip(host_names, self.run.host_sum(*[self.host[name] for name in host_names])))}
 
 
 class Run:
