@@ -102,7 +102,6 @@ from dataclasses import dataclass
 
 import torch
 
-from common.chat import has_thinking_switch
 from common.device import print0
 from dataset.lm_dataset import AgentRLDataset
 from inference.tools import load_tools
@@ -113,21 +112,11 @@ from trainer.resume import Checkpoint
 from trainer.rl.agent import pad_trajectories, run_trajectories, trajectory_logprobs
 from trainer.rl.engines import check_sampler_ratio, make_engine
 from trainer.rl.rewards import agent_model_scores, agent_reward, load_reward_model
+from trainer.rl.sampling import thinking_share
 from trainer.sampler import SampleStream
 from trainer.trainer_utils import Run, StepSums, lr_at
 
 REWARD_PARTS = ("answer", "valid_calls", "unclosed", "turn_limit", "repetition", "success")
-
-
-def thinking_share(args, tokenizer):
-    """--thinking_ratio, or its default, once the chat template is known to have a thinking switch."""
-    if has_thinking_switch(tokenizer):
-        return 0.1 if args.thinking_ratio is None else args.thinking_ratio
-    if args.thinking_ratio:
-        raise SystemExit(f"--thinking_ratio {args.thinking_ratio}: this tokenizer's chat template has no thinking "
-                         "switch (thinking on and off render the same prompt), so the share would change nothing. "
-                         "Leave it out (or 0), or train with a tokenizer whose template opens <think> (minimind-3's).")
-    return 0.0
 
 
 @dataclass
@@ -200,7 +189,7 @@ def main(args):
     toolset = load_tools(args.tools)  # first: a module that does not load ends the run before anything is loaded
     run = Run(args)
     tokenizer = run.load_tokenizer()
-    thinking_ratio = thinking_share(args, tokenizer)
+    thinking_ratio = thinking_share(args.thinking_ratio, tokenizer, default=0.1)  # 0 without a thinking switch
     data = AgentRLDataset(data_file(args), on_bad_line="skip" if args.skip_bad_lines else "error")
     unanswered = unanswered_tools(data.rows, toolset)
     if unanswered:
