@@ -561,13 +561,13 @@ class _ArrowDataset(Dataset):
     kind = ""
 
     def __init__(self, data_path, tokenizer, max_length=512, on_bad_line="error", num_proc=None, cache_dir=None,
-                 augment=NO_AUGMENTATION, cut_at="max_length"):
+                 augment=NO_AUGMENTATION, cut=True):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.augment = augment
-        cut_at = max_length if cut_at == "max_length" else cut_at  # None: rows are not cut (packed pretraining)
-        data, self.report = load_jsonl(data_path, self.kind, tokenizer, cut_at, on_bad_line, num_proc, cache_dir,
-                                       augment)
+        # cut=False: rows are tokenised whole (packed pretraining cuts the stream, not the documents)
+        data, self.report = load_jsonl(data_path, self.kind, tokenizer, max_length if cut else None, on_bad_line,
+                                       num_proc, cache_dir, augment)
         message = load_message(self.report, max_length, augment)
         if message:
             print(message)
@@ -626,7 +626,7 @@ class PretrainDataset(_ArrowDataset):
     kind = "pretrain"
 
     def __init__(self, data_path, tokenizer, max_length=512, packing=False, **kwargs):
-        super().__init__(data_path, tokenizer, max_length, cut_at=None if packing else max_length, **kwargs)
+        super().__init__(data_path, tokenizer, max_length, cut=not packing, **kwargs)
         if packing:
             self.data = pack_rows(self.data, max_length).with_format("numpy")
 
