@@ -503,3 +503,32 @@ def test_cache_must_be_a_cache_object():
     with pytest.raises(ValueError, match="attention_mask must be"):
         model(random_ids(1, 3), attention_mask=torch.ones(1, 5, dtype=torch.long))
 
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_loss_index_gives_the_same_loss_and_gradients_from_the_loss_positions_only(use_moe):
+    """The collator's loss_index: the head runs only where a label counts; the mean CE and every gradient are those
+    of the full-logits loss with ignore_index, and lm_head sees exactly the loss positions."""
+    from trainer.sampler import collate
+    torch.manual_seed(0)
+    rows = []
+    for length, answer in ((12, 4), (7, 3), (10, 0)):  # the last row: no answer at all (prompt only)
+        ids = torch.randint(1, 400, (length,))
+        rows.append(dict(input_ids=ids, labels=ids.masked_fill(torch.arange(length) < length - answer, -100)))
+    batch = collate(rows)
+    assert batch["loss_index"].tolist() == [i for i, label in enumerate(batch["labels"][:, 1:].reshape(-1).tolist())
+                                            if label != -100]
+    model = tiny_model(use_moe=use_moe).train()
+    full = model(batch["input_ids"], labels=batch["labels"])
+    full_grads = torch.autograd.grad(full.loss, list(model.parameters()), allow_unused=True)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1]))
+    selected = model(batch["input_ids"], labels=batch["labels"], loss_index=batch["loss_index"])
+    hook.remove()
+    selected_grads = torch.autograd.grad(selected.loss, list(model.parameters()), allow_unused=True)
+    assert selected.logits is None and seen == [torch.Size([len(batch["loss_index"])])]
+    torch.testing.assert_close(selected.loss, full.loss)
+    for a, b in zip(full_grads, selected_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

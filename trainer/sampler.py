@@ -21,10 +21,13 @@ from model.kernels import document_offsets
 def collate(rows):
     """pad_batch's dict; packed rows (with position_ids) also get "documents": where each document starts in the
     flattened batch and the longest one's length, found here on the batch's CPU copy (in the loader's workers), so that
-    varlen attention on a GPU needs no host read of position ids already on the device."""
+    varlen attention on a GPU needs no host read of position ids already on the device. Rows with labels get
+    "loss_index": the flat positions of labels[:, 1:] that carry loss (the model's loss_index), found here too."""
     batch = pad_batch(rows)
     if "position_ids" in batch:
         batch["documents"] = document_offsets(batch["position_ids"])
+    if "labels" in batch:
+        batch["loss_index"] = torch.nonzero(batch["labels"][:, 1:].reshape(-1) != -100).squeeze(1)
     return batch
 
 

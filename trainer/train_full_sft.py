@@ -65,12 +65,13 @@ def main(args):
             batch = run.to_device(batch)
             with run.grad_sync(model, last=i == len(window) - 1):
                 with run.autocast():
-                    # labels are -100 outside the assistant turns, so only the answers carry loss. No attention
+                    # labels are -100 outside the assistant turns, so only the answers carry loss (and with
+                    # loss_index, their positions, only they go through the 6400-wide head). No attention
                     # mask, on purpose: rows are right-padded, so under causal attention a real token only sees
                     # earlier real tokens, and without a mask SDPA can take its flash kernel. Packed rows bring
                     # position ids that restart at each conversation; the model keeps attention inside each.
-                    out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
-                                documents=batch.get("documents"))
+                    out = model(batch["input_ids"], labels=batch["labels"], loss_index=batch["loss_index"],
+                                position_ids=batch.get("position_ids"), documents=batch.get("documents"))
                 share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
                 loss = out.loss * share + aux_share
                 run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes

@@ -79,9 +79,10 @@ def main(args):
             batch = run.to_device(batch)
             with run.grad_sync(model, last=i == len(window) - 1):
                 with run.autocast():
-                    # the SFT loss; the frozen base passes gradients through to the adapters A and B
-                    out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
-                                documents=batch.get("documents"))
+                    # the SFT loss (the head at the answer positions only: loss_index); the frozen base passes
+                    # gradients through to the adapters A and B
+                    out = model(batch["input_ids"], labels=batch["labels"], loss_index=batch["loss_index"],
+                                position_ids=batch.get("position_ids"), documents=batch.get("documents"))
                 share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
                 loss = out.loss * share + aux_share
                 run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes

@@ -66,8 +66,8 @@ def main(args):
                 with run.autocast():
                     # every real token carries loss (labels = input_ids, padding -100). No attention mask: rows
                     # are right-padded, so under causal attention padding changes nothing that carries loss
-                    out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
-                                documents=batch.get("documents"))
+                    out = model(batch["input_ids"], labels=batch["labels"], loss_index=batch["loss_index"],
+                                position_ids=batch.get("position_ids"), documents=batch.get("documents"))
                 share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
                 loss = out.loss * share + aux_share
                 run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes
