@@ -1,14 +1,13 @@
 """scripts/convert_model.py: native <-> transformers folder round trips and the plain-Llama export."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO_ROOT
+from forked_python import run_python
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "convert_model.py")
@@ -23,7 +22,7 @@ def native_weight(path, use_moe=False, seed=0):
 
 
 def convert(*args):
-    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
+    result = run_python([SCRIPT, *args], timeout=300)
     return result
 
 
@@ -81,9 +80,8 @@ def test_moe_llama_export_is_refused(tmp_path):
 def test_eval_llm_chats_with_a_converted_folder(tmp_path):
     native_weight(tmp_path / "full_sft_64.pth")
     assert convert("to_transformers", str(tmp_path / "full_sft_64.pth"), str(tmp_path / "hf")).returncode == 0
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "eval_llm.py"), "--load_from", str(tmp_path / "hf"),
-                             "--prompts", "你好", "--temperature", "0", "--max_new_tokens", "8", "--device", "cpu"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_python([os.path.join(REPO_ROOT, "eval_llm.py"), "--load_from", str(tmp_path / "hf"),
+                         "--prompts", "你好", "--temperature", "0", "--max_new_tokens", "8", "--device", "cpu"], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "🤖:" in result.stdout and "tokens/s]" in result.stdout
 

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import REPO_ROOT
+from forked_python import forked_run, run_python
 from model.model_lora import apply_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from scripts import plot_metrics
@@ -45,9 +46,9 @@ def weights(tmp_path_factory):
 
 
 def chat(weights, *args, stdin=None):
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "eval_llm.py"), "--save_dir",
-                             str(weights / "out"), *TINY, "--temperature", "0", "--max_new_tokens", "12",
-                             "--device", "cpu", *args], capture_output=True, text=True, input=stdin, timeout=300)
+    result = run_python([os.path.join(REPO_ROOT, "eval_llm.py"), "--save_dir",
+                         str(weights / "out"), *TINY, "--temperature", "0", "--max_new_tokens", "12",
+                         "--device", "cpu", *args], input=stdin, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -100,8 +101,8 @@ def test_history_is_kept(weights):
 
 
 def test_missing_weight_is_a_clear_error(weights):
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "eval_llm.py"), "--save_dir", str(weights / "out"),
-                             "--weight", "nope", *TINY, "--prompts", "x"], capture_output=True, text=True, timeout=300)
+    result = run_python([os.path.join(REPO_ROOT, "eval_llm.py"), "--save_dir", str(weights / "out"),
+                         "--weight", "nope", *TINY, "--prompts", "x"], timeout=300)
     assert result.returncode != 0 and "nope_64.pth does not exist" in result.stderr and "full_sft_64.pth" in result.stderr
 
 
@@ -169,11 +170,13 @@ def test_paired_bootstrap_interval():
     assert result["before"] == 20 / 6 and result["after"] == 15 / 6 and result["improved"]  # token-weighted means
 
 
-def test_demo_pipeline_smoke_run(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "run_demo.py"), "--quick",
-                             "--out_dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, MINIMIND_NO_PROGRESS="1", HF_DATASETS_CACHE=str(tmp_path / "cache")))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+def test_demo_pipeline_smoke_run(tmp_path, monkeypatch):
+    # run_demo.py in this process; the trainer commands it runs are processes forked from the tests' zygote
+    from scripts import run_demo
+    monkeypatch.setenv("MINIMIND_NO_PROGRESS", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(subprocess, "run", forked_run)
+    run_demo.main(run_demo.arguments(["--quick", "--out_dir", str(tmp_path)]))
     report = (tmp_path / "demo_report.md").read_text(encoding="utf-8")
     for row in ("| pretrain |", "| sft |", "| tools |", "| agent |", "| lora |", "| dpo |", "| reasoning |", "| kd |", "| grpo |"):
         assert row in report

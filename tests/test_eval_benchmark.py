@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import PROJECT_TOKENIZER, REPO_ROOT
+from forked_python import run_python
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from common.chat import render
 from inference.chat_core import load_chat_model
@@ -75,9 +76,8 @@ def test_scores_per_subject_and_overall(weight, tmp_path):
     data.mkdir()
     write_ceval(data / "math_val.csv", MATH, math_answers)
     write_cmmlu(data / "history.csv", HISTORY, [x.lower() for x in history_answers])  # lower case is accepted
-    result = subprocess.run([sys.executable, SCRIPT, "--data_dir", str(data), "--load_from", str(weight),
-                             "--device", "cpu", "--batch_size", "2", "--output", str(tmp_path / "scores.json")],
-                            capture_output=True, text=True, timeout=300)
+    result = run_python([SCRIPT, "--data_dir", str(data), "--load_from", str(weight),
+                         "--device", "cpu", "--batch_size", "2", "--output", str(tmp_path / "scores.json")], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     scores = json.load(open(tmp_path / "scores.json"))
     assert scores["subjects"]["math"]["accuracy"] == 1.0 and scores["subjects"]["history"]["accuracy"] == 0.0

@@ -5,7 +5,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 
 import gguf
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import REPO_ROOT, talkative_weight, tiny_model
+from forked_python import run_python
 from model.model_lora import apply_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 
@@ -31,7 +31,7 @@ CHAT = [{"role": "user", "content": "你好，请介绍一下你自己。Who are
 
 
 def convert(*args):
-    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
+    result = run_python([SCRIPT, *args], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 
@@ -127,8 +127,7 @@ def test_rope_reordering_leaves_attention_scores_unchanged():
 
 def test_gguf_export_refuses_minimind2_moe_and_leaves_no_file(tmp_path):
     torch.save({k: v.half() for k, v in tiny_model(use_moe=True).state_dict().items()}, tmp_path / "moe.pth")
-    result = subprocess.run([sys.executable, SCRIPT, "to_gguf", str(tmp_path / "moe.pth"), str(tmp_path / "m.gguf")],
-                            capture_output=True, text=True, timeout=300)
+    result = run_python([SCRIPT, "to_gguf", str(tmp_path / "moe.pth"), str(tmp_path / "m.gguf")], timeout=300)
     assert result.returncode != 0 and "MiniMind2 MoE model" in result.stderr and "Traceback" not in result.stderr
     assert os.listdir(tmp_path) == ["moe.pth"]
 
@@ -264,8 +263,8 @@ def test_merge_lora_with_a_mismatched_adapter_says_what_differs(tmp_path):
     other = tiny_model(hidden_size=128, num_attention_heads=4)
     apply_lora(other, rank=4)
     save_lora(other, str(tmp_path / "lora.pth"))
-    result = subprocess.run([sys.executable, SCRIPT, "merge_lora", str(tmp_path / "base.pth"), str(tmp_path / "lora.pth"),
-                             str(tmp_path / "merged.pth")], capture_output=True, text=True, timeout=300)
+    result = run_python([SCRIPT, "merge_lora", str(tmp_path / "base.pth"), str(tmp_path / "lora.pth"),
+                         str(tmp_path / "merged.pth")], timeout=300)
     assert result.returncode != 0 and "shape mismatch" in result.stderr
     assert not os.path.exists(tmp_path / "merged.pth")
 
@@ -320,10 +319,9 @@ def test_lm_evaluation_harness_runs_offline_and_agrees_with_eval_benchmark(tmp_p
     loglikelihoods = np.array([[float(choice[0]) for choice in s["filtered_resps"]] for s in samples])
     harness_letters = ["ABCD"[i] for i in loglikelihoods.argmax(-1)]
 
-    bench = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "eval_benchmark.py"), "--data_dir",
-                            os.path.dirname(csv_path), "--load_from", str(tmp_path / "MiniMind2-toy"), "--prompt_style",
-                            "plain", "--output", str(tmp_path / "bench.json"), "--device", "cpu"],
-                           capture_output=True, text=True, timeout=300)
+    bench = run_python([os.path.join(REPO_ROOT, "scripts", "eval_benchmark.py"), "--data_dir",
+                        os.path.dirname(csv_path), "--load_from", str(tmp_path / "MiniMind2-toy"), "--prompt_style",
+                        "plain", "--output", str(tmp_path / "bench.json"), "--device", "cpu"], timeout=300)
     assert bench.returncode == 0, bench.stderr[-2000:]
     ours = json.load(open(tmp_path / "bench.json"))["subjects"]["toy"]
     assert len(set(ours["predictions"])) >= 3  # the items really tell the two apart

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from forked_python import forked_run
 
 from model import kernels, model_minimind
 from scripts import gpu_check
@@ -28,11 +29,14 @@ NEEDS_CUDA = {"packing minimind2: varlen vs block mask", "packing minimind-3: va
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    """One Context for the module: a trainer run asked for again (same arguments) is not run twice."""
+    """One Context for the module: a trainer run asked for again (same arguments) is not run twice. Its trainer
+    processes are forked from the tests' zygote (tests/forked_python.py), torchrun's are started as usual."""
     tmp = tmp_path_factory.mktemp("gpu_check")
     env = dict(os.environ, MINIMIND_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false",
                HF_DATASETS_CACHE=str(tmp / "hf_cache"))
-    return gpu_check.Context(gpu_check.arguments(TINY), str(tmp), env)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "run", forked_run)
+        yield gpu_check.Context(gpu_check.arguments(TINY), str(tmp), env)
 
 
 @pytest.fixture(scope="module")

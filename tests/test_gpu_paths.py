@@ -4,7 +4,6 @@ holds, which host reads a training step makes, and scripts/gpu_check.py end to e
 import json
 import os
 import subprocess
-import sys
 import traceback
 from types import SimpleNamespace
 
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import REPO_ROOT, tiny_model
+from forked_python import forked_run
 
 from common import device as devices
 from common import bench
@@ -594,18 +594,21 @@ def test_a_step_makes_no_float64_tensor_where_the_device_has_none(tmp_path, monk
 # 8. Tokenised once under torchrun; scripts/gpu_check.py on the CPU
 # --------------------------------------------------------------------------------------------
 
-def test_gpu_check_runs_every_stage_on_the_cpu_path(tmp_path):
+def test_gpu_check_runs_every_stage_on_the_cpu_path(tmp_path, monkeypatch, capsys):
     """Every stage trains a few steps through the same code a GPU owner runs; supervised stages make only
     causal (unmasked) attention calls, the RL stages also masked ones, and all of them run on the CPU's
     flash kernel (on a GPU a call needing the math kernel would stop the stage)."""
+    from scripts import gpu_check
     keep = tmp_path / "check"
-    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "scripts", "gpu_check.py"), "--device", "cpu", "--dtype", "float32",
-         "--hidden_size", "64", "--num_hidden_layers", "2", "--batch_size", "2", "--max_seq_len", "48",
-         "--max_gen_len", "8", "--steps", "2", "--checks", "none", "--keep", str(keep)],  # (checks: test_gpu_check.py)
-        capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(subprocess, "run", forked_run)  # each stage's trainer: a process forked from the zygote
+    with pytest.raises(SystemExit) as done:
+        gpu_check.main(gpu_check.arguments(
+            ["--device", "cpu", "--dtype", "float32", "--hidden_size", "64", "--num_hidden_layers", "2",
+             "--batch_size", "2", "--max_seq_len", "48", "--max_gen_len", "8", "--steps", "2",
+             "--checks", "none", "--keep", str(keep)]))  # (checks: test_gpu_check.py)
+    printed = capsys.readouterr().out
+    assert done.value.code == 0, printed[-4000:]
     stages = ["pretrain", "pretrain_moe", "full_sft", "lora", "dpo", "reason", "distillation", "ppo", "grpo", "spo"]
     for stage in stages:
         report = json.load(open(keep / f"{stage}.json"))
@@ -617,4 +620,4 @@ def test_gpu_check_runs_every_stage_on_the_cpu_path(tmp_path):
         else:
             assert not masked, (stage, kinds)  # right-padded rows: causal alone
         assert report["steps"] == 2 and report["peak_memory_gib"] > 0
-        assert any(line.startswith(f"| {stage} | ") and "FLASH_ATTENTION" in line for line in result.stdout.splitlines())
+        assert any(line.startswith(f"| {stage} | ") and "FLASH_ATTENTION" in line for line in printed.splitlines())

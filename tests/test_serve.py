@@ -14,6 +14,7 @@ from openai import AuthenticationError, BadRequestError, OpenAI
 from transformers import AutoTokenizer
 
 from conftest import PROJECT_TOKENIZER, REPO_ROOT, start_server, talkative_weight
+from forked_python import run_python
 from model.model_lora import apply_lora, load_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from common.chat import render
@@ -199,10 +200,9 @@ def test_the_api_key_can_come_from_the_environment_and_help_never_shows_it(weigh
 
 
 def test_chat_client_script_talks_to_the_server(server):
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "chat_openai_api.py"),
-                             "--base_url", server + "/v1", "--prompts", "你好", "你是谁？", "--historys", "2",
-                             "--temperature", "0", "--max_tokens", "6"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_python([os.path.join(REPO_ROOT, "scripts", "chat_openai_api.py"),
+                         "--base_url", server + "/v1", "--prompts", "你好", "你是谁？", "--historys", "2",
+                         "--temperature", "0", "--max_tokens", "6"], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("🤖: ") == 2 and "👶: 你是谁？" in result.stdout
 
@@ -242,9 +242,8 @@ def test_stream_reply_never_sends_part_of_a_stop_string(weight):
 
 def test_a_converted_folder_serves_the_same_answers(weight, tmp_path):
     from scripts.serve_openai_api import create_app
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "convert_model.py"), "to_transformers",
-                             str(weight), str(tmp_path / "hf")],
-                            capture_output=True, text=True, timeout=300)
+    result = run_python([os.path.join(REPO_ROOT, "scripts", "convert_model.py"), "to_transformers",
+                         str(weight), str(tmp_path / "hf")], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     answers = []
     for path in (str(weight), str(tmp_path / "hf")):

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from werkzeug.serving import make_server
 
 from conftest import REPO_ROOT, free_port
+from forked_python import run_python
 from model.model_minimind import MiniMindConfig
 from scripts import serve_openai_api
 from common.chat import final_reply, split_reply
@@ -262,13 +263,10 @@ def test_the_web_chat_over_the_api_folds_the_reasoning_it_gets_as_reasoning_cont
 
 @pytest.mark.parametrize("stream", ["0", "1"])
 def test_the_terminal_client_shows_the_reasoning_then_the_answer(served, stream):
-    import subprocess
-    import sys
     model, _, url = served
     model.say("<think>\n先想一想。\n</think>\n<answer>84</answer>")
-    result = subprocess.run([sys.executable, f"{REPO_ROOT}/scripts/chat_openai_api.py", "--base_url", url + "/v1",
-                             "--prompts", "12 乘以 7？", "--temperature", "0", "--stream", stream],
-                            capture_output=True, text=True, timeout=120)
+    result = run_python([f"{REPO_ROOT}/scripts/chat_openai_api.py", "--base_url", url + "/v1",
+                         "--prompts", "12 乘以 7？", "--temperature", "0", "--stream", stream], timeout=120)
     assert result.returncode == 0, result.stderr
     assert "🤖: 💭 先想一想。\n🤖: 84\n" in result.stdout
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, tiny_model
+from forked_python import run_python
 
 from trainer import trainer_utils
 from trainer.resume import Checkpoint, check_same_order
@@ -33,7 +34,10 @@ def run_script(script, *args, cwd=REPO_ROOT, tmp, torchrun=0, check=True, env=No
     if torchrun:
         full_env["OMP_NUM_THREADS"] = "1"  # two processes on two cores
     full_env.update(env or {})
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=full_env)
+    if torchrun:
+        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=full_env)
+    else:  # a process of its own, forked with torch and transformers imported (tests/forked_python.py)
+        result = run_python(command[1:], cwd=cwd, env=full_env, timeout=600)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
