@@ -1,8 +1,8 @@
 """The whole pipeline on the bundled demo data, on a CPU: pretrain -> full SFT -> agentic RL -> LoRA identity -> DPO
 -> reasoning distillation -> knowledge distillation -> GRPO, each evaluated on held-out data.
 
-    python scripts/run_demo.py            # 40 minutes on a 2-core AMD EPYC VM (fp32), about 19 on a faster 2-core
-                                          # Intel Xeon VM (docs/benchmarks.md); writes out/demo_report.md
+    python scripts/run_demo.py            # 20 minutes on a 2-core AMD EPYC VM (fp32, kernels at AVX2), up to 40 on
+                                          # slower 2-core VMs (docs/benchmarks.md); writes out/demo_report.md
     python scripts/run_demo.py --quick    # a 1-minute smoke run with a tiny model (numbers mean nothing)
 
 Each stage runs the real trainer command line (printed as it goes). Every number in the report is
@@ -220,6 +220,19 @@ def agent_scores(model, tokenizer, rows, temperature, samples=2, seed=0):
             parts = [agent_reward(t, row["gt"], row["tools"]) for t in trajectories[i * samples:(i + 1) * samples]]
             scores.append({k: sum(p[k] for p in parts) / samples for k in ("total", "success", "valid_calls")})
     return scores
+
+
+def agent_reading(reward, success, valid_calls):
+    """What the agent stage shows, from its three result rows: which moved (95% interval clear of 0) and, when only the
+    reward rose, where the gain must come from."""
+    def moved(r):
+        return "rose" if r["ci95"][0] > 0 else "fell" if r["ci95"][1] < 0 else "did not move significantly"
+    line = (f"Agent stage: the reward {moved(reward)}, task success {moved(success)}, the share of valid tool calls "
+            f"{moved(valid_calls)}")
+    if reward["ci95"][0] > 0 and success["ci95"][0] <= 0 and valid_calls["ci95"][0] <= 0:
+        return line + ": the gain is in the reward's other terms (repeated words, closed tags, the turn limit), not in " \
+            "tool use."
+    return line + "."
 
 
 def exact_match(model, tokenizer, rows):
@@ -447,6 +460,7 @@ def main(args):
         "| stage | time | metric (held-out) | before | after | change [95% interval] | |", "|---|---|---|---|---|---|---|",
         *[row(r) for r in results], "",
         f"Exact matches by kind (before SFT → after SFT / questions): {kinds}.", "",
+        agent_reading(*[r for r in results if r["stage"] == "agent"]), "",
         f"![loss curves]({os.path.relpath(curves, args.out_dir)})", "",
         "## Sample answers after SFT", "", "| question | expected | answer |", "|---|---|---|",
     ]

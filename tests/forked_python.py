@@ -6,6 +6,8 @@ child for every run: the child is still a process of its own (own memory, cwd, e
 stdout and stderr files), runs the script as __main__ with runpy, and starts with torch and transformers already
 imported, as if they had been imported first. Nothing else is imported in the zygote (not the project, not datasets,
 whose cache folder is read from the environment at import), and it runs no torch op, so no thread pool is forked.
+A run whose environment differs from the zygote's in a variable that torch or transformers read at import (TORCH_LOGS,
+OMP_NUM_THREADS, HF_HUB_OFFLINE, ...) is started as a plain subprocess instead.
 
     result = run_python(["trainer/train_pretrain.py", "--max_steps", "1"], cwd=..., env=..., timeout=600)
     result.returncode, result.stdout, result.stderr       # as subprocess.run(..., capture_output=True, text=True)
@@ -23,6 +25,8 @@ import sys
 import tempfile
 import threading
 
+READ_AT_IMPORT = ("TORCH", "PYTORCH", "OMP_", "MKL_", "KMP_", "ONEDNN_", "ATEN_", "TRANSFORMERS", "HF_HUB", "HF_HOME",
+                  "TOKENIZERS")  # prefixes of the variables the preloaded modules read once, at import
 PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "transformers.generation.utils",
            "transformers.masking_utils", "transformers.cache_utils", "transformers.modeling_outputs")
 
@@ -81,9 +85,10 @@ def zygote_main():
 class _Zygote:
     def __init__(self):
         self.lock = threading.Lock()
-        self.process = None
+        self.process, self.env = None, {}
 
     def start(self):
+        self.env = dict(os.environ)
         self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, bufsize=1)
         assert self.process.stdout.readline().strip() == "ready", "the test zygote did not start"
@@ -92,10 +97,17 @@ class _Zygote:
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
         return self.process.stdout.readline().strip() if ready else None
 
+    def imports_differently(self, env):
+        keys = {k for k in set(env) | set(self.env) if k.startswith(READ_AT_IMPORT)}
+        return any(env.get(k) != self.env.get(k) for k in keys)
+
     def run(self, argv, cwd, env, timeout, input):
         with self.lock, tempfile.TemporaryDirectory() as folder:
             if self.process is None or self.process.poll() is not None:
                 self.start()
+            if self.imports_differently(env):  # a fresh interpreter imports torch with this environment
+                return _real_run([sys.executable, *argv], cwd=cwd, env=env, input=input, capture_output=True,
+                                 text=True, timeout=timeout)
             paths = dict(stdout=os.path.join(folder, "out"), stderr=os.path.join(folder, "err"), stdin=None)
             if input is not None:
                 paths["stdin"] = os.path.join(folder, "in")

@@ -170,6 +170,16 @@ def test_paired_bootstrap_interval():
     assert result["before"] == 20 / 6 and result["after"] == 15 / 6 and result["improved"]  # token-weighted means
 
 
+def test_the_report_says_what_the_agent_stage_shows():
+    from scripts.run_demo import agent_reading
+    row = lambda low, high: dict(ci95=[low, high])  # noqa: E731
+    only_reward = agent_reading(row(0.004, 0.084), row(0.0, 0.015), row(-0.082, 0.0))
+    assert only_reward.startswith("Agent stage: the reward rose, task success did not move significantly")
+    assert "not in tool use" in only_reward
+    learned = agent_reading(row(0.1, 0.3), row(0.02, 0.1), row(-0.2, -0.01))
+    assert "task success rose" in learned and "valid tool calls fell" in learned and "not in tool use" not in learned
+
+
 def test_demo_pipeline_smoke_run(tmp_path, monkeypatch):
     # run_demo.py in this process; the trainer commands it runs are processes forked from the tests' zygote
     from scripts import run_demo
@@ -181,6 +191,7 @@ def test_demo_pipeline_smoke_run(tmp_path, monkeypatch):
     for row in ("| pretrain |", "| sft |", "| tools |", "| agent |", "| lora |", "| dpo |", "| reasoning |", "| kd |", "| grpo |"):
         assert row in report
     assert "loss on pretrain_eval.jsonl (48 documents, per token)" in report  # --quick scores a few items
+    assert "\nAgent stage: the reward " in report
     card = json.loads((tmp_path / "demo_report.json").read_text(encoding="utf-8"))
     primary = [r for r in card["stages"] if r["primary"]]
     assert [r["stage"] for r in primary] == ["pretrain", "sft", "tools", "agent", "lora", "dpo", "reasoning", "kd",
