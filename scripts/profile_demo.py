@@ -8,8 +8,9 @@ saving and the rest, from stack samples of the demo and of every trainer it star
 
 py-spy samples the Python stack of each process --rate times a second (it only reads the processes' memory, so the
 demo runs at its own speed); a sample taken while a thread runs a torch kernel counts for the Python line that called
-it, so "backward" is loss.backward() with all its kernels. Each sample is put in the first category whose pattern a
-frame of its stack matches, innermost first for the step's parts (so a forward inside sampling counts as sampling):
+it, so "backward" is loss.backward() with all its kernels. A sample with an import anywhere in its stack is start-up;
+otherwise it goes to the first category below (in this order) whose pattern matches any frame of its stack, so a
+forward inside sampling counts as sampling and a forward recomputed inside backward as backward:
 
   start-up    importing modules, parsing arguments, building the model, reading the tokenizer (before the first batch)
   data        the DataLoader, collation, tokenising into the cache
@@ -22,9 +23,11 @@ frame of its stack matches, innermost first for the step's parts (so a forward i
   evaluation  run_demo.py's own held-out measurements besides generation (losses, margins)
   other       everything else: the Python between the kernels, logging, the scheduler
 
-The matmul peak is the best of a few 2048^3 fp32 matmuls on all cores (torch.mm), in GFLOP/s. The table's "model
-GFLOP/s" is 6 x parameters x the median tokens/s the stage's trainer logged (its whole loop: data, forward, backward,
-optimizer and the Python between; attention's own FLOPs left out), and "of peak" that over the matmul peak.
+The matmul peak is the best of a few 2048^3 fp32 matmuls on all cores (torch.mm), in GFLOP/s, measured when this script
+runs. The table's "6N GFLOP/s" is 6 x parameters x the median tokens/s the stage's trainer logged (its whole loop: data,
+forward, backward, optimizer and the Python between; attention's own FLOPs left out: the dense-model convention, an
+equivalent rate where a stage skips work, as LoRA does for the frozen weights' gradients), and "of peak" that over the
+matmul peak.
 """
 import argparse
 import collections
@@ -39,13 +42,12 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (category, pattern of a frame "function (file:line)"; py-spy names methods Class.function), first category matching
-# any frame wins
 def _names(*names):
+    """A pattern for frames of these functions: py-spy writes a frame "function (file:line)", methods as Class.function."""
     return rf"(^|\.)({'|'.join(names)}) \("
 
 
-CATEGORIES = [
+CATEGORIES = [  # (category, pattern of a frame); the first category matching any frame of a sample wins
     ("saving", re.compile(r"\((.*/)?(serialization|resume)\.py|" + _names("save", "atomic_save"))),
     ("sampling", re.compile(_names("generate", "sample", "sample_and_score", "sample_batch", "run_trajectories",
                                    "greedy_replies", "answer", "rl_scores", "agent_scores", "exact_match",
@@ -130,7 +132,7 @@ def tokens_per_second(out_dir):
 
 
 def report(table, rate, peak=None, parameters=None, speeds=None):
-    extra_head = " | trainer tokens/s | model GFLOP/s | of peak |" if peak else " |"
+    extra_head = " | trainer tokens/s | 6N GFLOP/s | of peak |" if peak else " |"
     lines = ["| stage | wall s | " + " | ".join(COLUMNS) + extra_head,
              "|---|---:|" + "---:|" * len(COLUMNS) + ("---:|---:|---:|" if peak else "")]
     total = collections.Counter()
