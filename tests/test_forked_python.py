@@ -42,11 +42,15 @@ def test_a_forked_run_is_the_script_run_as_main(script, tmp_path):
     assert plain.returncode == 3 and {**json.loads(plain.stdout), "torch": True} == seen
 
 
-def test_an_environment_torch_reads_at_import_gets_a_fresh_interpreter(script, tmp_path):
+def test_an_environment_torch_reads_at_import_gets_a_fresh_interpreter(script, tmp_path, monkeypatch):
     import json
     seen = json.loads(run_python([str(script)], cwd=tmp_path, env=dict(os.environ, TORCH_LOGS="graph_breaks")).stdout)
     assert not seen["torch"]  # not forked: the zygote's torch was imported without TORCH_LOGS
     assert json.loads(run_python([str(script)], cwd=tmp_path, env=dict(os.environ, OTHER="1")).stdout)["torch"]
+    # libraries write their defaults into the tests' own environment (torch.compile: TORCHINDUCTOR_CACHE_DIR, trl:
+    # KMP_DUPLICATE_LIB_OK); runs that merely inherit them are still forked
+    monkeypatch.setenv("KMP_DUPLICATE_LIB_OK", "True")
+    assert json.loads(run_python([str(script)], cwd=tmp_path, env=dict(os.environ)).stdout)["torch"]
 
 
 def test_an_uncaught_exception_exits_1_with_its_traceback(script, tmp_path):
