@@ -72,7 +72,7 @@ def main(args):
         # Every answer token weighs the same in the step: micro-batch b, with n_b of the step's N loss tokens (all
         # processes), enters as (n_b / N) * its mean loss, which with M micro-batches on W processes gives
         #   loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)     (aux: the MoE load-balancing loss)
-        counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in window]  # loss tokens, after the shift
+        counts = [len(batch["loss_index"]) for batch in window]  # loss tokens (after the shift), found by the collator
         total = max(run.host_sum(sum(counts))[0], 1)  # all processes, summed on the CPU: no GPU wait
         sums = StepSums(run)
         for i, (batch, n) in enumerate(zip(window, counts)):
