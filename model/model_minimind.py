@@ -540,20 +540,24 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         documents: packed rows' (cu_seqlens, longest) from the collator (see MiniMindModel.forward).
 
         logits_to_keep: an int n keeps the last n positions (0 = all), a tensor selects positions.
-        loss_index: with labels, the flat positions t of [B, T - 1] whose label t + 1 is not -100 (the collator's
-        batch["loss_index"], found on the CPU): the head and the loss run at those positions only, the same mean
-        CE, and logits is None. SFT trains on the answers, often under a third of the tokens, and the 6400-wide
-        head is about 40% of a 192-wide model's matmul work.
+        loss_index: the flat positions t of [B, T - 1] whose label t + 1 is not -100 (the collator's
+        batch["loss_index"], found on the CPU): the head runs at those positions only. With labels: the same mean
+        CE, and logits is None; without: logits [K, V] at the K positions, for a loss the caller computes (DPO,
+        distillation). SFT trains on the answers, often under a third of the tokens, and the 6400-wide head is about
+        40% of a 192-wide model's matmul work.
         """
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=bool(use_cache), inputs_embeds=inputs_embeds,
                          output_hidden_states=output_hidden_states, documents=kwargs.get("documents"))
-        if labels is not None and loss_index is not None:
+        if loss_index is not None:
             hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.size(-1))
             loss_index = loss_index.to(hidden.device)
-            targets = labels[:, 1:].reshape(-1).to(hidden.device).index_select(0, loss_index)
-            loss = F.cross_entropy(self.lm_head(hidden.index_select(0, loss_index)).float(), targets)
-            return MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=None,
+            logits = self.lm_head(hidden.index_select(0, loss_index))  # [K, V]
+            loss = None
+            if labels is not None:
+                targets = labels[:, 1:].reshape(-1).to(hidden.device).index_select(0, loss_index)
+                loss, logits = F.cross_entropy(logits.float(), targets), None
+            return MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=logits,
                                              past_key_values=out.past_key_values, hidden_states=out.hidden_states)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep, :])

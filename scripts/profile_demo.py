@@ -62,8 +62,9 @@ CATEGORIES = [  # (category, pattern of a frame); the first category matching an
 ]
 START_UP = re.compile(_names("arguments", "parse_args", "from_pretrained", "load_model", "load_tokenizer", "Run.__init__",
                              "Checkpoint.restore"))
+KD = "KD (2 runs)"
 STAGES = dict(train_pretrain="pretrain", train_full_sft="full SFT", train_agent="agentic RL", train_lora="LoRA",
-              train_dpo="DPO", train_distill_reason="reasoning", train_distillation="KD (2 runs)", train_grpo="GRPO")
+              train_dpo="DPO", train_distill_reason="reasoning", train_distillation=KD, train_grpo="GRPO")
 COLUMNS = ["start-up", "data", "forward", "loss", "backward", "optimizer", "sampling", "saving", "evaluation", "other"]
 
 
@@ -116,10 +117,12 @@ def read_samples(path):
 
 
 def tokens_per_second(out_dir):
-    """Each stage's training speed: the median of the tokens/s its trainer logged (first window left out)."""
+    """Each stage's training speed: the median of the tokens/s its trainer logged (first window left out; KD: the
+    run with the teacher)."""
     speeds = {}
     for name, stage in (("pretrain", "pretrain"), ("full_sft", "full SFT"), ("agent", "agentic RL"),
-                        ("lora_identity", "LoRA"), ("dpo", "DPO"), ("reason", "reasoning"), ("grpo", "GRPO")):
+                        ("lora_identity", "LoRA"), ("dpo", "DPO"), ("reason", "reasoning"), ("grpo", "GRPO"),
+                        ("full_dist", KD)):
         folder = os.path.join(out_dir, "demo")
         found = sorted(f for f in os.listdir(folder) if re.fullmatch(rf"{name}_\d+_metrics\.jsonl", f)) \
             if os.path.isdir(folder) else []
@@ -143,8 +146,9 @@ def report(table, rate, peak=None, parameters=None, speeds=None):
         extra = " |"
         if peak:
             speed = (speeds or {}).get(stage)
-            flops = 6 * parameters * speed / 1e9 if speed and parameters else None
-            extra = f" | {speed:,.0f} | {flops:.1f} | {flops / peak:.1%} |" if flops else " | | | |"
+            flops = 6 * parameters * speed / 1e9 if speed and parameters and stage != KD else None
+            extra = f" | {speed:,.0f} | {flops:.1f} | {flops / peak:.1%} |" if flops else \
+                f" | {speed:,.0f} | | |" if speed else " | | | |"  # KD: a student and a teacher, not 6N
         lines.append(f"| {stage} | {samples / rate:.0f} | " + " | ".join(cells) + extra)
     samples = sum(total.values())
     lines.append(f"| **all** | {samples / rate:.0f} | " + " | ".join(

@@ -18,6 +18,7 @@ from trainer import train_distill_reason
 from trainer import train_distillation
 from trainer import losses
 from trainer import train_dpo
+from trainer.sampler import loss_positions
 
 MODEL_DIR = os.path.join(REPO_ROOT, "model")
 
@@ -75,6 +76,34 @@ def test_sequence_logps_mean_and_sum():
     total = math.log(0.25) + math.log(0.7) + math.log(0.6)
     assert losses.sequence_logps(logits, labels, "sum").item() == pytest.approx(total, rel=1e-5)
     assert losses.sequence_logps(logits, labels, "mean").item() == pytest.approx(total / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_answer_logps_from_the_loss_positions_equal_the_full_logits_ones(reduction):
+    """DPO's pairs: the collator's loss_index in stack_pairs' layout, the head there only (forward(loss_index=...),
+    [K, V] logits) and each row's log-prob added up from its positions give sequence_logps of the full logits."""
+    from dataset.lm_dataset import stack_pairs
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    from trainer.sampler import collate
+    torch.manual_seed(0)
+    rows = []
+    for i, (prompt, chosen, rejected) in enumerate(((5, 4, 2), (3, 6, 5), (8, 1, 3))):
+        pair = {}
+        for side, answer in (("chosen", chosen), ("rejected", rejected)):
+            ids = torch.randint(1, 400, (prompt + answer,))
+            pair[f"{side}_input_ids"] = ids
+            pair[f"{side}_labels"] = ids.masked_fill(torch.arange(prompt + answer) < prompt, -100)
+        rows.append(dict(pair, index=torch.tensor(i)))
+    batch = collate(rows)
+    ids, _, labels = stack_pairs(batch, pad_id=0)
+    assert batch["loss_index"].tolist() == [i for i, label in enumerate(labels[:, 1:].reshape(-1).tolist())
+                                            if label != -100]
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2)).eval()
+    full = losses.sequence_logps(model(ids).logits, labels, reduction)
+    at = model(ids, loss_index=batch["loss_index"]).logits
+    assert at.shape == (len(batch["loss_index"]), model.config.vocab_size)
+    torch.testing.assert_close(losses.sequence_logps_at(at, labels, batch["loss_index"], reduction), full)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,12 +169,16 @@ def test_conversations_without_tags_are_counted_inside_packed_rows():
 
 def test_weighted_loss_normalises_by_the_weight_sum():
     torch.manual_seed(0)
-    logits = torch.randn(1, 4, 5)
-    labels = torch.tensor([[-100, 2, 4, 1]])
-    weights = torch.tensor([[0.0, 10.0, 1.0, 1.0]])
-    ce = F.cross_entropy(logits[0, :-1], torch.tensor([2, 4, 1]), reduction="none")
+    logits = torch.randn(1, 5, 5)
+    labels = torch.tensor([[-100, -100, 2, 4, 1]])  # position 0 predicts no label: no loss there
+    weights = torch.tensor([[0.0, 0.0, 10.0, 1.0, 1.0]])
+    loss_index = loss_positions(labels)
+    assert loss_index.tolist() == [1, 2, 3]
+    ce = F.cross_entropy(logits[0, 1:4], torch.tensor([2, 4, 1]), reduction="none")
     expected = (10 * ce[0] + ce[1] + ce[2]) / 12
-    assert train_distill_reason.weighted_next_token_loss(logits, labels, weights).item() == pytest.approx(expected.item())
+    got = train_distill_reason.weighted_next_token_loss(logits[0, loss_index], losses.at_loss_positions(
+        labels, loss_index), losses.at_loss_positions(weights, loss_index))
+    assert got.item() == pytest.approx(expected.item())
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +197,9 @@ def test_kd_term_is_the_hand_computed_kl():
     p, q = softmax([2.0, 1.0, 0.0]), softmax([1.0, 2.0, 0.5])
     kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
     ce = -math.log(math.exp(2.0) / sum(math.exp(x) for x in [1.0, 2.0, 0.5]))
-    total, got_ce, got_kl = train_distillation.distillation_loss(student, teacher, labels, alpha, T)
+    at = loss_positions(labels)  # the head runs there only: [K, V] logits
+    total, got_ce, got_kl = train_distillation.distillation_loss(student[0, at], teacher[0, at],
+                                                                 losses.at_loss_positions(labels, at), alpha, T)
     assert got_kl.item() == pytest.approx(kl, rel=1e-5) and got_ce.item() == pytest.approx(ce, rel=1e-5)
     assert total.item() == pytest.approx(alpha * ce + (1 - alpha) * T * T * kl, rel=1e-5)
 

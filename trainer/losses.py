@@ -16,7 +16,8 @@ def masked_mean(values, mask, dim=None):
 def gathered_logprobs(logits, targets, temperature=1.0, rows_per_chunk=4):
     """log softmax(logits / temperature)[target] = z_target - logsumexp(z), z = logits / temperature, in fp32.
 
-    logits [N, T, V] (any dtype), targets [N, T] -> [N, T]. The logsumexp runs over a few rows at a time, so no fp32
+    logits [N, T, V] (any dtype), targets [N, T] -> [N, T] (or [K, V], [K] -> [K]). The logsumexp runs over a few rows
+    at a time, so no fp32
     copy of the whole [N, T, V] logits exists at once (without gradients; with them each chunk's fp32 copy is kept
     for the backward, as log_softmax's output would be)."""
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() / temperature
@@ -41,6 +42,22 @@ def sequence_logps(logits, labels, reduction="mean"):
     logps, mask = token_logprobs(logits, labels)
     total = logps.sum(-1)
     return total / mask.sum(-1).clamp(min=1) if reduction == "mean" else total
+
+
+def at_loss_positions(values, loss_index):
+    """values[:, 1:] ([B, T] labels: the next-token targets; or per-token weights) flattened and taken at loss_index,
+    the collator's flat positions of [B, T - 1] (those the model's forward(loss_index=...) gives logits for): [K]."""
+    return values[:, 1:].reshape(-1).index_select(0, loss_index)
+
+
+def sequence_logps_at(logits, labels, loss_index, reduction="mean"):
+    """sequence_logps from the logits at the loss positions only: logits [K, V] from forward(loss_index=...), the
+    position loss_index[k] lies in row loss_index[k] // (T - 1). Each row's sum is an index_add of its positions'
+    log-probs (no boolean indexing: the host never waits for a count); the mean divides by the row's answer tokens."""
+    logps = gathered_logprobs(logits, at_loss_positions(labels, loss_index), rows_per_chunk=1024)  # [K], fp32
+    rows = torch.div(loss_index, labels.shape[1] - 1, rounding_mode="floor")
+    total = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+    return total / (labels[:, 1:] != -100).sum(-1).clamp(min=1) if reduction == "mean" else total
 
 
 def group_advantages(rewards, group_size):

@@ -14,7 +14,7 @@ import math
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from dataset.lm_dataset import pad_batch
+from dataset.lm_dataset import pad_batch, stack_pairs
 from model.kernels import document_offsets
 
 
@@ -22,13 +22,21 @@ def collate(rows):
     """pad_batch's dict; packed rows (with position_ids) also get "documents": where each document starts in the
     flattened batch and the longest one's length, found here on the batch's CPU copy (in the loader's workers), so that
     varlen attention on a GPU needs no host read of position ids already on the device. Rows with labels get
-    "loss_index": the flat positions of labels[:, 1:] that carry loss (the model's loss_index), found here too."""
+    "loss_index": the flat positions of labels[:, 1:] that carry loss (the model's loss_index), found here too;
+    preference pairs get them in stack_pairs' layout (chosen rows, then rejected rows, one width)."""
     batch = pad_batch(rows)
     if "position_ids" in batch:
         batch["documents"] = document_offsets(batch["position_ids"])
     if "labels" in batch:
-        batch["loss_index"] = torch.nonzero(batch["labels"][:, 1:].reshape(-1) != -100).squeeze(1)
+        batch["loss_index"] = loss_positions(batch["labels"])
+    elif "chosen_labels" in batch:
+        batch["loss_index"] = loss_positions(stack_pairs(batch, pad_id=0)[2])
     return batch
+
+
+def loss_positions(labels):
+    """The flat positions t of labels[:, 1:] ([B, T - 1]) whose label is not -100."""
+    return torch.nonzero(labels[:, 1:].reshape(-1) != -100).squeeze(1)
 
 
 class ResumableBatchSampler(Sampler):

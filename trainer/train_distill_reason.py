@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from common.device import print0
 from dataset.lm_dataset import SFTDataset
 from model.kernels import document_starts
+from trainer.losses import at_loss_positions
 from trainer.resume import Checkpoint
 from trainer.sampler import SampleStream
 from trainer.trainer_utils import Run, StepSums, lr_at
@@ -88,12 +89,11 @@ def conversations_without_tags(weights, position_ids=None):
     return ((answer > 0) & (tags == 0)).sum()
 
 
-def weighted_next_token_loss(logits, labels, weights):
-    """sum w_t * CE_t / sum w_t over the shifted positions (w = 0 outside the answers)."""
-    targets, w = labels[:, 1:], weights[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1).clamp(min=0),
-                         reduction="none").view_as(w)
-    return (ce * w).sum() / w.sum().clamp(min=1e-9)
+def weighted_next_token_loss(logits, targets, weights):
+    """sum w_t * CE_t / sum w_t over the K answer positions: logits [K, V] (the head at the collator's loss_index
+    only), their targets [K] and weights [K]."""
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    return (ce * weights).sum() / weights.sum().clamp(min=1e-9)
 
 
 def main(args):
@@ -123,17 +123,21 @@ def main(args):
         weights = [tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)
                    for batch in window]
         counts = [float(w[:, 1:].sum()) for w in weights]
+        # the weights of the K answer positions, in the collator's loss_index order (the head runs there only)
+        weights_at = [at_loss_positions(w, batch["loss_index"]) for w, batch in zip(weights, window)]
         total = max(run.host_sum(sum(counts))[0], 1)  # all processes, summed on the CPU: no GPU wait
         sums = StepSums(run)
-        for i, (batch, weights, n) in enumerate(zip(window, weights, counts)):
-            batch, weights = run.to_device(batch), weights.to(run.device, non_blocking=True)
+        for i, (batch, weights, weights_at, n) in enumerate(zip(window, weights, weights_at, counts)):
+            batch = run.to_device(batch)
+            weights, weights_at = (w.to(run.device, non_blocking=True) for w in (weights, weights_at))
             with run.grad_sync(model, last=i == len(window) - 1):
                 with run.autocast():
                     untagged = untagged + conversations_without_tags(weights, batch.get("position_ids"))
                     # right-padded rows need no mask; packed rows bring their position ids
                     out = model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                                documents=batch.get("documents"))
-                    tag_weighted = weighted_next_token_loss(out.logits, batch["labels"], weights)
+                                documents=batch.get("documents"), loss_index=batch["loss_index"])
+                    targets = at_loss_positions(batch["labels"], batch["loss_index"])  # [K], as out.logits [K, V]
+                    tag_weighted = weighted_next_token_loss(out.logits, targets, weights_at)
                 share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
                 loss = tag_weighted * share + aux_share
                 run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes

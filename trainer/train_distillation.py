@@ -58,22 +58,20 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
 from model.model_minimind import MiniMindConfig
+from trainer.losses import at_loss_positions
 from trainer.resume import Checkpoint
 from trainer.sampler import SampleStream
 from trainer.trainer_utils import Run, StepSums, lr_at
 
 
-def distillation_loss(student_logits, teacher_logits, labels, alpha, temperature):
-    """(total, CE, KL) over positions with a label; KL(teacher || student) at temperature T, per token.
-    Every position is computed and the unlabelled ones weighted 0: selecting them with a boolean mask would make
-    the host wait for the GPU to learn how many there are."""
-    targets = labels[:, 1:]
-    mask = (targets != -100).float()
-    student, teacher = student_logits[:, :-1].float(), teacher_logits[:, :-1].float()
-    ce = F.cross_entropy(student.flatten(0, 1), targets.flatten(), ignore_index=-100)
-    kl_per_token = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                            log_target=True, reduction="none").sum(-1)
-    kl = (kl_per_token * mask).sum() / mask.sum()
+def distillation_loss(student_logits, teacher_logits, targets, alpha, temperature):
+    """(total, CE, KL), each the mean over the K answer positions; KL(teacher || student) at temperature T, per
+    token. The logits are [K, V], both models' heads run at the collator's loss_index only (the positions whose next
+    token is a label), and targets [K] are the labels there."""
+    student, teacher = student_logits.float(), teacher_logits.float()
+    ce = F.cross_entropy(student, targets)
+    kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                  log_target=True, reduction="batchmean")  # the sum over the vocabulary, the mean over positions
     return alpha * ce + (1 - alpha) * temperature ** 2 * kl, ce, kl
 
 
@@ -109,21 +107,22 @@ def main(args):
             group["lr"] = lr
         # Every answer token weighs the same in the step (n_b of the step's N, all processes):
         #   loss = sum_b (n_b / N) * loss_b + sum_b aux_b / (M * W)     (aux: the student's MoE balancing loss)
-        counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in window]  # loss tokens, after the shift
+        counts = [len(batch["loss_index"]) for batch in window]  # loss tokens (after the shift), found by the collator
         total = max(run.host_sum(sum(counts))[0], 1)  # all processes, summed on the CPU: no GPU wait
         sums = StepSums(run)
         for i, (batch, n) in enumerate(zip(window, counts)):
             batch = run.to_device(batch)
             with run.grad_sync(model, last=i == len(window) - 1):
                 with run.autocast():
-                    # right-padded rows need no mask; packed rows bring their position ids
-                    out = model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                                documents=batch.get("documents"))
+                    # right-padded rows need no mask; packed rows bring their position ids. Both heads run at the
+                    # answer positions only (the collator's loss_index): [K, V] logits, the K labels as targets
+                    inputs = dict(position_ids=batch.get("position_ids"), documents=batch.get("documents"),
+                                  loss_index=batch["loss_index"])
+                    out = model(batch["input_ids"], **inputs)
                     with torch.no_grad():  # the teacher only answers
-                        teacher_logits = teacher(batch["input_ids"], position_ids=batch.get("position_ids"),
-                                                 documents=batch.get("documents")).logits
-                    kd, ce, kl = distillation_loss(out.logits, teacher_logits, batch["labels"], args.alpha,
-                                                   args.temperature)
+                        teacher_logits = teacher(batch["input_ids"], **inputs).logits
+                    targets = at_loss_positions(batch["labels"], batch["loss_index"])
+                    kd, ce, kl = distillation_loss(out.logits, teacher_logits, targets, args.alpha, args.temperature)
                 share, aux_share = n / total, out.aux_loss / len(window) / run.world_size
                 loss = kd * share + aux_share
                 run.scaler.scale(loss * run.world_size).backward()  # DDP averages gradients over the W processes

@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from common.device import print0
-from dataset.lm_dataset import DPODataset, pad_batch, stack_pairs
-from trainer.losses import sequence_logps  # log pi(y|x): the answer tokens' mean (or summed) log-prob
+from dataset.lm_dataset import DPODataset, stack_pairs
+from trainer.losses import sequence_logps_at  # log pi(y|x): the answer tokens' mean (or summed) log-prob
 from trainer.resume import Checkpoint
-from trainer.sampler import SampleStream
+from trainer.sampler import SampleStream, collate
 from trainer.trainer_utils import Run, StepSums, lr_at
 
 
@@ -60,10 +60,11 @@ def precompute_reference(run, reference, data, reduction, pad_id, batch_size):
     table = torch.zeros(len(data), 2, dtype=run.sum_dtype, device=run.device)
     indices = list(range(run.rank, len(data), run.world_size))
     for start in range(0, len(indices), batch_size):
-        batch = pad_batch([data[i] for i in indices[start:start + batch_size]], pad_id)
+        batch = collate([data[i] for i in indices[start:start + batch_size]])  # with the pairs' loss_index
         ids, _, labels = (t.to(run.device) for t in stack_pairs(batch, pad_id))
+        loss_index = batch["loss_index"].to(run.device)
         with run.autocast():
-            logps = sequence_logps(reference(ids).logits, labels, reduction)
+            logps = sequence_logps_at(reference(ids, loss_index=loss_index).logits, labels, loss_index, reduction)
         n = len(batch["index"])
         table[batch["index"].to(run.device)] = torch.stack([logps[:n], logps[n:]], dim=1).to(table.dtype)
     return run.all_reduce(table)  # every row was filled by exactly one process
@@ -101,16 +102,18 @@ def main(args):
         for i, (batch, n) in enumerate(zip(window, counts)):
             batch = run.to_device(batch)
             ids, _, labels = stack_pairs(batch, pad_id)  # chosen rows, then rejected rows: one forward for both
-            with run.grad_sync(model, last=i == len(window) - 1):
+            loss_index = batch["loss_index"]  # the answers' positions in that layout, from the collator: the
+            with run.grad_sync(model, last=i == len(window) - 1):  # 6400-wide head runs there only
                 with run.autocast():
-                    out = model(ids)
-                    logps = sequence_logps(out.logits, labels, args.logp)
+                    out = model(ids, loss_index=loss_index)
+                    logps = sequence_logps_at(out.logits, labels, loss_index, args.logp)
                     if reference_table is not None:
                         ref = reference_table[batch["index"]].float()
                         ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
                     else:
                         with torch.no_grad():
-                            ref_logps = sequence_logps(reference(ids).logits, labels, args.logp)
+                            ref_logps = sequence_logps_at(reference(ids, loss_index=loss_index).logits, labels,
+                                                          loss_index, args.logp)
                         ref_chosen, ref_rejected = ref_logps[:n], ref_logps[n:]
                     pair_losses, chosen_reward, rejected_reward = dpo_loss(logps[:n], logps[n:], ref_chosen,
                                                                            ref_rejected, args.beta)
