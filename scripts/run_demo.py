@@ -145,12 +145,14 @@ def paired_interval(before, after, weights=None, samples=4000, seed=0):
     return [low, high]
 
 
-def stage_result(stage, metric, before, after, higher_is_better, seconds=None, weights=None, primary=True):
+def stage_result(stage, metric, before, after, higher_is_better, seconds=None, weights=None, primary=True,
+                 percent=False):
     """One row of the report card: the held-out means before and after the stage and the 95% interval of
-    the change, measured on the same items; `improved` when the whole interval lies on the good side of 0."""
+    the change, measured on the same items; `improved` when the whole interval lies on the good side of 0.
+    percent: the values are shares (of answers right, of calls valid ...), shown as percentages."""
     low, high = paired_interval(before, after, weights)
     return dict(stage=stage, metric=metric, before=weighted_mean(before, weights), after=weighted_mean(after, weights),
-                higher_is_better=higher_is_better, ci95=[low, high], items=len(before), primary=primary,
+                higher_is_better=higher_is_better, ci95=[low, high], items=len(before), primary=primary, percent=percent,
                 improved=low > 0 if higher_is_better else high < 0,
                 seconds=None if seconds is None else round(seconds, 1))
 
@@ -313,7 +315,7 @@ def main(args):
     sft_loss_after = eval_losses(sft_model, sft_eval)
     em_after, kinds_after, samples = exact_match(sft_model, tokenizer, verifiable)
     results.append(stage_result("sft", f"exact match on {len(verifiable)} verifiable questions of sft_eval.jsonl",
-                                em_before, em_after, True, seconds))
+                                em_before, em_after, True, seconds, percent=True))
     results.append(stage_result("sft", f"loss on the answers of sft_eval.jsonl ({len(sft_loss_after)} conversations)",
                                 [b for b, _ in sft_loss_before], [a for a, _ in sft_loss_after], False,
                                 weights=[n for _, n in sft_loss_after], primary=False))
@@ -323,7 +325,7 @@ def main(args):
                                ("valid", "a valid <tool_call> JSON call", False)):
         results.append(stage_result("tools", f"{what}, {len(tool_requests)} held-out tool requests (after SFT)",
                                     [float(s[key]) for s in tools_before], [float(s[key]) for s in tools_after],
-                                    True, primary=primary))
+                                    True, primary=primary, percent=True))
 
     # Stage 2b: agentic RL on tool tasks (multi-turn, tools run between the turns), from the SFT model
     agent_eval = AgentRLDataset(os.path.join(DEMO, "agent_rl_eval.jsonl")).rows[sampled]
@@ -342,7 +344,7 @@ def main(args):
         results.append(stage_result("agent", f"{what}, 2 trajectories sampled as in training (temperature "
                                     f"{agent_temperature}) per {len(agent_eval)} held-out agent_rl_eval.jsonl tasks",
                                     [s[key] for s in agent_before], [s[key] for s in agent_after], True, at,
-                                    primary=primary))
+                                    primary=primary, percent=key != "total"))
 
     # Stage 3: LoRA identity
     identity = read_jsonl(os.path.join(DEMO, "lora_identity_eval.jsonl"))
@@ -355,7 +357,7 @@ def main(args):
     after_identity = answer(lora_model, tokenizer, identity_questions, max_new_tokens=48)
     results.append(stage_result("lora", f"{len(identity)} held-out \"who are you?\" phrasings answered with \"MiniMind\"",
                                 [float("MiniMind" in a) for a in before_identity],
-                                [float("MiniMind" in a) for a in after_identity], True, seconds))
+                                [float("MiniMind" in a) for a in after_identity], True, seconds, percent=True))
 
     # Stage 4: DPO, from the SFT model. lr 2e-5: at 1e-4 the held-out accuracy rises as much, but the log-probs
     # of chosen and rejected answers both fall and greedy answers turn to garbage (a known DPO failure).
@@ -368,7 +370,7 @@ def main(args):
     margins_after = preference_margins(dpo_model, dpo_eval, limit=limit)
     results.append(stage_result("dpo", f"preference accuracy on dpo_eval.jsonl ({len(margins_after)} pairs): "
                                 "log-prob of chosen > rejected", [float(m > 0) for m in margins_before],
-                                [float(m > 0) for m in margins_after], True, seconds))
+                                [float(m > 0) for m in margins_after], True, seconds, percent=True))
     results.append(stage_result("dpo", "log-prob margin, chosen - rejected (per-token mean)", margins_before,
                                 margins_after, True, primary=False))
 
@@ -380,7 +382,8 @@ def main(args):
                                 from_weight="dpo")
     layout_after, reason_samples = format_compliance(load(config, path("reason")), tokenizer, r1_questions)
     results.append(stage_result("reasoning", f"{len(r1_questions)} r1_eval.jsonl prompts answered in the "
-                                "<think>…</think><answer>…</answer> layout", layout_before, layout_after, True, seconds))
+                                "<think>…</think><answer>…</answer> layout", layout_before, layout_after, True, seconds,
+                                percent=True))
 
     # Stage 6: knowledge distillation, a smaller student from the SFT model as teacher, against a control: the
     # same student, data, steps and seed with alpha = 1 (the hard-label loss alone, no teacher)
@@ -419,7 +422,7 @@ def main(args):
     results.append(stage_result("grpo", "mean rule reward of the greedy answers", greedy_before, greedy_after, True,
                                 primary=False))
     results.append(stage_result("grpo", "exact-answer rate of the greedy answers", exact_before, exact_after, True,
-                                primary=False))
+                                primary=False, percent=True))
 
     curves = plot([os.path.join(save_dir, f"{n}_{args.hidden_size}_metrics.jsonl")
                    for n in ("pretrain", "full_sft", "agent", "lora_identity", "dpo", "reason")] +
@@ -434,19 +437,15 @@ def main(args):
     with open(os.path.join(args.out_dir, "demo_report.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, ensure_ascii=False, indent=1)
 
-    def shown_value(value, metric):
-        return f"{value:.1%}" if any(w in metric for w in ("accuracy", "match", "rate", "answered", "call", "success")) \
-            else f"{value:.3f}"
-
     def row(r):
         low, high = r["ci95"]
         change = r["after"] - r["before"]
-        as_share = "%" in shown_value(0, r["metric"])
-        fmt = (lambda v: f"{v * 100:+.1f} pt") if as_share else (lambda v: f"{v:+.3f}")
+        shown_value = (lambda v: f"{v:.1%}") if r["percent"] else (lambda v: f"{v:.3f}")
+        fmt = (lambda v: f"{v * 100:+.1f} pt") if r["percent"] else (lambda v: f"{v:+.3f}")
         verdict = ("better" if r["improved"] else "not significant") if r["primary"] else ""
         time_cell = f"{r['seconds'] / 60:.1f} min" if r["seconds"] is not None else ""
-        return (f"| {r['stage']} | {time_cell} | {r['metric']} | {shown_value(r['before'], r['metric'])} | "
-                f"{shown_value(r['after'], r['metric'])} | {fmt(change)} [{fmt(low)}, {fmt(high)}] | {verdict} |")
+        return (f"| {r['stage']} | {time_cell} | {r['metric']} | {shown_value(r['before'])} | "
+                f"{shown_value(r['after'])} | {fmt(change)} [{fmt(low)}, {fmt(high)}] | {verdict} |")
 
     kinds = "; ".join(f"{k} {kinds_before[k][0]}→{kinds_after[k][0]}/{n}" for k, (_, n) in kinds_after.items())
     lines = [

@@ -2,6 +2,7 @@
 scripts/plot_metrics.py and the demo pipeline's smoke run."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -192,6 +193,11 @@ def test_demo_pipeline_smoke_run(tmp_path, monkeypatch):
         assert row in report
     assert "loss on pretrain_eval.jsonl (48 documents, per token)" in report  # --quick scores a few items
     assert "\nAgent stage: the reward " in report
+    # shares are shown as percentages, whatever the metric's wording (the right-arguments row was 0.000 before)
+    arguments_row = next(line for line in report.splitlines() if "with the right arguments" in line)
+    assert re.search(r"\| \d+\.\d% \| \d+\.\d% \| [+-]\d+\.\d pt \[", arguments_row), arguments_row
+    loss_row = next(line for line in report.splitlines() if line.startswith("| pretrain |"))
+    assert "%" not in loss_row and " pt " not in loss_row
     card = json.loads((tmp_path / "demo_report.json").read_text(encoding="utf-8"))
     primary = [r for r in card["stages"] if r["primary"]]
     assert [r["stage"] for r in primary] == ["pretrain", "sft", "tools", "agent", "lora", "dpo", "reasoning", "kd",
