@@ -71,10 +71,9 @@ if __name__ == "__main__":
     args = arguments()  # --help and bad flags are answered here, before torch loads
 
 import torch
-import torch.nn.functional as F
 
 from common.device import choose_dtype, pick_device
-from dataset.lm_dataset import AgentRLDataset, DPODataset, PretrainDataset, SFTDataset, pad_batch, stack_pairs
+from dataset.lm_dataset import AgentRLDataset, DPODataset, PretrainDataset, SFTDataset, stack_pairs
 from common.chat import render
 from inference.chat_core import greedy_replies
 from model.model_lora import apply_lora, load_lora
@@ -82,7 +81,8 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.weights import load_state_dict_strict
 from scripts.eval_toolcall import DEMO_REQUESTS, read_requests, tool_call_scores
 from scripts.plot_metrics import plot
-from trainer.losses import sequence_logps
+from trainer.losses import sequence_logps_at
+from trainer.sampler import collate
 from trainer.rl.agent import run_trajectories
 from trainer.rl.rewards import agent_reward, answer_reward, normalise, rule_rewards
 from trainer.rl.sampling import sample
@@ -115,16 +115,16 @@ def load(config, path, lora_path=None):
 
 @torch.no_grad()
 def held_out_losses(model, dataset, batch_size=16, limit=None):
-    """Per row of the dataset (the first `limit` rows): (mean next-token loss over its label tokens, how many)."""
+    """Per row of the dataset (the first `limit` rows): (mean next-token loss over its label tokens, how many).
+    The head runs at the label positions only (the collator's loss_index), as in training; the mean loss of a row is
+    minus the mean log-prob of its label tokens."""
     rows, size = [], min(len(dataset), limit or len(dataset))
     for start in range(0, size, batch_size):
-        batch = pad_batch([dataset[i] for i in range(start, min(start + batch_size, size))])
-        logits = model(batch["input_ids"]).logits[:, :-1].float()  # right-padded: causal attention suffices
-        targets = batch["labels"][:, 1:]
-        losses = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-        mask = (targets != -100).float()
-        counts = mask.sum(1)
-        rows += [(float(l), int(n)) for l, n in zip((losses * mask).sum(1) / counts.clamp(min=1), counts) if n > 0]
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, size))])
+        logits = model(batch["input_ids"], loss_index=batch["loss_index"]).logits  # right-padded: causal suffices
+        losses = -sequence_logps_at(logits, batch["labels"], batch["loss_index"], "mean")
+        counts = (batch["labels"][:, 1:] != -100).sum(1)
+        rows += [(float(l), int(n)) for l, n in zip(losses, counts) if n > 0]
     return rows
 
 
@@ -169,9 +169,9 @@ def preference_margins(model, dataset, batch_size=16, limit=None):
     """Per pair (the first `limit`): log pi(chosen) - log pi(rejected), per-token means over the answers."""
     margins, size = [], min(len(dataset), limit or len(dataset))
     for start in range(0, size, batch_size):
-        batch = pad_batch([dataset[i] for i in range(start, min(start + batch_size, size))])
-        ids, _, labels = stack_pairs(batch, 0)
-        logps = sequence_logps(model(ids).logits, labels, "mean")
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, size))])
+        ids, _, labels = stack_pairs(batch, 0)  # as DPO's step: the head at the answers' positions only
+        logps = sequence_logps_at(model(ids, loss_index=batch["loss_index"]).logits, labels, batch["loss_index"], "mean")
         n = len(batch["index"])
         margins += (logps[:n] - logps[n:]).tolist()
     return margins
