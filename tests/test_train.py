@@ -501,6 +501,18 @@ def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
     assert [row["step"] for row in metrics(tmp_path, "pretrain_64_metrics.jsonl")] == list(range(1, logged + 2))
 
 
+def test_a_fresh_run_starts_its_metrics_file_anew(tmp_path):
+    """Run twice without --from_resume: the metrics file beside the weight holds the second run's rows only (they
+    were appended to the first run's, and plot_metrics drew one curve restarting at step 1)."""
+    run_script("train_pretrain.py", "--dtype", "float32", "--max_steps", "3", "--log_interval", "1", tmp=tmp_path)
+    first = metrics(tmp_path, "pretrain_64_metrics.jsonl")
+    result = run_script("train_pretrain.py", "--dtype", "float32", "--max_steps", "2", "--log_interval", "1",
+                        tmp=tmp_path)
+    assert "of an earlier run replaced" in result.stdout
+    second = metrics(tmp_path, "pretrain_64_metrics.jsonl")
+    assert [row["step"] for row in first] == [1, 2, 3] and [row["step"] for row in second] == [1, 2]
+
+
 def test_from_resume_without_a_resume_file_starts_fresh(tmp_path):
     result = run_script("train_pretrain.py", "--dtype", "float32", "--max_steps", "1", "--from_resume", "1", tmp=tmp_path)
     assert "there is no" in result.stdout and "starting from the beginning" in result.stdout

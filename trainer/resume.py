@@ -90,10 +90,11 @@ class Checkpoint:
         Under torchrun every process resumes from process 0's file, even on machines that do not share
         --checkpoint_dir (read_state)."""
         run = self.run
-        if not run.args.from_resume:
-            return
-        state = self.read_state()
-        if state is None:
+        state = self.read_state() if run.args.from_resume else None
+        if state is None:  # a fresh start: the metrics file beside the weight starts anew, as the weight will
+            if is_main() and os.path.exists(run.metrics_path):  # (an earlier run's rows would read as this run's)
+                os.remove(run.metrics_path)
+                print0(f"a fresh run: {os.path.relpath(run.metrics_path, REPO_ROOT)} of an earlier run replaced")
             return
         self.check_fits(state)
         raw = unwrap(self.model)
