@@ -81,7 +81,7 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.weights import load_state_dict_strict
 from scripts.eval_toolcall import DEMO_REQUESTS, read_requests, tool_call_scores
 from scripts.plot_metrics import plot
-from trainer.losses import sequence_logps_at
+from trainer.losses import sequence_logps
 from trainer.sampler import collate
 from trainer.rl.agent import run_trajectories
 from trainer.rl.rewards import agent_reward, answer_reward, normalise, rule_rewards
@@ -122,7 +122,7 @@ def held_out_losses(model, dataset, batch_size=16, limit=None):
     for start in range(0, size, batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, size))])
         logits = model(batch["input_ids"], loss_index=batch["loss_index"]).logits  # right-padded: causal suffices
-        losses = -sequence_logps_at(logits, batch["labels"], batch["loss_index"], "mean")
+        losses = -sequence_logps(logits, batch["labels"], batch["loss_index"], "mean")
         counts = (batch["labels"][:, 1:] != -100).sum(1)
         rows += [(float(l), int(n)) for l, n in zip(losses, counts) if n > 0]
     return rows
@@ -171,7 +171,7 @@ def preference_margins(model, dataset, batch_size=16, limit=None):
     for start in range(0, size, batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, size))])
         ids, _, labels = stack_pairs(batch, 0)  # as DPO's step: the head at the answers' positions only
-        logps = sequence_logps_at(model(ids, loss_index=batch["loss_index"]).logits, labels, batch["loss_index"], "mean")
+        logps = sequence_logps(model(ids, loss_index=batch["loss_index"]).logits, labels, batch["loss_index"], "mean")
         n = len(batch["index"])
         margins += (logps[:n] - logps[n:]).tolist()
     return margins

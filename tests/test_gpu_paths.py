@@ -558,7 +558,7 @@ def test_frozen_copies_are_the_policy_at_step_0_under_autocast(dtype):
     """The reference / old actor / teacher keep the trained model's fp32 weights and run under the same autocast, so at
     step 0 their log-probs equal the policy's exactly: KL 0, DPO margins 0, PPO ratios 1. (Cast whole to bf16 they
     differed, here by up to 2e-3 nat a token; summed over a long answer that is a ratio far from 1.)"""
-    from trainer.losses import token_logprobs
+    from trainer.losses import gathered_logprobs
     run = fake_run(dtype=dtype)
     run.dtype = getattr(torch, dtype)  # what a GPU gets; the CPU's autocast runs both
     model = tiny_model().train()  # the policy trains in train mode (dropout 0), the copy is in eval mode
@@ -567,9 +567,9 @@ def test_frozen_copies_are_the_policy_at_step_0_under_autocast(dtype):
     assert {p.dtype for p in frozen.parameters()} == {torch.float32}  # the policy's precision
     ids = torch.randint(3, 6400, (3, 24))
     with run.autocast():
-        policy = token_logprobs(model(ids).logits, ids)[0]
+        policy = gathered_logprobs(model(ids).logits[:, :-1], ids[:, 1:])
         with torch.no_grad():
-            reference = token_logprobs(frozen(ids).logits, ids)[0]
+            reference = gathered_logprobs(frozen(ids).logits[:, :-1], ids[:, 1:])
     assert torch.equal(policy.detach(), reference)
 
 

@@ -74,14 +74,16 @@ def test_sequence_logps_mean_and_sum():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [0.6, 0.2, 0.2], [1 / 3] * 3]]))
     labels = torch.tensor([[-100, 1, 2, 0]])  # positions 1..3 predicted from logits 0..2
     total = math.log(0.25) + math.log(0.7) + math.log(0.6)
-    assert losses.sequence_logps(logits, labels, "sum").item() == pytest.approx(total, rel=1e-5)
-    assert losses.sequence_logps(logits, labels, "mean").item() == pytest.approx(total / 3, rel=1e-5)
+    at = loss_positions(labels)
+    assert at.tolist() == [0, 1, 2]
+    assert losses.sequence_logps(logits[0, at], labels, at, "sum").item() == pytest.approx(total, rel=1e-5)
+    assert losses.sequence_logps(logits[0, at], labels, at, "mean").item() == pytest.approx(total / 3, rel=1e-5)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_answer_logps_from_the_loss_positions_equal_the_full_logits_ones(reduction):
     """DPO's pairs: the collator's loss_index in stack_pairs' layout, the head there only (forward(loss_index=...),
-    [K, V] logits) and each row's log-prob added up from its positions give sequence_logps of the full logits."""
+    [K, V] logits) and each row's log-prob added up from its positions give those of the full logits."""
     from dataset.lm_dataset import stack_pairs
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     from trainer.sampler import collate
@@ -100,10 +102,14 @@ def test_answer_logps_from_the_loss_positions_equal_the_full_logits_ones(reducti
                                             if label != -100]
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                num_key_value_heads=2)).eval()
-    full = losses.sequence_logps(model(ids).logits, labels, reduction)
+    targets = labels[:, 1:]  # from the full logits: log_softmax, the targets' entries, masked, summed per row
+    per_token = model(ids).logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    full = (per_token * (targets != -100)).sum(-1)
+    if reduction == "mean":
+        full = full / (targets != -100).sum(-1)
     at = model(ids, loss_index=batch["loss_index"]).logits
     assert at.shape == (len(batch["loss_index"]), model.config.vocab_size)
-    torch.testing.assert_close(losses.sequence_logps_at(at, labels, batch["loss_index"], reduction), full)
+    torch.testing.assert_close(losses.sequence_logps(at, labels, batch["loss_index"], reduction), full)
 
 
 # --------------------------------------------------------------------------------------------

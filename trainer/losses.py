@@ -16,32 +16,12 @@ def masked_mean(values, mask, dim=None):
 def gathered_logprobs(logits, targets, temperature=1.0, rows_per_chunk=4):
     """log softmax(logits / temperature)[target] = z_target - logsumexp(z), z = logits / temperature, in fp32.
 
-    logits [N, T, V] (any dtype), targets [N, T] -> [N, T] (or [K, V], [K] -> [K]). The logsumexp runs over a few rows
-    at a time, so no fp32
-    copy of the whole [N, T, V] logits exists at once (without gradients; with them each chunk's fp32 copy is kept
-    for the backward, as log_softmax's output would be)."""
+    logits [N, T, V] (any dtype), targets [N, T] -> [N, T]; or [K, V], [K] -> [K]. The logsumexp runs over a few rows
+    at a time, so no fp32 copy of all the logits exists at once (without gradients; with them each chunk's fp32 copy
+    is kept for the backward, as log_softmax's output would be)."""
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() / temperature
     normaliser = torch.cat([(chunk.float() / temperature).logsumexp(-1) for chunk in logits.split(rows_per_chunk)])
     return picked - normaliser
-
-
-def token_logprobs(logits, labels):
-    """log p(labels[:, t+1] | ...t) for every position t, and the mask of positions that count.
-
-    Returns ([B, T-1] log-probs, with 0 where labels are -100; [B, T-1] float mask), in fp32 so long answers do not
-    lose precision.
-    """
-    targets = labels[:, 1:]
-    mask = (targets != -100).float()
-    logps = gathered_logprobs(logits[:, :-1], targets.clamp(min=0))
-    return logps * mask, mask
-
-
-def sequence_logps(logits, labels, reduction="mean"):
-    """log pi(y|x) of each row's answer tokens: their sum, or their mean (length-normalised)."""
-    logps, mask = token_logprobs(logits, labels)
-    total = logps.sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if reduction == "mean" else total
 
 
 def at_loss_positions(values, loss_index):
@@ -50,10 +30,12 @@ def at_loss_positions(values, loss_index):
     return values[:, 1:].reshape(-1).index_select(0, loss_index)
 
 
-def sequence_logps_at(logits, labels, loss_index, reduction="mean"):
-    """sequence_logps from the logits at the loss positions only: logits [K, V] from forward(loss_index=...), the
-    position loss_index[k] lies in row loss_index[k] // (T - 1). Each row's sum is an index_add of its positions'
-    log-probs (no boolean indexing: the host never waits for a count); the mean divides by the row's answer tokens."""
+def sequence_logps(logits, labels, loss_index, reduction="mean"):
+    """log pi(y|x) of each row's answer tokens, sum_t log p(labels[t + 1] | ...t) over the positions whose label counts:
+    the sum, or the mean (length-normalised). The logits are those positions' only ([K, V], from the model's
+    forward(loss_index=...)); position loss_index[k] lies in row loss_index[k] // (T - 1), so each row's sum is an
+    index_add of its positions' log-probs (no boolean indexing: the host never waits for a count). In fp32, so long
+    answers do not lose precision."""
     logps = gathered_logprobs(logits, at_loss_positions(labels, loss_index), rows_per_chunk=1024)  # [K], fp32
     rows = torch.div(loss_index, labels.shape[1] - 1, rounding_mode="floor")
     total = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from common.device import print0
 from dataset.lm_dataset import DPODataset, stack_pairs
-from trainer.losses import sequence_logps_at  # log pi(y|x): the answer tokens' mean (or summed) log-prob
+from trainer.losses import sequence_logps  # log pi(y|x): the answer tokens' mean (or summed) log-prob
 from trainer.resume import Checkpoint
 from trainer.sampler import SampleStream, collate
 from trainer.trainer_utils import Run, StepSums, lr_at
@@ -64,7 +64,7 @@ def precompute_reference(run, reference, data, reduction, pad_id, batch_size):
         ids, _, labels = (t.to(run.device) for t in stack_pairs(batch, pad_id))
         loss_index = batch["loss_index"].to(run.device)
         with run.autocast():
-            logps = sequence_logps_at(reference(ids, loss_index=loss_index).logits, labels, loss_index, reduction)
+            logps = sequence_logps(reference(ids, loss_index=loss_index).logits, labels, loss_index, reduction)
         n = len(batch["index"])
         table[batch["index"].to(run.device)] = torch.stack([logps[:n], logps[n:]], dim=1).to(table.dtype)
     return run.all_reduce(table)  # every row was filled by exactly one process
@@ -102,18 +102,18 @@ def main(args):
         for i, (batch, n) in enumerate(zip(window, counts)):
             batch = run.to_device(batch)
             ids, _, labels = stack_pairs(batch, pad_id)  # chosen rows, then rejected rows: one forward for both
-            loss_index = batch["loss_index"]  # the answers' positions in that layout, from the collator: the
-            with run.grad_sync(model, last=i == len(window) - 1):  # 6400-wide head runs there only
+            loss_index = batch["loss_index"]  # the answers' positions in that layout, from the collator
+            with run.grad_sync(model, last=i == len(window) - 1):
                 with run.autocast():
                     out = model(ids, loss_index=loss_index)
-                    logps = sequence_logps_at(out.logits, labels, loss_index, args.logp)
+                    logps = sequence_logps(out.logits, labels, loss_index, args.logp)  # the head ran there only
                     if reference_table is not None:
                         ref = reference_table[batch["index"]].float()
                         ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
                     else:
                         with torch.no_grad():
-                            ref_logps = sequence_logps_at(reference(ids, loss_index=loss_index).logits, labels,
-                                                          loss_index, args.logp)
+                            ref_logps = sequence_logps(reference(ids, loss_index=loss_index).logits, labels,
+                                                       loss_index, args.logp)
                         ref_chosen, ref_rejected = ref_logps[:n], ref_logps[n:]
                     pair_losses, chosen_reward, rejected_reward = dpo_loss(logps[:n], logps[n:], ref_chosen,
                                                                            ref_rejected, args.beta)
