@@ -33,12 +33,12 @@ def at_loss_positions(values, loss_index):
 def sequence_logps(logits, labels, loss_index, reduction="mean"):
     """log pi(y|x) of each row's answer tokens, sum_t log p(labels[t + 1] | ...t) over the positions whose label counts:
     the sum, or the mean (length-normalised). The logits are those positions' only ([K, V], from the model's
-    forward(loss_index=...)); position loss_index[k] lies in row loss_index[k] // (T - 1), so each row's sum is an
-    index_add of its positions' log-probs (no boolean indexing: the host never waits for a count). In fp32, so long
-    answers do not lose precision."""
+    forward(loss_index=...)); the K log-probs go back to their places in a zero [B, T - 1] grid, whose rows are then
+    summed (no boolean indexing: the host never waits for a count). In fp32, so long answers do not lose precision."""
     logps = gathered_logprobs(logits, at_loss_positions(labels, loss_index), rows_per_chunk=1024)  # [K], fp32
-    rows = torch.div(loss_index, labels.shape[1] - 1, rounding_mode="floor")
-    total = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+    # index_copy with distinct indices writes each place once: deterministic on CUDA, where index_add's atomics are not
+    grid = logps.new_zeros(labels.shape[0] * (labels.shape[1] - 1)).index_copy(0, loss_index, logps)
+    total = grid.view(labels.shape[0], -1).sum(-1)
     return total / (labels[:, 1:] != -100).sum(-1).clamp(min=1) if reduction == "mean" else total
 
 
