@@ -504,7 +504,6 @@ def test_cache_must_be_a_cache_object():
         model(random_ids(1, 3), attention_mask=torch.ones(1, 5, dtype=torch.long))
 
 
-
 @pytest.mark.parametrize("use_moe", [False, True])
 def test_loss_index_gives_the_same_loss_and_gradients_from_the_loss_positions_only(use_moe):
     """The collator's loss_index: the head runs only where a label counts; the mean CE and every gradient are those

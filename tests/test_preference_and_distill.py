@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_model
 from test_train import metrics, run_script
 
 from trainer import train_distill_reason
@@ -85,7 +85,6 @@ def test_answer_logps_from_the_loss_positions_equal_the_full_logits_ones(reducti
     """DPO's pairs: the collator's loss_index in stack_pairs' layout, the head there only (forward(loss_index=...),
     [K, V] logits) and each row's log-prob added up from its positions give those of the full logits."""
     from dataset.lm_dataset import stack_pairs
-    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     from trainer.sampler import collate
     torch.manual_seed(0)
     rows = []
@@ -100,8 +99,7 @@ def test_answer_logps_from_the_loss_positions_equal_the_full_logits_ones(reducti
     ids, _, labels = stack_pairs(batch, pad_id=0)
     assert batch["loss_index"].tolist() == [i for i, label in enumerate(labels[:, 1:].reshape(-1).tolist())
                                             if label != -100]
-    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                               num_key_value_heads=2)).eval()
+    model = tiny_model()
     targets = labels[:, 1:]  # from the full logits: log_softmax, the targets' entries, masked, summed per row
     per_token = model(ids).logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     full = (per_token * (targets != -100)).sum(-1)

@@ -122,9 +122,9 @@ def main(args):
         # (the weights are found on the batches' CPU copies: the host never waits on the GPU for them)
         weights = [tag_loss_weights(batch["input_ids"], batch["labels"], tag_sequences, args.tag_weight)
                    for batch in window]
-        counts = [float(w[:, 1:].sum()) for w in weights]
         # the weights of the K answer positions, in the collator's loss_index order (the head runs there only)
         weights_at = [at_loss_positions(w, batch["loss_index"]) for w, batch in zip(weights, window)]
+        counts = [float(w.sum()) for w in weights_at]
         total = max(run.host_sum(sum(counts))[0], 1)  # all processes, summed on the CPU: no GPU wait
         sums = StepSums(run)
         for i, (batch, weights, weights_at, n) in enumerate(zip(window, weights, weights_at, counts)):
